@@ -1,0 +1,121 @@
+"""``dartserve bench prefill``: prefill time of DART against no pruning on a LLaVA-1.5-shaped model.
+
+The model has random weights (speed does not depend on them) and the shape of LLaVA-1.5's
+language model scaled by ``--width`` and ``--depth``; the prompt is LLaVA-1.5's: a system and
+user preamble, 576 vision tokens, a question. Every setting runs ``--runs`` times after a
+warm-up and reports medians; speed-ups are against the unpruned prefill measured in the same run.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from dartserve.models.base import EncodedPrompt
+from dartserve.models.llava import LlavaAdapter
+from dartserve.models.prefill import prefill
+from dartserve.pruning.base import ImageSpan
+from dartserve.pruning.config import PruningConfig
+from dartserve.pruning.spatial import square_grid
+from dartserve.timing import stopwatch
+
+VISION_TOKENS = 576
+TEXT_BEFORE = 35  # LLaVA-1.5's system prompt and "USER:" before the image
+TEXT_AFTER = 40  # a typical question and "ASSISTANT:"
+IMAGE_TOKEN = 32000
+
+
+def bench_model(width: int, depth: int, device: str, dtype: torch.dtype) -> LlavaAdapter:
+    heads = max(1, width // 128)
+    text = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=int(width * 2.6875),  # 11008 / 4096, LLaVA-1.5-7B's ratio
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=336, patch_size=14)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in place: a 7B model built in float32 on the CPU would not fit
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return LlavaAdapter(model, processor=None)
+
+
+def bench_prompt(adapter: LlavaAdapter) -> EncodedPrompt:
+    generator = torch.Generator().manual_seed(0)
+    text_ids = lambda n: torch.randint(3, 32000, (n,), generator=generator)  # noqa: E731
+    ids = torch.cat([torch.tensor([1]), text_ids(TEXT_BEFORE - 1), torch.full((VISION_TOKENS,), IMAGE_TOKEN), text_ids(TEXT_AFTER)])
+    width = adapter.text.config.hidden_size
+    features = torch.randn(VISION_TOKENS, width, generator=generator) * 0.02
+    span = ImageSpan(TEXT_BEFORE, VISION_TOKENS, square_grid(VISION_TOKENS))
+    device = adapter.device
+    return EncodedPrompt(ids.to(device), features.to(device, adapter.dtype), [span], torch.arange(len(ids), device=device)[None])
+
+
+def ideal_speedup(layers: int, cut: int, full: int, kept: int) -> float:
+    return layers * full / (cut * full + (layers - cut) * kept)
+
+
+def run_prefill_bench(
+    width: int = 1024,
+    depth: int = 8,
+    layer: int = 2,
+    budgets: tuple[int, ...] = (192, 128, 64),
+    methods: tuple[str, ...] = ("dart",),
+    runs: int = 5,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[dict]:
+    adapter = bench_model(width, depth, device, dtype)
+    request = bench_prompt(adapter)
+    full = len(request.input_ids)
+    settings = [PruningConfig(method="none")] + [
+        PruningConfig(method=m, budget=b, layer=layer) for m in methods for b in budgets
+    ]
+    machine = f"{device}: {torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    rows = []
+    for config in settings:
+        prefill(adapter, [request], config)  # warm-up
+        times, selections, result = [], [], None
+        for _ in range(runs):
+            with stopwatch(adapter.device, times):
+                result = prefill(adapter, [request], config)
+            selections.append(result.selection_s)
+        kept = full - VISION_TOKENS + len(result.kept_positions[0])
+        prefill_ms = statistics.median(times) * 1e3
+        rows.append(
+            {
+                "method": config.method,
+                "budget": len(result.kept_positions[0]),
+                "layer": config.layer if config.prunes else None,
+                "prompt_tokens": full,
+                "tokens_after_k": kept,
+                "prefill_ms": round(prefill_ms, 3),
+                "selection_ms": round(statistics.median(selections) * 1e3, 3),
+                "selection_share": round(statistics.median(selections) * 1e3 / prefill_ms, 5),
+                "kv_bytes": result.cache.nbytes(),
+                "ideal_speedup": round(ideal_speedup(depth, config.layer if config.prunes else depth, full, kept), 3),
+                "runs": runs,
+                "width": width,
+                "depth": depth,
+                "dtype": str(dtype).removeprefix("torch."),
+                "machine": machine,
+            }
+        )
+    baseline = rows[0]["prefill_ms"]
+    for row in rows:
+        row["speedup"] = round(baseline / row["prefill_ms"], 3)
+        row["speedup_of_ideal"] = round(row["speedup"] / row["ideal_speedup"], 3)
+    return rows

@@ -1,0 +1,108 @@
+"""The ``dartserve`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part)
+
+
+def _bench_prefill(args: argparse.Namespace) -> int:
+    from dartserve.bench import run_prefill_bench
+
+    rows = run_prefill_bench(
+        width=args.width,
+        depth=args.depth,
+        layer=args.layer,
+        budgets=args.budgets,
+        methods=tuple(args.methods.split(",")),
+        runs=args.runs,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+    )
+    print(f"{'method':<8} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'ideal':>6} {'% ideal':>8} {'select %':>9} {'KV MiB':>8}")
+    for row in rows:
+        print(
+            f"{row['method']:<8} {row['budget']:>6} {row['prefill_ms']:>11.1f} {row['speedup']:>8.2f} "
+            f"{row['ideal_speedup']:>6.2f} {100 * row['speedup_of_ideal']:>7.1f}% {100 * row['selection_share']:>8.3f}% "
+            f"{row['kv_bytes'] / 2**20:>8.2f}"
+        )
+    print(rows[0]["machine"])
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=2)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dartserve.engine import Engine
+    from dartserve.models import SamplingConfig
+    from dartserve.pruning import PruningConfig
+
+    engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    pruning = PruningConfig(method=args.method, budget=args.budget, ratio=args.ratio, layer=args.layer)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    images = [Image.open(path) for path in args.image]
+    result = engine.generate(images, args.prompt, pruning=pruning, sampling=sampling)
+    print(result.text)
+    print(json.dumps(vars(result.stats)), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dartserve", description="Multimodal LLM serving with DART visual-token pruning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="answer a prompt about images with a local or hub checkpoint")
+    generate.add_argument("--model", required=True, help="Hugging Face model id or local checkpoint folder")
+    generate.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--method", default="dart")
+    generate.add_argument("--budget", type=int, help="vision tokens kept per request")
+    generate.add_argument("--ratio", type=float, help="fraction of vision tokens kept")
+    generate.add_argument("--layer", type=int, default=2, help="layer K at which tokens are pruned")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks, JSON out")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    prefill = suites.add_parser("prefill", help="prefill time with and without DART on a LLaVA-1.5-shaped model")
+    prefill.add_argument("--json", help="write the rows to this file")
+    prefill.add_argument("--width", type=int, default=1024, help="hidden size (LLaVA-1.5-7B: 4096)")
+    prefill.add_argument("--depth", type=int, default=8, help="decoder layers (LLaVA-1.5-7B: 32)")
+    prefill.add_argument("--layer", type=int, default=2, help="pruning layer K")
+    prefill.add_argument("--budgets", type=_csv_ints, default=(192, 128, 64))
+    prefill.add_argument("--methods", default="dart", help="comma-separated pruning methods")
+    prefill.add_argument("--runs", type=int, default=5)
+    prefill.add_argument("--device", default="cpu")
+    prefill.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    prefill.set_defaults(run=_bench_prefill)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"dartserve: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

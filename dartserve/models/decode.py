@@ -1,0 +1,108 @@
+"""Decoding from a ragged cache: greedy or nucleus sampling, stop tokens, a token limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dartserve.kv.cache import RaggedKVCache
+from dartserve.models.attention import attention_mask
+from dartserve.models.base import ModelAdapter
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature`` 0 is greedy. Sampling draws from a generator seeded with ``seed`` for
+    each request, so a request gives the same tokens alone or in a batch."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SamplingConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown sampling fields: {sorted(unknown)}")
+        data = dict(data)
+        if "stop_token_ids" in data:
+            data["stop_token_ids"] = tuple(data["stop_token_ids"])
+        return cls(**data)
+
+
+def pick_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest head whose mass reaches top_p; the most likely token always stays.
+        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def decode_step(
+    adapter: ModelAdapter, cache: RaggedKVCache, tokens: torch.Tensor, active: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Feeds one token per request ``[batch]``; returns the next logits ``[batch, vocab]``.
+
+    Requests that are no longer ``active`` still run (the batch stays rectangular) but their
+    slot is recorded as padding, so their cache holds only the tokens they generated.
+    """
+    hidden = adapter.text.embed_tokens(tokens[:, None].to(adapter.device))
+    active = torch.ones(len(tokens), dtype=torch.bool) if active is None else active
+    active = active.to(cache.next_position.device)
+    index = torch.where(active, cache.token_index[0].amax(dim=1) + 1, -1)
+    cache.append_tokens(index[:, None])
+    positions = cache.next_position[None, :, None].expand(adapter.position_dims, -1, 1)
+    cos_sin = adapter.rope(hidden, positions)
+    masks = [attention_mask(index, 1) for index in cache.token_index]
+    for i, layer in enumerate(adapter.layers):
+        hidden = layer(
+            hidden,
+            attention_mask=masks[cache.layer_group[i]],
+            position_embeddings=cos_sin,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    cache.next_position += active.long()
+    return adapter.lm_head(adapter.text.norm(hidden[:, -1])).float()
+
+
+def decode(
+    adapter: ModelAdapter, cache: RaggedKVCache, logits: torch.Tensor, samplings: list[SamplingConfig]
+) -> list[list[int]]:
+    """Generates from a prefilled cache until every request hits a stop token or its limit.
+
+    ``logits`` are the prefill's next-token logits; the cache grows by the tokens fed back.
+    Stop tokens are included in the output, as transformers' ``generate`` does.
+    """
+    batch = cache.batch_size
+    if len(samplings) != batch:
+        raise ValueError(f"{len(samplings)} sampling configs for a batch of {batch}")
+    generators = [torch.Generator().manual_seed(s.seed) for s in samplings]
+    stops = [set(s.stop_token_ids) | adapter.eos_token_ids for s in samplings]
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    while True:
+        tokens = [pick_token(logits[b], samplings[b], generators[b]) for b in range(batch)]
+        for b, token in enumerate(tokens):
+            if not done[b]:
+                outputs[b].append(token)
+                done[b] = token in stops[b] or len(outputs[b]) >= samplings[b].max_new_tokens
+        if all(done):
+            return outputs
+        logits = decode_step(adapter, cache, torch.tensor(tokens), ~torch.tensor(done))

@@ -1,0 +1,50 @@
+"""Loading a checkpoint and its processor from the hub or a local folder."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from dartserve.models.base import ModelAdapter
+from dartserve.models.llava import LlavaAdapter
+from dartserve.models.llava_next import LlavaNextAdapter
+from dartserve.models.qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    model_type: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter) for model_type in cls.model_types
+}
+
+
+def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = None) -> ModelAdapter:
+    """Loads a Hugging Face checkpoint (hub id or local folder) with its processor."""
+    model_type = AutoConfig.from_pretrained(model).model_type
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    # SDPA: the one attention implementation that takes the per-layer boolean masks a ragged,
+    # padded batch needs and still runs fused kernels when there is no padding.
+    hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
+    return ADAPTERS[model_type](hf_model.to(device), load_processor(model))
+
+
+def load_processor(model: str):
+    """The checkpoint's processor; without torchvision, the same processor minus its video part.
+
+    Qwen-VL processors always load a video processor, which imports torchvision; dartserve
+    serves images only, so where torchvision is missing the processor is built without it.
+    """
+    try:
+        return AutoProcessor.from_pretrained(model)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+    name = transformers.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(model).model_type]
+    base = getattr(transformers, name)
+
+    class ImageOnlyProcessor(base):
+        @classmethod
+        def get_attributes(cls):
+            return [attribute for attribute in super().get_attributes() if attribute != "video_processor"]
+
+    ImageOnlyProcessor.__name__ = base.__name__
+    return ImageOnlyProcessor.from_pretrained(model)

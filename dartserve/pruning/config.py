@@ -1,0 +1,101 @@
+"""Pruning configuration and its validation against a request and a model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """What to prune and where.
+
+    ``budget`` is the number of vision tokens a request keeps over all its images; ``ratio`` is
+    the same thing as a fraction of the request's vision tokens (0.111 keeps 64 of 576). Give at
+    most one; with neither, every vision token is kept. ``layer`` is K: layers 0..K-1 see the
+    full sequence, layers K..L-1 the reduced one.
+    """
+
+    method: str = "dart"
+    budget: int | None = None
+    ratio: float | None = None
+    layer: int = 2
+    pivot_image: int = 4
+    pivot_text: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from dartserve.pruning.registry import get_method
+
+        get_method(self.method)
+        if self.budget is not None and self.ratio is not None:
+            raise ValueError("give either budget or ratio, not both")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)):
+            raise ValueError(f"budget must be an integer, got {self.budget!r}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be at least 1, got {self.budget}")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio is the fraction of vision tokens kept and must be in (0, 1], got {self.ratio}")
+        if self.layer < 1:
+            raise ValueError(f"layer K must be at least 1 (selection reads layer K-1), got {self.layer}")
+        if self.pivot_image < 0 or self.pivot_text < 0:
+            raise ValueError("pivot counts must not be negative")
+        if self.method == "dart" and self.pivot_image + self.pivot_text < 1:
+            raise ValueError("dart needs at least one pivot")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown pruning fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def prunes(self) -> bool:
+        return self.method != "none" and (self.budget is not None or self.ratio is not None)
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.prunes and not 1 <= self.layer <= num_layers - 1:
+            raise ValueError(f"layer K={self.layer} is outside the model's layers: use 1..{num_layers - 1}")
+
+    def total_budget(self, num_vision_tokens: int) -> int:
+        """The number of vision tokens a request with ``num_vision_tokens`` keeps."""
+        if not self.prunes or num_vision_tokens == 0:
+            return num_vision_tokens
+        if self.budget is not None:
+            budget = self.budget
+        else:
+            budget = max(1, round(self.ratio * num_vision_tokens))
+        if budget > num_vision_tokens:
+            raise ValueError(f"budget {budget} is larger than the request's {num_vision_tokens} vision tokens")
+        return budget
+
+    def span_budgets(self, span_lengths: list[int]) -> list[int]:
+        """Splits the request's budget over its images in proportion to their token counts."""
+        shares = split_proportional(self.total_budget(sum(span_lengths)), span_lengths)
+        if self.prunes and self.method == "dart":
+            for share in shares:
+                if share < self.pivot_image:
+                    raise ValueError(
+                        f"an image's share of the budget ({share}) is smaller than pivot_image={self.pivot_image}"
+                    )
+        return shares
+
+
+def split_proportional(total: int, sizes: list[int]) -> list[int]:
+    """Largest-remainder split of ``total`` over ``sizes``; ties go to the earlier entry.
+
+    No share exceeds its size as long as ``total <= sum(sizes)``.
+    """
+    whole = sum(sizes)
+    if total > whole:
+        raise ValueError(f"cannot keep {total} of {whole} tokens")
+    if whole == 0:
+        return [0] * len(sizes)
+    shares = [total * s // whole for s in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-(total * sizes[i] % whole), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -1,0 +1,17 @@
+"""Random pruning: a seeded, reproducible uniform sample of each image's tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from dartserve.pruning.base import ImageSpan, Selection, SelectionContext
+from dartserve.pruning.config import PruningConfig
+from dartserve.pruning.registry import register
+
+
+@register("random")
+def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
+    # Seeded by the config and the span's place, so a request gives the same tokens alone or in a batch.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + span.start)
+    chosen = torch.randperm(span.length, generator=generator)[:budget]
+    return Selection(chosen.sort().values + span.start)
