@@ -1,0 +1,99 @@
+"""Decoding options, multi-image layouts and the command line, through the public engine API."""
+
+import json
+
+import pytest
+
+from dartserve.cli import main
+from dartserve.models import SamplingConfig
+from dartserve.pruning import PruningConfig
+from tiny_checkpoints import make_image
+
+PROMPT = "What is shown here?"
+
+
+def test_stop_tokens_end_generation(engine):
+    images = [make_image(7)]
+    free = engine.generate(images, PROMPT, sampling=SamplingConfig(max_new_tokens=8))
+    stop = free.token_ids[2]
+    stopped = engine.generate(images, PROMPT, sampling=SamplingConfig(max_new_tokens=8, stop_token_ids=(stop,)))
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(stop) + 1]
+    assert stopped.stats.new_tokens == len(stopped.token_ids)
+
+
+def test_max_new_tokens_and_text(engine):
+    result = engine.generate([make_image(8)], PROMPT, sampling=SamplingConfig(max_new_tokens=3))
+    assert len(result.token_ids) <= 3
+    assert result.text == engine.adapter.processor.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(engines):
+    engine = engines["qwen2_vl"]
+    images = [make_image(9)]
+    hot = lambda seed, top_p=1.0: engine.generate(  # noqa: E731
+        images, PROMPT, pruning=PruningConfig(budget=12), sampling=SamplingConfig(max_new_tokens=12, temperature=1.5, top_p=top_p, seed=seed)
+    ).token_ids
+    greedy = engine.generate(images, PROMPT, pruning=PruningConfig(budget=12), sampling=SamplingConfig(max_new_tokens=12)).token_ids
+    assert hot(1) == hot(1)
+    assert hot(1) != hot(2)
+    assert hot(1) != greedy
+    assert hot(5, top_p=1e-6) == greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(max_new_tokens=0), dict(max_new_tokens=1.5), dict(temperature=-1), dict(top_p=0), dict(top_p=1.2)]
+)
+def test_sampling_rejects_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        SamplingConfig(**kwargs)
+
+
+def test_vision_spans_come_from_the_token_ids(engines):
+    engine = engines["llava_next"]
+    request = engine.vision.encode([make_image(1, (160, 60)), make_image(2, (60, 160))], PROMPT)
+    image_tokens = (request.input_ids == engine.adapter.image_token_id).nonzero().flatten().tolist()
+    assert [p for s in request.spans for p in range(s.start, s.end)] == image_tokens
+    assert request.spans[0].length != request.spans[1].length
+    for span in request.spans:
+        base, tiles = span.grids
+        assert base.size + tiles.h * (tiles.w + 1) == span.length
+    pruned = engine.generate([make_image(1, (160, 60)), make_image(2, (60, 160))], PROMPT, pruning=PruningConfig(method="pooling", budget=20))
+    assert pruned.stats.vision_tokens_kept == 20
+
+
+def test_text_only_prompt(engine):
+    result = engine.generate([], PROMPT, pruning=PruningConfig(budget=8), sampling=SamplingConfig(max_new_tokens=4))
+    assert result.stats.vision_tokens == 0 and 1 <= len(result.token_ids) <= 4
+
+
+def test_cli_generate(checkpoints, tmp_path, capsys):
+    image = tmp_path / "cat.png"
+    make_image(3).save(image)
+    code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "9", "--max-new-tokens", "4"])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert stats["vision_tokens"] == 36 and stats["vision_tokens_kept"] == 9
+
+
+def test_cli_reports_bad_input_as_an_error(checkpoints, tmp_path, capsys):
+    image = tmp_path / "cat.png"
+    make_image(3).save(image)
+    code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "99"])
+    assert code == 2
+    assert "larger than" in capsys.readouterr().err
+
+
+def test_bench_prefill_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "prefill", "--width", "64", "--depth", "4", "--runs", "1", "--budgets", "64,8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", 576), ("dart", 64), ("dart", 8)]
+    for row in rows:
+        assert {"prefill_ms", "speedup", "ideal_speedup", "selection_share", "kv_bytes"} <= set(row)
+    none, dart64, _ = rows
+    full, kept = none["prompt_tokens"], dart64["tokens_after_k"]
+    assert kept == full - 576 + 64
+    assert dart64["ideal_speedup"] == round(4 * full / (2 * full + 2 * kept), 3)
+    # Per layer and token, keys and values of 64 float32 channels: 2 * 64 * 4 bytes.
+    assert none["kv_bytes"] == 4 * full * 512
+    assert dart64["kv_bytes"] == (2 * full + 2 * kept) * 512

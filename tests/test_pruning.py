@@ -1,0 +1,212 @@
+"""The pruning methods and their configuration, on small hand-made inputs."""
+
+import pytest
+import torch
+
+from dartserve.pruning import Grid, ImageSpan, PruningConfig, SelectionContext, dart_select, get_method, split_proportional
+from dartserve.pruning.spatial import grid_regions, span_regions
+
+
+def keys_with_norms(norms):
+    """Keys whose L1 norm is the given value per position."""
+    return torch.tensor(norms, dtype=torch.float)[:, None] * torch.tensor([[0.5, -0.5]])
+
+
+def unit(*angles_deg):
+    a = torch.tensor(angles_deg, dtype=torch.float) * torch.pi / 180
+    return torch.stack([a.cos(), a.sin()], dim=1)
+
+
+# --- dart_select ---------------------------------------------------------------------------
+
+
+def test_dart_hand_made_case():
+    # [t0, i1, i2, i3, i4, i5, t6, t7]: image pivot i3 (largest image key norm), text pivot t7.
+    keys = keys_with_norms([9, 1, 2, 5, 1, 1, 0.5, 3])
+    hidden = unit(0, 180, 10, 0, 20, 90, 0, -90)
+    # One slot each: i3 (0 deg) claims i1 (180 deg, least similar); then t7 (-90 deg) claims i5 (90 deg).
+    got = dart_select(hidden, keys, image_start=1, image_len=5, budget=3, pivot_image=1, pivot_text=1)
+    assert got.tolist() == [1, 3, 5]
+    assert got.dtype == torch.long
+
+
+def test_dart_claimed_tokens_leave_the_pool():
+    # Both pivots find i1 least similar; the later pivot (t7) must take its next choice, i2.
+    keys = keys_with_norms([9, 1, 1, 5, 1, 1, 0.5, 3])
+    hidden = unit(0, 180, 150, 0, 10, 20, 0, 10)
+    got = dart_select(hidden, keys, 1, 5, budget=3, pivot_image=1, pivot_text=1)
+    assert got.tolist() == [1, 2, 3]
+
+
+def test_dart_remainder_goes_to_the_first_pivots():
+    # [t0, i1..i10, t11..t14]: image pivot i3, text pivot t12. Image token i_k points at 10(k-1) deg.
+    keys = keys_with_norms([0] + [1] * 10 + [0, 7, 0, 0])
+    keys[3] *= 4
+    hidden = torch.cat([unit(0), unit(*range(0, 100, 10)), unit(0, 197, 0, 0)])
+    # 5 free slots over 2 pivots: i3 (20 deg, first by position) claims 3, the farthest from it:
+    # i10, i9, i8; then t12 (197 deg) claims 2, those nearest 17 deg: i2 and i4.
+    got = dart_select(hidden, keys, 1, 10, budget=6, pivot_image=1, pivot_text=1)
+    assert got.tolist() == [2, 3, 4, 8, 9, 10]
+
+
+def test_dart_image_pivots_kept_text_pivots_not():
+    torch.manual_seed(0)
+    hidden, keys = torch.randn(40, 16), torch.randn(40, 8)
+    keys[[5, 12, 20, 29]] *= 50  # image pivots
+    keys[[33, 36]] *= 50  # text pivots, after the image
+    got = dart_select(hidden, keys, 4, 26, budget=9, pivot_image=4, pivot_text=2).tolist()
+    assert {5, 12, 20, 29} <= set(got)
+    assert all(4 <= p < 30 for p in got)
+    assert got == sorted(set(got))
+
+
+@pytest.mark.parametrize("budget", [4, 5, 7, 13, 25, 26])
+def test_dart_exact_budget(budget):
+    torch.manual_seed(budget)
+    got = dart_select(torch.randn(40, 16), torch.randn(40, 8), 4, 26, budget)
+    assert len(got) == budget == len(set(got.tolist()))
+
+
+def test_dart_ties_are_deterministic():
+    # Everything equal: pivots and candidates are taken lowest position first.
+    hidden, keys = torch.ones(20, 4), torch.ones(20, 4)
+    first = dart_select(hidden, keys, 2, 12, budget=7)
+    assert first.tolist() == list(range(2, 9))
+    assert torch.equal(first, dart_select(hidden, keys, 2, 12, budget=7))
+
+
+def test_dart_with_no_text_after_the_image():
+    torch.manual_seed(1)
+    got = dart_select(torch.randn(10, 4), torch.randn(10, 4), 2, 8, budget=5)
+    assert len(got) == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(image_start=0, image_len=10, budget=11),  # more than the image has
+        dict(image_start=0, image_len=10, budget=3),  # fewer than the image pivots
+        dict(image_start=5, image_len=20, budget=8),  # span past the sequence
+        dict(image_start=0, image_len=10, budget=4, pivot_image=0, pivot_text=0),  # no pivots
+    ],
+)
+def test_dart_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        dart_select(torch.randn(20, 4), torch.randn(20, 4), **kwargs)
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="nope"), "unknown pruning method"),
+        (dict(ratio=-0.1), "ratio"),
+        (dict(ratio=0.0), "ratio"),
+        (dict(ratio=1.5), "ratio"),
+        (dict(budget=0), "budget"),
+        (dict(budget=2.5), "budget"),
+        (dict(budget=10, ratio=0.5), "either"),
+        (dict(layer=0), "layer"),
+        (dict(pivot_image=-1), "pivot"),
+        (dict(pivot_image=0, pivot_text=0), "pivot"),
+    ],
+)
+def test_config_rejects_nonsense(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(**kwargs)
+
+
+def test_config_budget_checks():
+    with pytest.raises(ValueError, match="larger than"):
+        PruningConfig(budget=600).total_budget(576)
+    with pytest.raises(ValueError, match="pivot_image"):
+        PruningConfig(budget=3).span_budgets([576])
+    with pytest.raises(ValueError, match="outside the model's layers"):
+        PruningConfig(budget=64, layer=32).check_layers(32)
+    PruningConfig(budget=64, layer=31).check_layers(32)
+    assert PruningConfig(ratio=0.111).total_budget(576) == 64
+    assert PruningConfig(method="none", budget=5).total_budget(576) == 576
+    assert PruningConfig(budget=64).span_budgets([576, 288]) == [43, 21]
+    assert PruningConfig.from_dict({"method": "fastv", "budget": 9}).budget == 9
+    with pytest.raises(ValueError, match="unknown pruning fields"):
+        PruningConfig.from_dict({"budjet": 9})
+
+
+def test_engine_rejects_bad_pruning(engines):
+    from tiny_checkpoints import make_image
+
+    engine = engines["llava"]
+    with pytest.raises(ValueError, match="larger than"):
+        engine.generate([make_image(0)], "hi", pruning=PruningConfig(budget=37))
+    with pytest.raises(ValueError, match="outside the model's layers"):
+        engine.generate([make_image(0)], "hi", pruning=PruningConfig(budget=8, layer=4))
+    with pytest.raises(ValueError, match="PIL"):
+        engine.generate(["not an image"], "hi")
+
+
+def test_split_proportional():
+    assert split_proportional(8, [3, 3, 3]) == [3, 3, 2]
+    assert split_proportional(7, [10, 0, 4]) == [5, 0, 2]
+    assert sum(split_proportional(64, [576, 2304, 1000])) == 64
+    with pytest.raises(ValueError):
+        split_proportional(5, [2, 2])
+
+
+# --- spatial methods ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h, w, n", [(6, 6, 1), (6, 6, 7), (6, 6, 36), (24, 24, 64), (24, 24, 191), (2, 10, 3), (9, 4, 13)])
+def test_grid_regions_partition_the_grid(h, w, n):
+    regions = grid_regions(h, w, n)
+    cells = [(r, c) for rows, cols in regions for r in rows for c in cols]
+    assert len(regions) == n
+    assert sorted(cells) == [(r, c) for r in range(h) for c in range(w)]
+
+
+def fake_context(scores, seq, dim=3):
+    torch.manual_seed(0)
+    hidden = torch.randn(seq, dim)
+    return SelectionContext(hidden=hidden, normed=hidden, keys=hidden, last_attention_fn=lambda: scores)
+
+
+def test_pooling_averages_regions_at_their_centre():
+    span = ImageSpan(start=2, length=16, grids=(Grid(0, 4, 4, 4),))
+    ctx = fake_context(None, 20)
+    selection = get_method("pooling")(ctx, span, 4, PruningConfig(method="pooling", budget=4))
+    # Four 2x2 quadrants; each centre rounds to the top-left cell of the quadrant.
+    assert selection.positions.tolist() == [2 + 0, 2 + 2, 2 + 8, 2 + 10]
+    torch.testing.assert_close(selection.weights.sum(dim=1), torch.ones(4))
+    expected = ctx.hidden[[2, 3, 6, 7]].mean(dim=0)
+    torch.testing.assert_close(selection.weights[0] @ ctx.hidden[2:18], expected)
+
+
+def test_spatial_methods_skip_row_separators():
+    # LLaVA-NeXT-like: a 2x2 base grid, then a 2x3 grid with a newline token after each row.
+    span = ImageSpan(0, 4 + 2 * 4, (Grid(0, 2, 2, 2), Grid(4, 2, 3, 4)))
+    newlines = {7, 11}
+    cells = {c for region in span_regions(span, 10) for c in region.cells}
+    assert cells == set(range(12)) - newlines
+    with pytest.raises(ValueError, match="grid cells"):
+        span_regions(span, 11)
+
+
+def test_window_fastv_spreads_budget_over_windows():
+    # All attention mass sits in the top-left quadrant, yet every window keeps a token.
+    scores = torch.zeros(16)
+    scores[[0, 1, 4, 5]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    span = ImageSpan(0, 16, (Grid(0, 4, 4, 4),))
+    config = PruningConfig(method="window_fastv", budget=4)
+    kept = get_method("window_fastv")(fake_context(scores, 16), span, 4, config).positions.tolist()
+    assert kept == [0, 2, 8, 10]
+    fastv = get_method("fastv")(fake_context(scores, 16), span, 4, PruningConfig(method="fastv", budget=4))
+    assert fastv.positions.tolist() == [0, 1, 4, 5]
+
+
+def test_random_is_seeded():
+    span = ImageSpan(1, 30, (Grid(0, 5, 6, 6),))
+    pick = lambda seed: get_method("random")(fake_context(None, 40), span, 8, PruningConfig(method="random", budget=8, seed=seed)).positions  # noqa: E731
+    assert torch.equal(pick(3), pick(3))
+    assert not torch.equal(pick(3), pick(4))
+    assert len(set(pick(3).tolist())) == 8
