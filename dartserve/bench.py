@@ -42,11 +42,11 @@ def bench_model(width: int, depth: int, device: str, dtype: torch.dtype) -> Llav
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=336, patch_size=14)
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN)
     config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in place: a 7B model built in float32 on the CPU would not fit
     try:
-        with torch.device(device):
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(0)
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)

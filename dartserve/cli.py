@@ -15,6 +15,13 @@ def _csv_ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _bench_prefill(args: argparse.Namespace) -> int:
     from dartserve.bench import run_prefill_bench
 
@@ -28,10 +35,10 @@ def _bench_prefill(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=DTYPES[args.dtype],
     )
-    print(f"{'method':<8} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'ideal':>6} {'% ideal':>8} {'select %':>9} {'KV MiB':>8}")
+    print(f"{'method':<12} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'ideal':>6} {'% ideal':>8} {'select %':>9} {'KV MiB':>8}")
     for row in rows:
         print(
-            f"{row['method']:<8} {row['budget']:>6} {row['prefill_ms']:>11.1f} {row['speedup']:>8.2f} "
+            f"{row['method']:<12} {row['budget']:>6} {row['prefill_ms']:>11.1f} {row['speedup']:>8.2f} "
             f"{row['ideal_speedup']:>6.2f} {100 * row['speedup_of_ideal']:>7.1f}% {100 * row['selection_share']:>8.3f}% "
             f"{row['kv_bytes'] / 2**20:>8.2f}"
         )
@@ -52,7 +59,10 @@ def _generate(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
     pruning = PruningConfig(method=args.method, budget=args.budget, ratio=args.ratio, layer=args.layer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    images = [Image.open(path) for path in args.image]
+    try:
+        images = [Image.open(path) for path in args.image]
+    except OSError as error:  # missing, unreadable or not an image
+        raise ValueError(f"cannot read image: {error}") from None
     result = engine.generate(images, args.prompt, pruning=pruning, sampling=sampling)
     print(result.text)
     print(json.dumps(vars(result.stats)), file=sys.stderr)
@@ -88,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.add_argument("--layer", type=int, default=2, help="pruning layer K")
     prefill.add_argument("--budgets", type=_csv_ints, default=(192, 128, 64))
     prefill.add_argument("--methods", default="dart", help="comma-separated pruning methods")
-    prefill.add_argument("--runs", type=int, default=5)
+    prefill.add_argument("--runs", type=_positive_int, default=5)
     prefill.add_argument("--device", default="cpu")
     prefill.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     prefill.set_defaults(run=_bench_prefill)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models import EncodedPrompt, ModelAdapter, PrefillResult, SamplingConfig, decode, load_adapter, prefill
+from dartserve.models.decode import check_room
 from dartserve.pruning.config import PruningConfig
 from dartserve.timing import stopwatch
 
@@ -25,6 +26,8 @@ class VisionStage:
     def encode(self, images: list[Image.Image], prompt: str) -> EncodedPrompt:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"images must be a list of PIL images, got {type(images).__name__}")
         for image in images:
             if not isinstance(image, Image.Image):
                 raise ValueError(f"images must be PIL images, got {type(image).__name__}")
@@ -63,6 +66,7 @@ class GenerationStats:
     kv_bytes: int
     cached_tokens: list[int]  # per layer group: below K, and from K on when pruned
     vision_ms: float
+    # A batch shares one prefill and one decode loop: these three are the batch's.
     prefill_ms: float
     selection_ms: float
     decode_ms: float
@@ -104,7 +108,7 @@ class Engine:
         pruning: PruningConfig | None = None,
         sampling: SamplingConfig | None = None,
     ) -> GenerationResult:
-        request = Request(list(images), prompt, sampling or SamplingConfig())
+        request = Request(images, prompt, sampling or SamplingConfig())
         return self.generate_batch([request], pruning)[0]
 
     def generate_batch(self, requests: list[Request], pruning: PruningConfig | None = None) -> list[GenerationResult]:
@@ -116,6 +120,7 @@ class Engine:
         for request in requests:
             with stopwatch(device, vision_s):
                 encoded.append(self.vision.encode(request.images, request.prompt))
+            check_room(self.adapter, int(encoded[-1].positions.max()) + 1, request.sampling)
         prefill_s: list[float] = []
         with stopwatch(device, prefill_s):
             result = self.pruner.prefill(encoded, pruning)

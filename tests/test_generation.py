@@ -1,19 +1,22 @@
 """Decoding options, multi-image layouts and the command line, through the public engine API."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from dartserve.cli import main
 from dartserve.models import SamplingConfig
-from dartserve.pruning import PruningConfig
+from dartserve.models.decode import pick_token
+from dartserve.pruning import PruningConfig, Selection, registry
 from tiny_checkpoints import make_image
 
 PROMPT = "What is shown here?"
 
 
 def test_stop_tokens_end_generation(engine):
-    images = [make_image(7)]
+    images = [make_image(8)]
     free = engine.generate(images, PROMPT, sampling=SamplingConfig(max_new_tokens=8))
     stop = free.token_ids[2]
     stopped = engine.generate(images, PROMPT, sampling=SamplingConfig(max_new_tokens=8, stop_token_ids=(stop,)))
@@ -23,8 +26,28 @@ def test_stop_tokens_end_generation(engine):
 
 def test_max_new_tokens_and_text(engine):
     result = engine.generate([make_image(8)], PROMPT, sampling=SamplingConfig(max_new_tokens=3))
-    assert len(result.token_ids) <= 3
+    assert len(result.token_ids) == 3
     assert result.text == engine.adapter.processor.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_eos_ends_generation(engines):
+    # With this image the tiny Qwen2-VL answers one token, then its EOS (<|im_end|>).
+    engine = engines["qwen2_vl"]
+    result = engine.generate([make_image(7)], PROMPT, sampling=SamplingConfig(max_new_tokens=8))
+    assert len(result.token_ids) == 2 and result.token_ids[-1] in engine.adapter.eos_token_ids
+    assert result.stats.cached_tokens == [result.stats.prompt_tokens + 1]
+
+
+def test_pick_token_nucleus():
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.3, 0.15]))
+    generator = torch.Generator().manual_seed(0)
+    draws = lambda top_p: {pick_token(logits, SamplingConfig(temperature=1.0, top_p=top_p), generator) for _ in range(300)}  # noqa: E731
+    assert draws(0.5) == {1}  # the top token alone reaches 0.5
+    assert draws(0.6) == {1, 2}  # 0.5 falls short: the token that crosses the threshold joins
+    assert draws(0.8) == {1, 2}
+    assert draws(0.81) == {1, 2, 3}
+    assert draws(1.0) == {0, 1, 2, 3}
+    assert pick_token(logits, SamplingConfig(), generator) == 1
 
 
 def test_sampling_is_seeded_and_top_p_narrows_to_greedy(engines):
@@ -63,7 +86,48 @@ def test_vision_spans_come_from_the_token_ids(engines):
 
 def test_text_only_prompt(engine):
     result = engine.generate([], PROMPT, pruning=PruningConfig(budget=8), sampling=SamplingConfig(max_new_tokens=4))
-    assert result.stats.vision_tokens == 0 and 1 <= len(result.token_ids) <= 4
+    assert result.stats.vision_tokens == 0
+    assert len(result.token_ids) == 4 or result.token_ids[-1] in engine.adapter.eos_token_ids
+
+
+def test_context_length_is_enforced(engines):
+    engine = engines["llava"]
+    limit = engine.adapter.max_positions
+    with pytest.raises(ValueError, match="positions"):
+        engine.generate([make_image(1)], "word " * limit)
+    prompt_tokens = engine.generate([make_image(1)], PROMPT, sampling=SamplingConfig(max_new_tokens=1)).stats.prompt_tokens
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([make_image(1)], PROMPT, sampling=SamplingConfig(max_new_tokens=limit - prompt_tokens + 1))
+    engine.generate([make_image(1)], PROMPT, sampling=SamplingConfig(max_new_tokens=limit - prompt_tokens))
+
+
+def test_bad_requests_are_value_errors(engines):
+    engine = engines["qwen2_vl"]
+    with pytest.raises(ValueError, match="list"):
+        engine.generate(None, PROMPT)
+    with pytest.raises(ValueError, match="string"):
+        engine.generate([make_image(1)], None)
+    request = engine.vision.encode([make_image(1)], PROMPT)
+    broken = dataclasses.replace(request, image_features=request.image_features[:-1])
+    with pytest.raises(ValueError, match="vision tokens"):
+        engine.pruner.prefill([broken], PruningConfig())
+    shifted = dataclasses.replace(request, spans=[dataclasses.replace(request.spans[0], start=request.spans[0].start + 1)])
+    with pytest.raises(ValueError, match="placeholder"):
+        engine.pruner.prefill([shifted], PruningConfig())
+    flat = dataclasses.replace(request, positions=request.positions[:1])
+    with pytest.raises(ValueError, match="positions"):
+        engine.pruner.prefill([flat], PruningConfig())
+
+
+def test_a_misbehaving_method_is_caught(engines, monkeypatch):
+    def overspend(ctx, span, budget, config):
+        return Selection(torch.arange(span.start, span.start + budget + 1))
+
+    monkeypatch.setitem(registry._METHODS, "test_overspend", overspend)
+
+    engine = engines["llava"]
+    with pytest.raises(ValueError, match="test_overspend"):
+        engine.generate([make_image(1)], PROMPT, pruning=PruningConfig(method="test_overspend", budget=8))
 
 
 def test_cli_generate(checkpoints, tmp_path, capsys):
@@ -97,3 +161,35 @@ def test_bench_prefill_rows(tmp_path):
     # Per layer and token, keys and values of 64 float32 channels: 2 * 64 * 4 bytes.
     assert none["kv_bytes"] == 4 * full * 512
     assert dart64["kv_bytes"] == (2 * full + 2 * kept) * 512
+
+
+def test_cli_rejects_a_missing_image(checkpoints, tmp_path, capsys):
+    code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(tmp_path / "none.png"), "--prompt", PROMPT])
+    assert code == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_every_method(checkpoints, dtype):
+    from dartserve.engine import Engine
+    from dartserve.pruning import available_methods
+
+    engine = Engine.load(str(checkpoints["qwen2_vl"]), dtype=getattr(torch, dtype))
+    for method in available_methods():
+        result = engine.generate([make_image(2)], PROMPT, pruning=PruningConfig(method=method, budget=12), sampling=SamplingConfig(max_new_tokens=3))
+        assert result.stats.vision_tokens_kept == (12 if method != "none" else result.stats.vision_tokens)
+        assert result.cache.keys[-1].dtype == getattr(torch, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(checkpoints):
+    from dartserve.engine import Engine
+    from dartserve.pruning import available_methods
+
+    cpu, gpu = Engine.load(str(checkpoints["llava_next"])), Engine.load(str(checkpoints["llava_next"]), device="cuda")
+    for method in available_methods():
+        pruning = PruningConfig(method=method, budget=12)
+        want = cpu.generate([make_image(2)], PROMPT, pruning=pruning, sampling=SamplingConfig(max_new_tokens=4))
+        got = gpu.generate([make_image(2)], PROMPT, pruning=pruning, sampling=SamplingConfig(max_new_tokens=4))
+        assert got.kept_positions == want.kept_positions
+        assert got.token_ids == want.token_ids

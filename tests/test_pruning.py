@@ -49,6 +49,17 @@ def test_dart_remainder_goes_to_the_first_pivots():
     assert got.tolist() == [2, 3, 4, 8, 9, 10]
 
 
+def test_dart_pivots_go_in_position_order_not_norm_order():
+    # [t0, i1..i6, t7]: image pivots i2 (0 deg, norm 5) and i5 (30 deg, norm 9); no text pivots.
+    # 3 free slots: i2, first by position, claims 2 and goes first: i3 (175 deg) and i1 (200 deg);
+    # then i5 claims the farthest left from 30 deg: i6 (240 deg) rather than i4 (150 deg).
+    # Going in norm order instead, i5 would take i1 first and i2 then i3 and i4.
+    keys = keys_with_norms([0, 1, 5, 1, 1, 9, 1, 0])
+    hidden = torch.cat([unit(0), unit(200, 0, 175, 150, 30, 240), unit(0)])
+    got = dart_select(hidden, keys, 1, 6, budget=5, pivot_image=2, pivot_text=0)
+    assert got.tolist() == [1, 2, 3, 5, 6]
+
+
 def test_dart_image_pivots_kept_text_pivots_not():
     torch.manual_seed(0)
     hidden, keys = torch.randn(40, 16), torch.randn(40, 8)

@@ -466,6 +466,11 @@ def build_tiny_checkpoint(family: str, path: pathlib.Path, seed: int = 0) -> pat
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).to(torch.float32).eval()
+        # Norm weights start at 1, which leaves a row's direction unchanged; random ones make the
+        # final norm matter, so a test can tell DART's normed similarity from a raw one.
+        for module in model.model.language_model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                torch.nn.init.uniform_(module.weight, 0.5, 1.5)
     model.generation_config = GenerationConfig(do_sample=False, **gen_ids)
 
     bars_were_enabled = hf_logging.is_progress_bar_enabled()

@@ -28,21 +28,6 @@ class RaggedKVCache:
     token_index: list[torch.Tensor]
     next_position: torch.Tensor
 
-    @classmethod
-    def empty(cls, num_layers: int, layer_group: tuple[int, ...], batch: int) -> RaggedKVCache:
-        groups = max(layer_group) + 1
-        return cls(
-            keys=[None] * num_layers,
-            values=[None] * num_layers,
-            layer_group=layer_group,
-            token_index=[torch.empty(batch, 0, dtype=torch.long) for _ in range(groups)],
-            next_position=torch.zeros(batch, dtype=torch.long),
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.keys)
-
     @property
     def batch_size(self) -> int:
         return self.next_position.shape[0]
@@ -59,9 +44,6 @@ class RaggedKVCache:
     def append_tokens(self, index: torch.Tensor) -> None:
         """Records that the next forward pass adds the tokens ``index`` ``[batch, n]`` to every layer."""
         self.token_index = [torch.cat([t, index], dim=1) for t in self.token_index]
-
-    def layer_length(self, layer: int) -> int:
-        return self.token_index[self.layer_group[layer]].shape[1]
 
     def kept_tokens(self, batch_index: int = 0) -> list[int]:
         """Cached tokens per layer group for one request (padding excluded)."""

@@ -35,7 +35,6 @@ class ModelAdapter:
     decoder layers, rotary embedding, final norm and LM head are used as they are.
     """
 
-    family = ""
     model_types: tuple[str, ...] = ()
     position_dims = 1
 
@@ -52,6 +51,10 @@ class ModelAdapter:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def max_positions(self) -> int:
+        return self.text.config.max_position_embeddings
 
     @property
     def device(self) -> torch.device:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dartserve.checks import SEED_LIMIT, require_int, require_number
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models.attention import attention_mask
 from dartserve.models.base import ModelAdapter
@@ -23,12 +24,18 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
+        require_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        require_number("temperature", self.temperature)
+        require_number("top_p", self.top_p)
+        require_int("seed", self.seed, minimum=0, maximum=SEED_LIMIT - 1)
+        if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for token in self.stop_token_ids:
+            require_int("a stop token id", token, minimum=0)
 
     @classmethod
     def from_dict(cls, data: dict) -> SamplingConfig:
@@ -36,7 +43,7 @@ class SamplingConfig:
         if unknown:
             raise ValueError(f"unknown sampling fields: {sorted(unknown)}")
         data = dict(data)
-        if "stop_token_ids" in data:
+        if isinstance(data.get("stop_token_ids"), list):
             data["stop_token_ids"] = tuple(data["stop_token_ids"])
         return cls(**data)
 
@@ -53,6 +60,15 @@ def pick_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def check_room(adapter: ModelAdapter, next_position: int, sampling: SamplingConfig) -> None:
+    """Rejects a request whose answer could run past the model's rotary positions."""
+    if next_position + sampling.max_new_tokens > adapter.max_positions:
+        raise ValueError(
+            f"the prompt takes {next_position} positions and max_new_tokens={sampling.max_new_tokens} more, "
+            f"past the model's {adapter.max_positions}"
+        )
+
+
 @torch.inference_mode()
 def decode_step(
     adapter: ModelAdapter, cache: RaggedKVCache, tokens: torch.Tensor, active: torch.Tensor | None = None
@@ -65,6 +81,7 @@ def decode_step(
     hidden = adapter.text.embed_tokens(tokens[:, None].to(adapter.device))
     active = torch.ones(len(tokens), dtype=torch.bool) if active is None else active
     active = active.to(cache.next_position.device)
+    # Group 0 (the layers below K) holds every token, so its last index is the sequence length so far.
     index = torch.where(active, cache.token_index[0].amax(dim=1) + 1, -1)
     cache.append_tokens(index[:, None])
     positions = cache.next_position[None, :, None].expand(adapter.position_dims, -1, 1)
@@ -93,6 +110,8 @@ def decode(
     batch = cache.batch_size
     if len(samplings) != batch:
         raise ValueError(f"{len(samplings)} sampling configs for a batch of {batch}")
+    for position, sampling in zip(cache.next_position.tolist(), samplings):
+        check_room(adapter, position, sampling)
     generators = [torch.Generator().manual_seed(s.seed) for s in samplings]
     stops = [set(s.stop_token_ids) | adapter.eos_token_ids for s in samplings]
     outputs: list[list[int]] = [[] for _ in range(batch)]

@@ -10,7 +10,6 @@ from dartserve.pruning.spatial import square_grid
 
 
 class LlavaAdapter(ModelAdapter):
-    family = "llava"
     model_types = ("llava",)
 
     def image_features(self, inputs) -> list[torch.Tensor]:

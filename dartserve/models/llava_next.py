@@ -11,7 +11,6 @@ from dartserve.pruning.base import Grid
 
 
 class LlavaNextAdapter(ModelAdapter):
-    family = "llava_next"
     model_types = ("llava_next",)
 
     def image_features(self, inputs) -> list[torch.Tensor]:

@@ -24,10 +24,10 @@ def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = No
     # SDPA: the one attention implementation that takes the per-layer boolean masks a ragged,
     # padded batch needs and still runs fused kernels when there is no padding.
     hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
-    return ADAPTERS[model_type](hf_model.to(device), load_processor(model))
+    return ADAPTERS[model_type](hf_model.to(device), load_processor(model, model_type))
 
 
-def load_processor(model: str):
+def load_processor(model: str, model_type: str):
     """The checkpoint's processor; without torchvision, the same processor minus its video part.
 
     Qwen-VL processors always load a video processor, which imports torchvision; dartserve
@@ -38,7 +38,7 @@ def load_processor(model: str):
     except ImportError as error:
         if "torchvision" not in str(error).lower():
             raise
-    name = transformers.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(model).model_type]
+    name = transformers.models.auto.processing_auto.PROCESSOR_MAPPING_NAMES[model_type]
     base = getattr(transformers, name)
 
     class ImageOnlyProcessor(base):

@@ -11,7 +11,7 @@ import torch
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models.attention import attention_mask, last_token_attention
 from dartserve.models.base import EncodedPrompt, ModelAdapter
-from dartserve.pruning.base import SelectionContext
+from dartserve.pruning.base import ImageSpan, Selection, SelectionContext
 from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.registry import get_method
 from dartserve.timing import stopwatch
@@ -22,7 +22,7 @@ class PrefillResult:
     cache: RaggedKVCache
     logits: torch.Tensor  # [batch, vocab]: the distribution of each request's first new token
     kept_positions: list[torch.Tensor]  # per request: sequence indices of the vision tokens kept
-    selection_s: float
+    selection_s: float  # the pruning methods' time, over the whole batch
 
 
 def _pad(rows: list[torch.Tensor], fill: float | int) -> torch.Tensor:
@@ -34,12 +34,20 @@ def _pad(rows: list[torch.Tensor], fill: float | int) -> torch.Tensor:
     return out
 
 
+def _pad_positions(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``[P, n_b]`` rotary positions per request into ``[P, batch, max n]``."""
+    return _pad([row.T for row in rows], 0).permute(2, 0, 1)
+
+
+def _cat_positions(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([torch.empty(0, dtype=torch.long)] + [p.cpu() for p in parts])
+
+
 def _run_layers(adapter: ModelAdapter, hidden, positions, token_index, cache, layers: range):
     """Runs ``layers`` over a group's slots; also returns the last layer's input and the rotary
     tables, which a selection may need."""
     cos_sin = adapter.rope(hidden, positions)
     mask = attention_mask(token_index, hidden.shape[1])
-    layer_input = hidden
     for i in layers:
         layer_input = hidden
         hidden = adapter.layers[i](
@@ -54,6 +62,8 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     if not requests:
         raise ValueError("prefill needs at least one request")
     pruning.check_layers(adapter.num_layers)
+    for request in requests:
+        check_request(adapter, request, pruning)
     budgets = [pruning.span_budgets([s.length for s in r.spans]) for r in requests]
     num_layers, device = adapter.num_layers, adapter.device
     cut = pruning.layer if pruning.prunes else num_layers
@@ -61,7 +71,7 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
 
     hidden = _pad([adapter.embed(r) for r in requests], 0.0)
     token_index = _pad([torch.arange(n, device=device) for n in lengths], -1)
-    positions = _pad([r.positions.T.to(device) for r in requests], 0).permute(2, 0, 1)
+    positions = _pad_positions([r.positions.to(device) for r in requests])
     cache = RaggedKVCache(
         keys=[None] * num_layers,
         values=[None] * num_layers,
@@ -72,31 +82,38 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     hidden, layer_input, (cos, sin) = _run_layers(adapter, hidden, positions, token_index, cache, range(cut))
 
     selection_times: list[float] = []
-    kept_positions = [_all_vision_positions(r) for r in requests]
+    kept_positions = [_cat_positions([torch.arange(s.start, s.end) for s in r.spans]) for r in requests]
     if cut < num_layers:
         method = get_method(pruning.method)
         normed = adapter.text.norm(hidden)
         keys = cache.keys[cut - 1]
-        rows, kept_positions = [], []
+        reduced, kept_index, kept_positions = [], [], []
         for b, request in enumerate(requests):
             n = lengths[b]
-            if request.spans and request.spans[-1].end == n:
-                raise ValueError("a pruned prompt must end with text, not with an image")
             ctx = SelectionContext(
                 hidden=hidden[b, :n],
                 normed=normed[b, :n],
                 keys=keys[b, :, :n].transpose(0, 1).reshape(n, -1),
                 last_attention_fn=partial(
-                    last_token_attention, adapter.layers[cut - 1], layer_input[b, n - 1], cos[b, n - 1], sin[b, n - 1], keys[b, :, :n]
+                    last_token_attention,
+                    adapter.layers[cut - 1],
+                    layer_input[b, n - 1],
+                    cos[b, n - 1],
+                    sin[b, n - 1],
+                    keys[b, :, :n],
                 ),
             )
             with stopwatch(device, selection_times):
                 selections = [method(ctx, span, budget, pruning) for span, budget in zip(request.spans, budgets[b])]
-            rows.append(_reduce(ctx.hidden, request, selections))
-            kept_positions.append(torch.cat([torch.empty(0, dtype=torch.long)] + [s.positions.cpu() for s in selections]))
-        hidden = _pad([h for h, _ in rows], 0.0)
-        token_index = _pad([keep for _, keep in rows], -1)
-        positions = torch.stack([_pad([positions[p, b, keep] for b, (_, keep) in enumerate(rows)], 0) for p in range(positions.shape[0])])
+            for span, budget, selection in zip(request.spans, budgets[b], selections):
+                check_selection(pruning.method, span, budget, selection)
+            rows, index = _reduce(ctx.hidden, request, selections)
+            reduced.append(rows)
+            kept_index.append(index)
+            kept_positions.append(_cat_positions([s.positions for s in selections]))
+        hidden = _pad(reduced, 0.0)
+        token_index = _pad(kept_index, -1)
+        positions = _pad_positions([positions[:, b, index] for b, index in enumerate(kept_index)])
         cache.token_index.append(token_index)
         hidden, _, _ = _run_layers(adapter, hidden, positions, token_index, cache, range(cut, num_layers))
 
@@ -105,7 +122,36 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     return PrefillResult(cache, adapter.lm_head(final).float(), kept_positions, sum(selection_times))
 
 
-def _reduce(hidden: torch.Tensor, request: EncodedPrompt, selections) -> tuple[torch.Tensor, torch.Tensor]:
+def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig) -> None:
+    """Rejects an encoded request that does not fit the model, before any layer runs.
+
+    Requests may come from another process, so nothing about them is taken on trust.
+    """
+    seq = len(request.input_ids)
+    if seq == 0:
+        raise ValueError("the prompt is empty")
+    if request.positions.shape != (adapter.position_dims, seq):
+        raise ValueError(f"positions must have shape ({adapter.position_dims}, {seq}), got {tuple(request.positions.shape)}")
+    placeholders = (request.input_ids == adapter.image_token_id).nonzero().flatten().tolist()
+    if [p for s in request.spans for p in range(s.start, s.end)] != placeholders:
+        raise ValueError("the image spans do not match the prompt's image placeholder tokens")
+    if request.image_features.shape != (len(placeholders), adapter.text.config.hidden_size):
+        raise ValueError(f"expected {len(placeholders)} vision tokens of width {adapter.text.config.hidden_size}, got {tuple(request.image_features.shape)}")
+    if int(request.positions.max()) >= adapter.max_positions:
+        raise ValueError(f"the prompt needs {int(request.positions.max()) + 1} positions; the model has {adapter.max_positions}")
+    if pruning.prunes and request.spans and request.spans[-1].end == seq:
+        raise ValueError("a pruned prompt must end with text, not with an image")
+
+
+def check_selection(method: str, span: ImageSpan, budget: int, selection: Selection) -> None:
+    positions = selection.positions.tolist()
+    if len(positions) != budget or positions != sorted(set(positions)):
+        raise ValueError(f"pruning method {method!r} must return {budget} distinct sorted positions, got {len(positions)}")
+    if positions and not span.start <= positions[0] <= positions[-1] < span.end:
+        raise ValueError(f"pruning method {method!r} returned positions outside the image")
+
+
+def _reduce(hidden: torch.Tensor, request: EncodedPrompt, selections: list[Selection]) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's kept rows of ``hidden`` and their sequence indices: all text, and each span's selection."""
     device = hidden.device
     keep = torch.ones(len(request.input_ids), dtype=torch.bool, device=device)
@@ -117,9 +163,6 @@ def _reduce(hidden: torch.Tensor, request: EncodedPrompt, selections) -> tuple[t
     for span, selection in zip(request.spans, selections):
         if selection.weights is not None:
             slots = torch.searchsorted(index, selection.positions.to(device))
-            reduced[slots] = selection.weights.to(hidden) @ hidden[span.start : span.end]
+            merged = selection.weights.to(device, torch.float32) @ hidden[span.start : span.end].float()
+            reduced[slots] = merged.to(hidden.dtype)
     return reduced, index
-
-
-def _all_vision_positions(request: EncodedPrompt) -> torch.Tensor:
-    return torch.cat([torch.empty(0, dtype=torch.long)] + [torch.arange(s.start, s.end) for s in request.spans])

@@ -9,7 +9,6 @@ from dartserve.pruning.base import Grid
 
 
 class Qwen2VLAdapter(ModelAdapter):
-    family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     position_dims = 3
 

@@ -57,10 +57,6 @@ class SelectionContext:
     last_attention_fn: Callable[[], torch.Tensor]
     _last_attention: torch.Tensor | None = field(default=None, repr=False)
 
-    @property
-    def seq_len(self) -> int:
-        return self.hidden.shape[0]
-
     def last_attention(self) -> torch.Tensor:
         if self._last_attention is None:
             self._last_attention = self.last_attention_fn()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from dartserve.checks import SEED_LIMIT, require_int, require_number
+
 
 @dataclass(frozen=True)
 class PruningConfig:
@@ -26,19 +28,22 @@ class PruningConfig:
     def __post_init__(self) -> None:
         from dartserve.pruning.registry import get_method
 
+        if not isinstance(self.method, str):
+            raise ValueError(f"method must be a string, got {self.method!r}")
         get_method(self.method)
         if self.budget is not None and self.ratio is not None:
             raise ValueError("give either budget or ratio, not both")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)):
-            raise ValueError(f"budget must be an integer, got {self.budget!r}")
-        if self.budget is not None and self.budget < 1:
-            raise ValueError(f"budget must be at least 1, got {self.budget}")
-        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio is the fraction of vision tokens kept and must be in (0, 1], got {self.ratio}")
-        if self.layer < 1:
-            raise ValueError(f"layer K must be at least 1 (selection reads layer K-1), got {self.layer}")
-        if self.pivot_image < 0 or self.pivot_text < 0:
-            raise ValueError("pivot counts must not be negative")
+        if self.budget is not None:
+            require_int("budget", self.budget, minimum=1)
+        if self.ratio is not None:
+            require_number("ratio", self.ratio)
+            if not 0.0 < self.ratio <= 1.0:
+                raise ValueError(f"ratio is the fraction of vision tokens kept and must be in (0, 1], got {self.ratio}")
+        # K >= 1: the selection reads layer K-1's keys and output.
+        require_int("layer", self.layer, minimum=1)
+        require_int("pivot_image", self.pivot_image, minimum=0)
+        require_int("pivot_text", self.pivot_text, minimum=0)
+        require_int("seed", self.seed, minimum=0, maximum=SEED_LIMIT - 1)
         if self.method == "dart" and self.pivot_image + self.pivot_text < 1:
             raise ValueError("dart needs at least one pivot")
 

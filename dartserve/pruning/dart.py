@@ -46,7 +46,7 @@ def dart_select(
 
     unit = F.normalize(hidden.float(), dim=-1)
     image_unit = unit[image_start:image_end]
-    free = torch.ones(image_len, dtype=torch.bool)
+    free = torch.ones(image_len, dtype=torch.bool, device=hidden.device)
     free[image_pivots] = False
     share, extra = divmod(budget - pivot_image, len(pivots))
     claimed = [image_pivots]

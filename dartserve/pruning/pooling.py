@@ -18,7 +18,7 @@ from dartserve.pruning.spatial import span_regions
 @register("pooling")
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     regions = sorted(span_regions(span, budget), key=lambda region: region.centre)
-    weights = torch.zeros(budget, span.length, dtype=ctx.hidden.dtype)
+    weights = torch.zeros(budget, span.length)
     for i, region in enumerate(regions):
         weights[i, region.cells] = 1.0 / len(region.cells)
     positions = torch.tensor([region.centre for region in regions]) + span.start

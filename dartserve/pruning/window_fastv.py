@@ -15,7 +15,7 @@ WINDOWS = 16  # a 4 x 4 tiling of a square image; fewer when the budget is small
 
 @register("window_fastv")
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
-    scores = ctx.last_attention()[span.start : span.end]
+    scores = ctx.last_attention()[span.start : span.end].cpu()  # one row: cheap to rank window by window on the host
     windows = span_regions(span, min(WINDOWS, budget))
     kept = []
     for window, share in zip(windows, split_proportional(budget, [len(w.cells) for w in windows])):
