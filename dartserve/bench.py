@@ -3,7 +3,8 @@
 The model has random weights (speed does not depend on them) and the shape of LLaVA-1.5's
 language model scaled by ``--width`` and ``--depth``; the prompt is LLaVA-1.5's: a system and
 user preamble, 576 vision tokens, a question. Every setting runs ``--runs`` times after a
-warm-up and reports medians; speed-ups are against the unpruned prefill measured in the same run.
+warm-up, the settings taking turns, and reports medians; speed-ups are against the unpruned
+prefill measured in the same run.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def bench_prompt(adapter: LlavaAdapter) -> EncodedPrompt:
     return EncodedPrompt(ids.to(device), features.to(device, adapter.dtype), [span], torch.arange(len(ids), device=device)[None])
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def ideal_speedup(layers: int, cut: int, full: int, kept: int) -> float:
     return layers * full / (cut * full + (layers - cut) * kept)
 
@@ -84,17 +96,22 @@ def run_prefill_bench(
     settings = [PruningConfig(method="none")] + [
         PruningConfig(method=m, budget=b, layer=layer) for m in methods for b in budgets
     ]
-    machine = f"{device}: {torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = f"{device}: {torch.cuda.get_device_name() if device.startswith('cuda') else cpu_name()}, {torch.get_num_threads()} threads"
+    # Settings take turns run by run, so drift in machine speed spreads over all of them alike.
+    results = [prefill(adapter, [request], config) for config in settings]  # warm-up
+    times: list[list[float]] = [[] for _ in settings]
+    selections: list[list[float]] = [[] for _ in settings]
+    for _ in range(runs):
+        for i, config in enumerate(settings):
+            with stopwatch(adapter.device, times[i]):
+                results[i] = prefill(adapter, [request], config)
+            selections[i].append(results[i].selection_s)
     rows = []
-    for config in settings:
-        prefill(adapter, [request], config)  # warm-up
-        times, selections, result = [], [], None
-        for _ in range(runs):
-            with stopwatch(adapter.device, times):
-                result = prefill(adapter, [request], config)
-            selections.append(result.selection_s)
+    for config, result, run_times, run_selections in zip(settings, results, times, selections):
         kept = full - VISION_TOKENS + len(result.kept_positions[0])
-        prefill_ms = statistics.median(times) * 1e3
+        prefill_ms = statistics.median(run_times) * 1e3
+        selection_ms = statistics.median(run_selections) * 1e3
+        cut = config.layer if config.prunes else depth
         rows.append(
             {
                 "method": config.method,
@@ -103,10 +120,10 @@ def run_prefill_bench(
                 "prompt_tokens": full,
                 "tokens_after_k": kept,
                 "prefill_ms": round(prefill_ms, 3),
-                "selection_ms": round(statistics.median(selections) * 1e3, 3),
-                "selection_share": round(statistics.median(selections) * 1e3 / prefill_ms, 5),
+                "selection_ms": round(selection_ms, 3),
+                "selection_share": round(selection_ms / prefill_ms, 5),
                 "kv_bytes": result.cache.nbytes(),
-                "ideal_speedup": round(ideal_speedup(depth, config.layer if config.prunes else depth, full, kept), 3),
+                "ideal_speedup": round(ideal_speedup(depth, cut, full, kept), 3),
                 "runs": runs,
                 "width": width,
                 "depth": depth,
