@@ -16,7 +16,8 @@ test: install
 	$(BIN)/pytest -q
 
 run: install
-	@echo "The HTTP gateway is not built yet. Use the library CLI meanwhile:"
+	@echo "The HTTP gateway is not built yet. Meanwhile ask the bundled model from the CLI:"
+	@echo "  $(BIN)/dartserve ask IMAGE.png 'What colour is the circle?' [--method dart --budget 64]"
 	@$(BIN)/dartserve --help
 
 bench: install

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from dartserve.demo import default_model
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,16 +58,44 @@ def _generate(args: argparse.Namespace) -> int:
     from dartserve.models import SamplingConfig
     from dartserve.pruning import PruningConfig
 
-    engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
     pruning = PruningConfig(method=args.method, budget=args.budget, ratio=args.ratio, layer=args.layer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         images = [Image.open(path) for path in args.image]
     except OSError as error:  # missing, unreadable or not an image
         raise ValueError(f"cannot read image: {error}") from None
+    engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
     result = engine.generate(images, args.prompt, pruning=pruning, sampling=sampling)
     print(result.text)
-    print(json.dumps(vars(result.stats)), file=sys.stderr)
+    if args.stats:
+        print(json.dumps(vars(result.stats)), file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dartserve.engine import Engine
+    from dartserve.evaluation import evaluate, jsonl_items, settings_grid, synthetic_items
+    from dartserve.report import write_reports
+
+    settings = settings_grid(args.methods.split(","), list(args.budgets), list(args.layers))
+    items = jsonl_items(Path(args.dataset), args.limit) if args.dataset else synthetic_items(args.split, args.limit)
+    engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    rows = evaluate(engine, items, settings, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    title = f"{Path(args.model).name}: {args.dataset or 'synthetic ' + args.split}"
+    for kind, path in write_reports(rows, Path(args.out), title).items():
+        print(f"{kind}: {path}")
+    print((Path(args.out) / "eval.md").read_text())
+    return 0
+
+
+def _train_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dartserve.demo.train import train
+
+    train(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
     return 0
 
 
@@ -74,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="answer a prompt about images with a local or hub checkpoint")
-    generate.add_argument("--model", required=True, help="Hugging Face model id or local checkpoint folder")
+    generate.add_argument("--model", default=default_model(), help="Hugging Face model id or local checkpoint folder")
     generate.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--method", default="dart")
@@ -87,7 +117,43 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    generate.add_argument("--stats", action="store_true", help="print the request's statistics as JSON on stderr")
     generate.set_defaults(run=_generate)
+
+    ask = commands.add_parser("ask", help="ask the default model (the bundled demo) a question about one image")
+    ask.add_argument("image", type=lambda path: [path])
+    ask.add_argument("prompt")
+    ask.add_argument("--model", default=default_model())
+    ask.add_argument("--method", default="none")
+    ask.add_argument("--budget", type=int)
+    ask.add_argument("--ratio", type=float)
+    ask.add_argument("--layer", type=int, default=2)
+    ask.add_argument("--stats", action="store_true", help="print the request's statistics as JSON on stderr")
+    ask.set_defaults(run=_generate, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0, device="cpu", dtype=None)
+
+    evaluation = commands.add_parser("eval", help="accuracy of pruning methods on a dataset: JSON, markdown and a plot")
+    evaluation.add_argument("--model", default=default_model())
+    evaluation.add_argument("--dataset", help="a JSONL file of {image, question, answer, type}; default: the synthetic task")
+    evaluation.add_argument("--split", default="test", help="split of the synthetic task")
+    evaluation.add_argument("--methods", default="none,dart,fastv,random,pooling,window_fastv")
+    evaluation.add_argument("--budgets", type=_csv_ints, default=(192, 128, 64, 32))
+    evaluation.add_argument("--layers", type=_csv_ints, default=(2,), help="pruning layers K, comma-separated")
+    evaluation.add_argument("--limit", type=_positive_int, help="only the first N examples")
+    evaluation.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluation.add_argument("--max-new-tokens", type=_positive_int, default=8)
+    evaluation.add_argument("--out", default="eval-out", help="folder for eval.json, eval.md and eval.png")
+    evaluation.add_argument("--device", default="cpu")
+    evaluation.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    evaluation.set_defaults(run=_eval)
+
+    train = commands.add_parser("train-demo", help="train the demo model on the synthetic task")
+    train.add_argument("--out", required=True)
+    train.add_argument("--steps", type=_positive_int, default=1800)
+    train.add_argument("--batch-size", type=_positive_int, default=12)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init", help="train on from this checkpoint")
+    train.set_defaults(run=_train_demo)
 
     bench = commands.add_parser("bench", help="benchmarks, JSON out")
     suites = bench.add_subparsers(dest="suite", required=True)

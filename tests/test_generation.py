@@ -133,7 +133,7 @@ def test_a_misbehaving_method_is_caught(engines, monkeypatch):
 def test_cli_generate(checkpoints, tmp_path, capsys):
     image = tmp_path / "cat.png"
     make_image(3).save(image)
-    code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "9", "--max-new-tokens", "4"])
+    code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "9", "--max-new-tokens", "4", "--stats"])
     assert code == 0
     stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert stats["vision_tokens"] == 36 and stats["vision_tokens_kept"] == 9

@@ -1,0 +1,161 @@
+"""Training the demo model on the synthetic task: ``dartserve train-demo``.
+
+Each step draws a fresh batch from the generator's train split, so there is no epoch and no
+overfitting to a fixed set. The loss is the answer word and end-of-sequence token, plus an
+auxiliary loss that is dropped after training: small heads read each projected vision token
+and must name the shape and colour of the object under it, and the mean of an image's tokens
+must give the object count. Without it, the language model's answer loss alone reaches the
+vision tower too weakly, and training sits at the question-type priors far longer than an hour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from transformers import LlavaForConditionalGeneration
+
+from dartserve.demo.data import COLOURS, SHAPES, example, patch_objects
+from dartserve.demo.model import build_model, build_processor
+
+AUX_WEIGHT = 0.5
+
+
+class AuxiliaryHeads(torch.nn.Module):
+    """Probes on the projected vision tokens; used in training only."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape = torch.nn.Linear(width, len(SHAPES) + 1)  # class 0: background
+        self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
+        self.count = torch.nn.Linear(width, 5)
+
+    def loss(self, vision_tokens: torch.Tensor, examples) -> torch.Tensor:
+        """``vision_tokens`` ``[batch, 576, width]``."""
+        under = [patch_objects(e.objects) for e in examples]
+        shapes = torch.tensor([[0 if o is None else SHAPES.index(o.shape) + 1 for o in row] for row in under])
+        colours = torch.tensor([[0 if o is None else list(COLOURS).index(o.colour) + 1 for o in row] for row in under])
+        counts = torch.tensor([len(e.objects) for e in examples])
+        cross_entropy = torch.nn.functional.cross_entropy
+        return (
+            cross_entropy(self.shape(vision_tokens).flatten(0, 1), shapes.flatten())
+            + cross_entropy(self.colour(vision_tokens).flatten(0, 1), colours.flatten())
+            + cross_entropy(self.count(vision_tokens.mean(dim=1)), counts)
+        )
+
+
+def batch_inputs(processor, examples, with_answers: bool = True):
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}],
+            add_generation_prompt=True,
+        )
+        for e in examples
+    ]
+    texts = [f"{p} {e.answer}</s>" for p, e in zip(prompts, examples)] if with_answers else prompts
+    return processor(text=texts, images=[e.image for e in examples], return_tensors="pt", padding=True)
+
+
+def answer_labels(inputs) -> torch.Tensor:
+    """Targets for the last two real tokens of each row (the answer word and ``</s>``); the rest ignored."""
+    labels = torch.full_like(inputs["input_ids"], -100)
+    lengths = inputs["attention_mask"].sum(dim=1)
+    for row, length in enumerate(lengths.tolist()):
+        labels[row, length - 2 : length] = inputs["input_ids"][row, length - 2 : length]
+    return labels
+
+
+def train(
+    out: Path,
+    steps: int = 1800,
+    batch_size: int = 12,
+    lr: float = 2e-3,
+    warmup: int = 100,
+    seed: int = 0,
+    log_every: int = 25,
+    eval_every: int = 300,
+    eval_size: int = 200,
+    threads: int | None = None,
+    init: Path | None = None,
+) -> dict:
+    """Trains from scratch, or on from the checkpoint ``init``; saves to ``out`` at every evaluation."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    processor = build_processor()
+    processor.tokenizer.padding_side = "right"  # so each row's answer sits at its own last real tokens
+    model = LlavaForConditionalGeneration.from_pretrained(init) if init else build_model(processor.tokenizer)
+    heads = AuxiliaryHeads(model.config.text_config.hidden_size)
+    parameters = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    log = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed, "aux_weight": AUX_WEIGHT, "history": []}
+    started = time.time()
+    running = running_aux = 0.0
+    for step in range(steps):
+        model.train()
+        first = seed * 10_000_000 + step * batch_size  # a new seed, as when training on, sees new examples
+        examples = [example("train", first + i) for i in range(batch_size)]
+        inputs = batch_inputs(processor, examples)
+        outputs = model(**inputs, labels=answer_labels(inputs))
+        vision_tokens = outputs.image_hidden_states.view(batch_size, -1, outputs.image_hidden_states.shape[-1])
+        aux = heads.loss(vision_tokens, examples)
+        loss = outputs.loss + AUX_WEIGHT * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        running += outputs.loss.item()
+        running_aux += aux.item()
+        if (step + 1) % log_every == 0:
+            print(
+                f"step {step + 1}/{steps} loss {running / log_every:.4f} aux {running_aux / log_every:.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {time.time() - started:.0f}s",
+                flush=True,
+            )
+            log["history"].append({"step": step + 1, "loss": running / log_every, "aux_loss": running_aux / log_every, "seconds": time.time() - started})
+            running = running_aux = 0.0
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            accuracy = validation_accuracy(model, processor, eval_size)
+            print(f"step {step + 1} validation accuracy {accuracy:.3f}", flush=True)
+            log["history"].append({"step": step + 1, "validation_accuracy": accuracy})
+            log["train_seconds"] = time.time() - started
+            _save(out, model, processor, log)
+    return log
+
+
+def _save(out: Path, model, processor, log: dict) -> None:
+    model.generation_config.update(
+        bos_token_id=processor.tokenizer.bos_token_id,
+        eos_token_id=processor.tokenizer.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    processor.tokenizer.padding_side = "left"  # generation pads on the left
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    processor.tokenizer.padding_side = "right"
+    (out / "training.json").write_text(json.dumps(log, indent=2))
+
+
+@torch.inference_mode()
+def validation_accuracy(model, processor, size: int, batch_size: int = 25) -> float:
+    """Greedy next-token accuracy on the validation split, unpruned."""
+    model.eval()
+    correct = 0
+    for start in range(0, size, batch_size):
+        examples = [example("validation", i) for i in range(start, min(size, start + batch_size))]
+        inputs = batch_inputs(processor, examples)
+        logits = model(**inputs).logits
+        lengths = inputs["attention_mask"].sum(dim=1)
+        for row, e in enumerate(examples):
+            predicted = int(logits[row, lengths[row] - 3].argmax())  # the position that predicts the answer
+            correct += predicted == inputs["input_ids"][row, lengths[row] - 2]
+    return int(correct) / size

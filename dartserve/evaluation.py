@@ -1,0 +1,143 @@
+"""Accuracy of pruning methods: ``dartserve eval``.
+
+A dataset is a list of ``Item``s: the bundled synthetic task's splits, or a JSONL file with one
+object per line, ``{"image": "path", "question": "...", "answer": "..." | ["...", ...],
+"type": "..."}``. Image paths are relative to the file; ``type`` is optional and groups the
+per-type accuracies (POPE's yes/no, GQA's short answers, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+from tqdm import tqdm
+
+from dartserve.engine import Engine, Request
+from dartserve.models import SamplingConfig
+from dartserve.pruning import PruningConfig
+
+SPLIT_SIZES = {"validation": 500, "test": 500}
+
+
+@dataclass(frozen=True)
+class Item:
+    load_image: Callable[[], Image.Image]
+    question: str
+    answers: tuple[str, ...]
+    question_type: str
+
+
+def synthetic_items(split: str, limit: int | None = None) -> list[Item]:
+    from dartserve.demo.data import example
+
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"the synthetic dataset's evaluation splits are {', '.join(SPLIT_SIZES)}")
+    count = min(limit or SPLIT_SIZES[split], SPLIT_SIZES[split])
+    items = []
+    for index in range(count):
+        e = example(split, index)
+        items.append(Item(lambda e=e: e.image, e.question, (e.answer,), e.question_type))
+    return items
+
+
+def jsonl_items(path: Path, limit: int | None = None) -> list[Item]:
+    items = []
+    with open(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image, question, answer = record["image"], record["question"], record["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: need a JSON object with image, question and answer ({error})") from None
+            answers = (answer,) if isinstance(answer, str) else tuple(answer)
+            if not answers or not all(isinstance(a, str) for a in answers) or not isinstance(question, str):
+                raise ValueError(f"{path}:{number}: question must be a string, answer a string or a list of strings")
+            image_path = (path.parent / image).resolve()
+            items.append(Item(lambda p=image_path: Image.open(p).convert("RGB"), question, answers, str(record.get("type", "all"))))
+            if limit and len(items) == limit:
+                break
+    if not items:
+        raise ValueError(f"{path} holds no examples")
+    return items
+
+
+def normalise(text: str) -> str:
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(word for word in text.split() if word not in {"a", "an", "the"})
+
+
+def is_correct(prediction: str, answers: tuple[str, ...]) -> bool:
+    """Exact match after lower-casing and dropping punctuation and articles; a one-word answer
+    also matches a prediction that starts with it ("Yes, there is a dog." for "yes")."""
+    predicted = normalise(prediction)
+    for answer in map(normalise, answers):
+        if predicted == answer or (" " not in answer and predicted.split()[:1] == [answer]):
+            return True
+    return False
+
+
+def evaluate(
+    engine: Engine,
+    items: list[Item],
+    settings: list[PruningConfig],
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> list[dict]:
+    """One row per setting: overall and per-type accuracy, kept tokens and prefill time."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    rows = []
+    bar = tqdm(total=len(items) * len(settings), disable=not progress, unit="q")
+    for pruning in settings:
+        correct: list[bool] = []
+        kept: list[int] = []
+        prefill_ms: list[float] = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            results = engine.generate_batch([Request([item.load_image()], item.question, sampling) for item in batch], pruning)
+            for item, result in zip(batch, results):
+                correct.append(is_correct(result.text, item.answers))
+                kept.append(result.stats.vision_tokens_kept)
+            prefill_ms.append(results[0].stats.prefill_ms / len(batch))
+            bar.set_description(f"{pruning.method} {pruning.budget or ''}".strip())
+            bar.update(len(batch))
+        rows.append(_row(pruning, items, correct, kept, prefill_ms))
+    bar.close()
+    baseline = next((r["accuracy"] for r in rows if r["method"] == "none"), None)
+    for row in rows:
+        row["relative_accuracy"] = round(row["accuracy"] / baseline, 4) if baseline else None
+    return rows
+
+
+def _row(pruning: PruningConfig, items: list[Item], correct: list[bool], kept: list[int], prefill_ms: list[float]) -> dict:
+    by_type: dict[str, list[bool]] = {}
+    for item, ok in zip(items, correct):
+        by_type.setdefault(item.question_type, []).append(ok)
+    return {
+        "method": pruning.method,
+        "budget": pruning.budget if pruning.prunes else None,
+        "ratio": pruning.ratio if pruning.prunes else None,
+        "layer": pruning.layer if pruning.prunes else None,
+        "n": len(correct),
+        "accuracy": round(sum(correct) / len(correct), 4),
+        "per_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_type.items())},
+        "kept_tokens": round(statistics.mean(kept), 2),
+        "prefill_ms": round(statistics.mean(prefill_ms), 3),
+    }
+
+
+def settings_grid(methods: list[str], budgets: list[int], layers: list[int]) -> list[PruningConfig]:
+    """``none`` once (the baseline), then every pruning method at every budget and layer."""
+    grid = [PruningConfig(method="none")]
+    for method in methods:
+        if method != "none":
+            grid += [PruningConfig(method=method, budget=b, layer=k) for k in layers for b in budgets]
+    return grid

@@ -1,0 +1,64 @@
+"""Scoring, dataset files and the ``dartserve eval`` reports."""
+
+import json
+
+import pytest
+
+from dartserve.cli import main
+from dartserve.evaluation import is_correct, jsonl_items
+from tiny_checkpoints import make_image
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, correct",
+    [
+        ("green", ("green",), True),
+        (" Green. ", ("green",), True),
+        ("Yes, there is a dog.", ("yes",), True),
+        ("no", ("yes",), False),
+        ("the red one", ("red one",), True),
+        ("two", ("2", "two"), True),
+        ("", ("yes",), False),
+        ("greenish", ("green",), False),
+    ],
+)
+def test_scoring(prediction, answers, correct):
+    assert is_correct(prediction, answers) is correct
+
+
+def write_dataset(folder, count=3):
+    lines = []
+    for i in range(count):
+        make_image(i).save(folder / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "question": "is it red?", "answer": ["yes", "no"][i % 2], "type": "pope"}))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_dataset(tmp_path):
+    items = jsonl_items(write_dataset(tmp_path))
+    assert [(i.question, i.answers, i.question_type) for i in items][:2] == [("is it red?", ("yes",), "pope"), ("is it red?", ("no",), "pope")]
+    assert items[0].load_image().size == (96, 80)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "question": "q"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        jsonl_items(bad)
+
+
+def test_eval_writes_json_markdown_and_plot(checkpoints, tmp_path, capsys):
+    dataset = write_dataset(tmp_path, count=4)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(checkpoints["llava"]), "--dataset", str(dataset), "--limit", "3",
+            "--methods", "none,dart,random", "--budgets", "16,8", "--out", str(out), "--max-new-tokens", "2"]
+    assert main(args) == 0
+    rows = json.loads((out / "eval.json").read_text())
+    assert [(r["method"], r["budget"], r["layer"]) for r in rows] == [("none", None, None), ("dart", 16, 2), ("dart", 8, 2), ("random", 16, 2), ("random", 8, 2)]
+    for row in rows:
+        assert row["n"] == 3 and 0 <= row["accuracy"] <= 1 and set(row["per_type"]) == {"pope"}
+    # The random tiny model answers nothing right, so accuracy relative to it is undefined.
+    assert all(r["relative_accuracy"] is None for r in rows) if rows[0]["accuracy"] == 0 else rows[0]["relative_accuracy"] == 1.0
+    assert rows[0]["kept_tokens"] == 36
+    assert rows[2]["kept_tokens"] == 8
+    assert "| dart | 8 | 2 | 8 |" in (out / "eval.md").read_text()
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
