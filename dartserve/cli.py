@@ -58,7 +58,8 @@ def _generate(args: argparse.Namespace) -> int:
     from dartserve.models import SamplingConfig
     from dartserve.pruning import PruningConfig
 
-    pruning = PruningConfig(method=args.method, budget=args.budget, ratio=args.ratio, layer=args.layer)
+    method = args.method or ("dart" if args.budget or args.ratio else "none")
+    pruning = PruningConfig(method=method, budget=args.budget, ratio=args.ratio, layer=args.layer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         images = [Image.open(path) for path in args.image]
@@ -82,7 +83,7 @@ def _eval(args: argparse.Namespace) -> int:
     settings = settings_grid(args.methods.split(","), list(args.budgets), list(args.layers))
     items = jsonl_items(Path(args.dataset), args.limit) if args.dataset else synthetic_items(args.split, args.limit)
     engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
-    rows = evaluate(engine, items, settings, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    rows = evaluate(engine, items, settings, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
     title = f"{Path(args.model).name}: {args.dataset or 'synthetic ' + args.split}"
     for kind, path in write_reports(rows, Path(args.out), title).items():
         print(f"{kind}: {path}")
@@ -93,9 +94,18 @@ def _eval(args: argparse.Namespace) -> int:
 def _train_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dartserve.demo.card import write_card
     from dartserve.demo.train import train
 
-    train(Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
+    if args.init and not Path(args.init, "config.json").is_file():
+        raise ValueError(f"--init {args.init} is not a checkpoint folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
+    print(json.dumps(write_card(out)["test"], indent=2))
     return 0
 
 
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=default_model(), help="Hugging Face model id or local checkpoint folder")
     generate.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--method", default="dart")
+    generate.add_argument("--method", help="default: dart when a budget or ratio is given, else none")
     generate.add_argument("--budget", type=int, help="vision tokens kept per request")
     generate.add_argument("--ratio", type=float, help="fraction of vision tokens kept")
     generate.add_argument("--layer", type=int, default=2, help="layer K at which tokens are pruned")
@@ -121,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
 
     ask = commands.add_parser("ask", help="ask the default model (the bundled demo) a question about one image")
-    ask.add_argument("image", type=lambda path: [path])
+    ask.add_argument("image", nargs=1)
     ask.add_argument("prompt")
     ask.add_argument("--model", default=default_model())
-    ask.add_argument("--method", default="none")
+    ask.add_argument("--method", help="default: dart when a budget or ratio is given, else none")
     ask.add_argument("--budget", type=int)
     ask.add_argument("--ratio", type=float)
     ask.add_argument("--layer", type=int, default=2)
@@ -134,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="accuracy of pruning methods on a dataset: JSON, markdown and a plot")
     evaluation.add_argument("--model", default=default_model())
     evaluation.add_argument("--dataset", help="a JSONL file of {image, question, answer, type}; default: the synthetic task")
-    evaluation.add_argument("--split", default="test", help="split of the synthetic task")
+    evaluation.add_argument("--split", default="test", choices=("validation", "test"), help="split of the synthetic task")
+    evaluation.add_argument("--prompt-suffix", default="", help='appended to every question, e.g. " Answer the question using a single word or phrase."')
     evaluation.add_argument("--methods", default="none,dart,fastv,random,pooling,window_fastv")
     evaluation.add_argument("--budgets", type=_csv_ints, default=(192, 128, 64, 32))
     evaluation.add_argument("--layers", type=_csv_ints, default=(2,), help="pruning layers K, comma-separated")
@@ -153,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init", help="train on from this checkpoint")
+    train.add_argument("--threads", type=_positive_int, help="torch threads (results differ slightly with the count)")
     train.set_defaults(run=_train_demo)
 
     bench = commands.add_parser("bench", help="benchmarks, JSON out")

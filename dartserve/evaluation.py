@@ -34,34 +34,27 @@ class Item:
 
 
 def synthetic_items(split: str, limit: int | None = None) -> list[Item]:
+    """The bundled task's split; images are drawn again when loaded rather than held in memory."""
     from dartserve.demo.data import example
 
     if split not in SPLIT_SIZES:
         raise ValueError(f"the synthetic dataset's evaluation splits are {', '.join(SPLIT_SIZES)}")
-    count = min(limit or SPLIT_SIZES[split], SPLIT_SIZES[split])
     items = []
-    for index in range(count):
+    for index in range(min(limit or SPLIT_SIZES[split], SPLIT_SIZES[split])):
         e = example(split, index)
-        items.append(Item(lambda e=e: e.image, e.question, (e.answer,), e.question_type))
+        items.append(Item(lambda i=index: example(split, i).image, e.question, (e.answer,), e.question_type))
     return items
 
 
 def jsonl_items(path: Path, limit: int | None = None) -> list[Item]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the dataset {path}: {error}") from None
     items = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                image, question, answer = record["image"], record["question"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: need a JSON object with image, question and answer ({error})") from None
-            answers = (answer,) if isinstance(answer, str) else tuple(answer)
-            if not answers or not all(isinstance(a, str) for a in answers) or not isinstance(question, str):
-                raise ValueError(f"{path}:{number}: question must be a string, answer a string or a list of strings")
-            image_path = (path.parent / image).resolve()
-            items.append(Item(lambda p=image_path: Image.open(p).convert("RGB"), question, answers, str(record.get("type", "all"))))
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            items.append(_jsonl_item(path, number, line))
             if limit and len(items) == limit:
                 break
     if not items:
@@ -69,9 +62,34 @@ def jsonl_items(path: Path, limit: int | None = None) -> list[Item]:
     return items
 
 
+def _jsonl_item(path: Path, number: int, line: str) -> Item:
+    where = f"{path}:{number}"
+    try:
+        record = json.loads(line)
+        image, question, answer = record["image"], record["question"], record["answer"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{where}: need a JSON object with image, question and answer ({error})") from None
+    answers = tuple(answer) if isinstance(answer, list) else (answer,)
+    if not isinstance(question, str) or not isinstance(image, str):
+        raise ValueError(f"{where}: image and question must be strings")
+    if not answers or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in answers):
+        raise ValueError(f"{where}: answer must be a string, a number or a list of them")
+    answers = tuple(str(a) for a in answers)
+    if not all(normalise(a) for a in answers):
+        raise ValueError(f"{where}: an answer is empty once punctuation and articles are dropped")
+    image_path = (path.parent / image).resolve()
+    if not image_path.is_file():
+        raise ValueError(f"{where}: no image at {image_path}")
+    return Item(lambda: Image.open(image_path).convert("RGB"), question, answers, str(record.get("type", "all")))
+
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+
 def normalise(text: str) -> str:
+    """Lower case, no punctuation or articles, numbers as digits (as VQA scoring does)."""
     text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(word for word in text.split() if word not in {"a", "an", "the"})
+    return " ".join(NUMBER_WORDS.get(word, word) for word in text.split() if word not in {"a", "an", "the"})
 
 
 def is_correct(prediction: str, answers: tuple[str, ...]) -> bool:
@@ -90,26 +108,36 @@ def evaluate(
     settings: list[PruningConfig],
     batch_size: int = 8,
     max_new_tokens: int = 8,
+    prompt_suffix: str = "",
     progress: bool = True,
 ) -> list[dict]:
-    """One row per setting: overall and per-type accuracy, kept tokens and prefill time."""
+    """One row per setting: overall and per-type accuracy, kept tokens and prefill time.
+
+    ``prompt_suffix`` is appended to every question, as LLaVA's evaluations append "Answer the
+    question using a single word or phrase." for short-answer benchmarks.
+    """
+    if not items:
+        raise ValueError("no examples to evaluate")
+    for pruning in settings:
+        pruning.check_layers(engine.adapter.num_layers)  # fail before hours of work, not after
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     rows = []
     bar = tqdm(total=len(items) * len(settings), disable=not progress, unit="q")
     for pruning in settings:
         correct: list[bool] = []
         kept: list[int] = []
-        prefill_ms: list[float] = []
+        prefill_ms = 0.0
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            results = engine.generate_batch([Request([item.load_image()], item.question, sampling) for item in batch], pruning)
+            requests = [Request([item.load_image()], item.question + prompt_suffix, sampling) for item in batch]
+            results = engine.generate_batch(requests, pruning)
             for item, result in zip(batch, results):
                 correct.append(is_correct(result.text, item.answers))
                 kept.append(result.stats.vision_tokens_kept)
-            prefill_ms.append(results[0].stats.prefill_ms / len(batch))
+            prefill_ms += results[0].stats.prefill_ms
             bar.set_description(f"{pruning.method} {pruning.budget or ''}".strip())
             bar.update(len(batch))
-        rows.append(_row(pruning, items, correct, kept, prefill_ms))
+        rows.append(_row(pruning, items, correct, kept, prefill_ms / len(items), batch_size))
     bar.close()
     baseline = next((r["accuracy"] for r in rows if r["method"] == "none"), None)
     for row in rows:
@@ -117,7 +145,7 @@ def evaluate(
     return rows
 
 
-def _row(pruning: PruningConfig, items: list[Item], correct: list[bool], kept: list[int], prefill_ms: list[float]) -> dict:
+def _row(pruning: PruningConfig, items: list[Item], correct: list[bool], kept: list[int], prefill_ms: float, batch_size: int) -> dict:
     by_type: dict[str, list[bool]] = {}
     for item, ok in zip(items, correct):
         by_type.setdefault(item.question_type, []).append(ok)
@@ -130,7 +158,8 @@ def _row(pruning: PruningConfig, items: list[Item], correct: list[bool], kept: l
         "accuracy": round(sum(correct) / len(correct), 4),
         "per_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_type.items())},
         "kept_tokens": round(statistics.mean(kept), 2),
-        "prefill_ms": round(statistics.mean(prefill_ms), 3),
+        "prefill_ms": round(prefill_ms, 3),  # batch prefill time shared out per request
+        "batch_size": batch_size,
     }
 
 

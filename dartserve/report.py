@@ -45,9 +45,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     baseline = next((r for r in rows if r["method"] == "none"), None)
     if baseline:
         axes.axhline(100 * baseline["accuracy"], color="grey", linestyle="--", label=f"none ({baseline['kept_tokens']:.0f} tokens)")
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
-        points = sorted((r["kept_tokens"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    lines = dict.fromkeys((r["method"], r["layer"]) for r in rows if r["method"] != "none")
+    several_layers = len({layer for _, layer in lines}) > 1
+    for method, layer in lines:
+        points = sorted((r["kept_tokens"], 100 * r["accuracy"]) for r in rows if (r["method"], r["layer"]) == (method, layer))
+        label = f"{method} K={layer}" if several_layers else method
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     axes.set_xlabel("vision tokens kept")
     axes.set_ylabel("accuracy (%)")
     axes.set_title(title)

@@ -1,11 +1,48 @@
 """The synthetic VQA generator: deterministic, and its answers follow from what it drew."""
 
 import collections
+import hashlib
+from pathlib import Path
 
 import pytest
 
-from dartserve.demo.data import NUMBERS, QUESTION_TYPES, SIZE, example
+from dartserve.demo.data import NUMBERS, QUESTION_TYPES, SIZE, SPLIT_SIZE, example, patch_objects
 from dartserve.demo.model import build_processor
+from dartserve.demo.train import SEEDS, train
+
+
+@pytest.mark.parametrize(
+    "split, index, digest, question, answer",
+    [
+        ("train", 0, "80a56f5fe7a56624", "what colour is the cross ?", "yellow"),
+        ("validation", 5, "3560c57173645b90", "what colour is the square ?", "orange"),
+        ("test", 42, "4ac9238e1b767c9b", "how many objects are there ?", "four"),
+    ],
+)
+def test_examples_are_fixed_across_runs_and_machines(split, index, digest, question, answer):
+    e = example(split, index)
+    assert hashlib.sha256(e.image.tobytes()).hexdigest()[:16] == digest
+    assert (e.question, e.answer) == (question, answer)
+
+
+def test_split_ranges_cannot_overlap():
+    for bad in (-1, SPLIT_SIZE):
+        with pytest.raises(ValueError, match="index"):
+            example("train", bad)
+    with pytest.raises(ValueError, match="seed"):
+        train(Path("unused"), seed=SEEDS)
+
+
+def test_tokenizer_accepts_american_spelling_and_any_case():
+    tokenizer = build_processor().tokenizer
+    assert tokenizer("What COLOR is the Circle?")["input_ids"] == tokenizer("what colour is the circle ?")["input_ids"]
+
+
+def test_every_object_is_visible():
+    for index in range(100):
+        e = example("test", index)
+        visible = collections.Counter(id(o) for o in patch_objects(e.objects) if o is not None)
+        assert all(visible[id(o)] >= 2 for o in e.objects)
 
 
 def test_examples_are_deterministic():

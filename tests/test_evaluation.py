@@ -17,7 +17,8 @@ from tiny_checkpoints import make_image
         ("Yes, there is a dog.", ("yes",), True),
         ("no", ("yes",), False),
         ("the red one", ("red one",), True),
-        ("two", ("2", "two"), True),
+        ("two", ("2",), True),
+        ("2", ("two",), True),
         ("", ("yes",), False),
         ("greenish", ("green",), False),
     ],
@@ -40,10 +41,30 @@ def test_jsonl_dataset(tmp_path):
     items = jsonl_items(write_dataset(tmp_path))
     assert [(i.question, i.answers, i.question_type) for i in items][:2] == [("is it red?", ("yes",), "pope"), ("is it red?", ("no",), "pope")]
     assert items[0].load_image().size == (96, 80)
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text('{"image": "img0.png", "question": "how many?", "answer": 2}\n')
+    assert jsonl_items(numeric)[0].answers == ("2",)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"image": "img0.png", "question": "q"}', "bad.jsonl:1"),
+        ('{"image": "missing.png", "question": "q", "answer": "cat"}', "no image"),
+        ('{"image": "img0.png", "question": "q", "answer": "the"}', "empty"),
+        ('{"image": "img0.png", "question": "q", "answer": null}', "answer must be"),
+        ('{"image": 3, "question": "q", "answer": "a"}', "strings"),
+        ("not json", "JSON"),
+    ],
+)
+def test_jsonl_dataset_errors(tmp_path, line, message):
+    write_dataset(tmp_path, count=1)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"image": "a.png", "question": "q"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    bad.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
         jsonl_items(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        jsonl_items(tmp_path / "nothing.jsonl")
 
 
 def test_eval_writes_json_markdown_and_plot(checkpoints, tmp_path, capsys):
@@ -52,6 +73,7 @@ def test_eval_writes_json_markdown_and_plot(checkpoints, tmp_path, capsys):
     args = ["eval", "--model", str(checkpoints["llava"]), "--dataset", str(dataset), "--limit", "3",
             "--methods", "none,dart,random", "--budgets", "16,8", "--out", str(out), "--max-new-tokens", "2"]
     assert main(args) == 0
+    assert "100%" in capsys.readouterr().err  # the progress bar
     rows = json.loads((out / "eval.json").read_text())
     assert [(r["method"], r["budget"], r["layer"]) for r in rows] == [("none", None, None), ("dart", 16, 2), ("dart", 8, 2), ("random", 16, 2), ("random", 8, 2)]
     for row in rows:

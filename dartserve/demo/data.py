@@ -24,9 +24,10 @@ COLOURS = {
     "purple": (140, 40, 170),
     "orange": (245, 130, 20),
 }
-NUMBERS = ("zero", "one", "two", "three", "four")
+NUMBERS = ("zero", "one", "two", "three", "four")  # an image never has zero objects; NUMBERS[n] names n
 QUESTION_TYPES = ("colour", "shape", "count", "exists", "position")
-SPLIT_OFFSETS = {"train": 0, "validation": 1_000_000_007, "test": 2_000_000_014}
+SPLIT_SIZE = 1_000_000_000  # indices per split; each split seeds from its own disjoint range
+SPLIT_OFFSETS = {"train": 0, "validation": SPLIT_SIZE + 7, "test": 2 * SPLIT_SIZE + 14}
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ def example(split: str, index: int) -> Example:
     """The ``index``-th example of a split; the same arguments always give the same example."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLIT_OFFSETS)}")
+    if not 0 <= index < SPLIT_SIZE:
+        raise ValueError(f"example index must be in [0, {SPLIT_SIZE}), got {index}")
     rng = random.Random(SPLIT_OFFSETS[split] + index)
     question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     while True:

@@ -19,10 +19,13 @@ import torch
 
 from transformers import LlavaForConditionalGeneration
 
-from dartserve.demo.data import COLOURS, SHAPES, example, patch_objects
+from dartserve.bench import cpu_name
+from dartserve.demo.data import COLOURS, SHAPES, SPLIT_SIZE, example, patch_objects
 from dartserve.demo.model import build_model, build_processor
 
 AUX_WEIGHT = 0.5
+SEED_STRIDE = 10_000_000  # train examples per seed: seeds never share examples
+SEEDS = SPLIT_SIZE // SEED_STRIDE
 
 
 class AuxiliaryHeads(torch.nn.Module):
@@ -62,6 +65,9 @@ def batch_inputs(processor, examples, with_answers: bool = True):
 
 def answer_labels(inputs) -> torch.Tensor:
     """Targets for the last two real tokens of each row (the answer word and ``</s>``); the rest ignored."""
+    mask = inputs["attention_mask"]
+    if not bool((mask[:, :-1] >= mask[:, 1:]).all()):
+        raise ValueError("training batches must be padded on the right")
     labels = torch.full_like(inputs["input_ids"], -100)
     lengths = inputs["attention_mask"].sum(dim=1)
     for row, length in enumerate(lengths.tolist()):
@@ -79,12 +85,11 @@ def train(
     log_every: int = 25,
     eval_every: int = 300,
     eval_size: int = 200,
-    threads: int | None = None,
     init: Path | None = None,
 ) -> dict:
     """Trains from scratch, or on from the checkpoint ``init``; saves to ``out`` at every evaluation."""
-    if threads:
-        torch.set_num_threads(threads)
+    if not 0 <= seed < SEEDS or steps * batch_size > SEED_STRIDE:
+        raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size at most {SEED_STRIDE}")
     torch.manual_seed(seed)
     processor = build_processor()
     processor.tokenizer.padding_side = "right"  # so each row's answer sits at its own last real tokens
@@ -94,12 +99,22 @@ def train(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    log = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed, "aux_weight": AUX_WEIGHT, "history": []}
+    log = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "seed": seed,
+        "aux_weight": AUX_WEIGHT,
+        "init": str(init) if init else None,
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "history": [],
+    }
     started = time.time()
     running = running_aux = 0.0
     for step in range(steps):
         model.train()
-        first = seed * 10_000_000 + step * batch_size  # a new seed, as when training on, sees new examples
+        first = seed * SEED_STRIDE + step * batch_size  # a new seed, as when training on, sees new examples
         examples = [example("train", first + i) for i in range(batch_size)]
         inputs = batch_inputs(processor, examples)
         outputs = model(**inputs, labels=answer_labels(inputs))
