@@ -1,5 +1,7 @@
-"""KV caches: the ragged cache a pruned prefill leaves behind."""
+"""KV caches: the ragged cache a pruned prefill leaves behind, its byte codec and its stores."""
 
 from dartserve.kv.cache import RaggedKVCache
+from dartserve.kv.codec import CacheMiss, EncodedCache, decode, encode
+from dartserve.kv.store import MemoryStore, RedisStore, cache_key
 
-__all__ = ["RaggedKVCache"]
+__all__ = ["CacheMiss", "EncodedCache", "MemoryStore", "RaggedKVCache", "RedisStore", "cache_key", "decode", "encode"]

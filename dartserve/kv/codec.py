@@ -1,0 +1,109 @@
+"""Ragged KV cache <-> bytes: one value per layer and a manifest that describes and checks them.
+
+Nothing is ever unpickled. The manifest is ``MAGIC``, a format version, a JSON header and the
+SHA-256 of that header; the header names the model fingerprint, dtype, byte order, layer
+groups, token indices, next position, per-layer shapes and per-layer SHA-256 checksums. A
+value that fails any check is a ``CacheMiss``: the caller recomputes, it never uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from dartserve.kv.cache import RaggedKVCache
+
+MAGIC = b"DSKV"
+VERSION = 1
+DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+class CacheMiss(Exception):
+    """Cached bytes that are missing, stale, foreign or damaged."""
+
+
+@dataclass(frozen=True)
+class EncodedCache:
+    manifest: bytes
+    layers: list[bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.manifest) + sum(len(layer) for layer in self.layers)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def encode(cache: RaggedKVCache, fingerprint: str) -> EncodedCache:
+    """One request's cache as bytes (use ``RaggedKVCache.select`` first for a batch)."""
+    if cache.batch_size != 1:
+        raise ValueError(f"encode one request at a time, got a batch of {cache.batch_size}")
+    dtype = str(cache.keys[0].dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ValueError(f"cannot encode a {dtype} cache")
+    layers = [_tensor_bytes(k[0]) + _tensor_bytes(v[0]) for k, v in zip(cache.keys, cache.values)]
+    header = {
+        "fingerprint": fingerprint,
+        "dtype": dtype,
+        "byteorder": sys.byteorder,
+        "layer_group": list(cache.layer_group),
+        "token_index": [t[0].tolist() for t in cache.token_index],
+        "next_position": int(cache.next_position[0]),
+        "shapes": [list(k.shape[1:]) for k in cache.keys],
+        "checksums": [hashlib.sha256(layer).hexdigest() for layer in layers],
+    }
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return EncodedCache(MAGIC + struct.pack("<H", VERSION) + body + hashlib.sha256(body).digest(), layers)
+
+
+def read_header(manifest: bytes, fingerprint: str) -> dict:
+    if len(manifest) < len(MAGIC) + 2 + 32 or not manifest.startswith(MAGIC):
+        raise CacheMiss("not a dartserve KV manifest")
+    (version,) = struct.unpack_from("<H", manifest, len(MAGIC))
+    if version != VERSION:
+        raise CacheMiss(f"KV format version {version}, this build reads {VERSION}")
+    body, digest = manifest[len(MAGIC) + 2 : -32], manifest[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CacheMiss("KV manifest checksum mismatch")
+    try:
+        header = json.loads(body)
+        foreign = header["fingerprint"] != fingerprint
+        unreadable = header["byteorder"] != sys.byteorder or header["dtype"] not in DTYPES
+    except (ValueError, KeyError, TypeError) as error:
+        raise CacheMiss(f"malformed KV manifest: {error}") from None
+    if foreign:
+        raise CacheMiss("KV cache of another model")
+    if unreadable:
+        raise CacheMiss("KV cache in a byte order or dtype this machine cannot read")
+    return header
+
+
+def decode(encoded: EncodedCache, fingerprint: str, device: str | torch.device = "cpu") -> RaggedKVCache:
+    header = read_header(encoded.manifest, fingerprint)
+    if len(encoded.layers) != len(header["shapes"]):
+        raise CacheMiss("KV cache has the wrong number of layers")
+    dtype = DTYPES[header["dtype"]]
+    keys, values = [], []
+    for layer, shape, checksum in zip(encoded.layers, header["shapes"], header["checksums"]):
+        if hashlib.sha256(layer).hexdigest() != checksum:
+            raise CacheMiss("KV layer checksum mismatch")
+        try:
+            key, value = torch.frombuffer(bytearray(layer), dtype=torch.uint8).view(dtype).view(2, *shape).to(device)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise CacheMiss(f"KV layer does not match its shape: {error}") from None
+        keys.append(key[None])
+        values.append(value[None])
+    return RaggedKVCache(
+        keys=keys,
+        values=values,
+        layer_group=tuple(header["layer_group"]),
+        token_index=[torch.tensor([t], dtype=torch.long, device=device) for t in header["token_index"]],
+        next_position=torch.tensor([header["next_position"]], dtype=torch.long, device=device),
+    )

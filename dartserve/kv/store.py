@@ -1,0 +1,85 @@
+"""Where encoded KV caches live: in memory (embedded mode) or in Redis (distributed mode).
+
+Both stores keep one value per layer and the manifest, written last, under a common key
+prefix, each with a TTL; a reader that finds no manifest, or a manifest without all its
+layers, sees a miss. Values are bytes in and bytes out: nothing read back is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+from dartserve.kv.codec import EncodedCache
+
+DEFAULT_TTL_S = 600
+
+
+def cache_key(fingerprint: str, image_hashes: list[str], prompt_ids: list[int], pruning: dict) -> str:
+    """A key that differs whenever the model, any image, the prompt or the pruning config does."""
+    identity = json.dumps(
+        {"model": fingerprint, "images": image_hashes, "prompt": prompt_ids, "pruning": pruning},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return "dartserve:kv:" + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def _layer_key(key: str, layer: int) -> str:
+    return f"{key}:layer:{layer}"
+
+
+def _manifest_key(key: str) -> str:
+    return f"{key}:manifest"
+
+
+class MemoryStore:
+    """A process-local store with expiry, for embedded mode and tests."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[float, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, encoded: EncodedCache, ttl_s: int = DEFAULT_TTL_S) -> None:
+        expires = time.monotonic() + ttl_s
+        with self._lock:
+            for layer, data in enumerate(encoded.layers):
+                self._values[_layer_key(key, layer)] = (expires, data)
+            self._values[_manifest_key(key)] = (expires, encoded.manifest)
+
+    def get(self, key: str, num_layers: int) -> EncodedCache | None:
+        with self._lock:
+            now = time.monotonic()
+            wanted = [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]
+            found = [self._values.get(k) for k in wanted]
+            if any(v is None or v[0] <= now for v in found):
+                return None
+            return EncodedCache(found[0][1], [v[1] for v in found[1:]])
+
+
+class RedisStore:
+    """Redis, written and read in one pipeline each way."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        import redis
+
+        return cls(redis.Redis.from_url(url))
+
+    def put(self, key: str, encoded: EncodedCache, ttl_s: int = DEFAULT_TTL_S) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for layer, data in enumerate(encoded.layers):
+            pipe.set(_layer_key(key, layer), data, ex=ttl_s)
+        pipe.set(_manifest_key(key), encoded.manifest, ex=ttl_s)  # last: readers trust only complete entries
+        pipe.execute()
+
+    def get(self, key: str, num_layers: int) -> EncodedCache | None:
+        values = self.client.mget([_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)])
+        if any(v is None for v in values):
+            return None
+        return EncodedCache(values[0], values[1:])

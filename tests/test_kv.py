@@ -1,0 +1,141 @@
+"""The KV cache codec and stores: bit-exact round trips, misses on anything stale or foreign,
+and a real private redis-server."""
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+
+from dartserve.kv.codec import VERSION, CacheMiss, EncodedCache, decode, encode
+from dartserve.kv.store import MemoryStore, RedisStore, cache_key
+from dartserve.models import prefill
+from dartserve.models.decode import decode_step
+from dartserve.pruning import PruningConfig
+from tiny_checkpoints import make_image
+
+
+def greedy_continuation(adapter, cache, first_token, steps=4):
+    tokens = [first_token]
+    for _ in range(steps):
+        tokens.append(int(decode_step(adapter, cache, torch.tensor([tokens[-1]]))[0].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("pruning", [PruningConfig(method="none"), PruningConfig(method="dart", budget=10)], ids=["none", "dart"])
+def test_round_trip_is_bit_exact_and_decodes_the_same(engine, pruning):
+    adapter = engine.adapter
+    request = engine.vision.encode([make_image(30)], "What is here?")
+    result = prefill(adapter, [request], pruning)
+    restored = decode(encode(result.cache, "model-a"), "model-a")
+    for got, want in zip(restored.keys + restored.values, result.cache.keys + result.cache.values):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert [t.tolist() for t in restored.token_index] == [t.tolist() for t in result.cache.token_index]
+    assert torch.equal(restored.next_position, result.cache.next_position)
+    first = int(result.logits[0].argmax())
+    assert greedy_continuation(adapter, restored, first) == greedy_continuation(adapter, result.cache, first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_dtypes(dtype):
+    cache = small_cache(dtype)
+    restored = decode(encode(cache, "m"), "m")
+    assert all(torch.equal(a, b) for a, b in zip(restored.keys + restored.values, cache.keys + cache.values))
+
+
+def small_cache(dtype=torch.float32):
+    from dartserve.kv.cache import RaggedKVCache
+
+    torch.manual_seed(0)
+    keys = [torch.randn(1, 2, 10, 4).to(dtype), torch.randn(1, 2, 6, 4).to(dtype)]
+    values = [torch.randn(1, 2, 10, 4).to(dtype), torch.randn(1, 2, 6, 4).to(dtype)]
+    index = [torch.arange(10)[None], torch.tensor([[0, 1, 3, 5, 8, 9]])]
+    return RaggedKVCache(keys, values, (0, 1), index, torch.tensor([10]))
+
+
+def flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
+
+
+def test_anything_stale_or_damaged_is_a_miss():
+    good = encode(small_cache(), "model-a")
+    bad = {
+        "other model": (good, "model-b"),
+        "damaged manifest": (EncodedCache(flip(good.manifest, 20), good.layers), "model-a"),
+        "damaged layer": (EncodedCache(good.manifest, [good.layers[0], flip(good.layers[1], 5)]), "model-a"),
+        "missing layer": (EncodedCache(good.manifest, good.layers[:1]), "model-a"),
+        "truncated layer": (EncodedCache(good.manifest, [good.layers[0], good.layers[1][:-4]]), "model-a"),
+        "other version": (EncodedCache(good.manifest[:4] + (VERSION + 1).to_bytes(2, "little") + good.manifest[6:], good.layers), "model-a"),
+        "garbage": (EncodedCache(b"\x00" * 64, good.layers), "model-a"),
+        "empty": (EncodedCache(b"", []), "model-a"),
+    }
+    for name, (encoded, fingerprint) in bad.items():
+        with pytest.raises(CacheMiss):
+            decode(encoded, fingerprint)
+
+
+def test_keys_separate_models_images_prompts_and_configs():
+    base = ("m", ["img1"], [1, 2, 3], PruningConfig(method="dart", budget=64).to_dict())
+    variants = [
+        ("m2", ["img1"], [1, 2, 3], base[3]),
+        ("m", ["img2"], [1, 2, 3], base[3]),
+        ("m", ["img1", "img1"], [1, 2, 3], base[3]),
+        ("m", ["img1"], [1, 2, 4], base[3]),
+        ("m", ["img1"], [1, 2, 3], PruningConfig(method="dart", budget=63).to_dict()),
+        ("m", ["img1"], [1, 2, 3], PruningConfig(method="dart", budget=64, layer=3).to_dict()),
+    ]
+    keys = {cache_key(*base)} | {cache_key(*v) for v in variants}
+    assert len(keys) == 1 + len(variants)
+    assert cache_key(*base) == cache_key(*base)
+
+
+def test_memory_store_expires_and_needs_every_layer():
+    store = MemoryStore()
+    encoded = encode(small_cache(), "m")
+    store.put("k", encoded, ttl_s=60)
+    assert store.get("k", 2) == encoded
+    assert store.get("k", 3) is None
+    assert store.get("other", 2) is None
+    store.put("short", encoded, ttl_s=0)
+    assert store.get("short", 2) is None
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_redis_store_round_trip_with_ttl(redis_url):
+    store = RedisStore.from_url(redis_url)
+    encoded = encode(small_cache(torch.bfloat16), "m")
+    store.put("dartserve:kv:test", encoded, ttl_s=30)
+    assert store.get("dartserve:kv:test", 2) == encoded
+    keys = store.client.keys("dartserve:kv:test*")
+    assert len(keys) == 3
+    assert all(0 < store.client.ttl(k) <= 30 for k in keys)
+    store.client.delete("dartserve:kv:test:layer:1")
+    assert store.get("dartserve:kv:test", 2) is None
