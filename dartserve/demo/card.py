@@ -23,7 +23,6 @@ def write_card(checkpoint: Path) -> dict:
     sample = sum(_sample_results(engine)) / FIXED_SAMPLE
     text_config, vision_config = engine.adapter.model.config.text_config, engine.adapter.model.config.vision_config
     parameters = sum(p.numel() for p in engine.adapter.model.parameters())
-    validation = [h for h in training["history"] if "validation_accuracy" in h]
     lines = [
         "# dartserve demo model",
         "",
@@ -35,19 +34,17 @@ def write_card(checkpoint: Path) -> dict:
         "## Architecture",
         "",
         f"- vision tower: CLIP, {vision_config.num_hidden_layers} layers, width {vision_config.hidden_size}, patch 14, 336 px, last layer's patch tokens",
-        f"- projector: LLaVA's two-layer MLP (GELU)",
+        "- projector: LLaVA's two-layer MLP (GELU)",
         f"- language model: Llama, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, {text_config.num_attention_heads} heads, tied embeddings",
         f"- {parameters / 1e6:.2f} M parameters, float32; word-level tokenizer of {text_config.vocab_size} tokens",
         "",
         "## Training (`dartserve train-demo`)",
         "",
-        f"- {training['steps']} steps of {training['batch_size']} fresh examples from the train split (seed {training['seed']})",
-        f"- AdamW, lr {training['lr']}, {training['warmup']} warm-up steps, cosine decay to 10%, weight decay 0.01, gradient clip 1.0",
-        f"- loss: the answer word and `</s>`, plus {training['aux_weight']} x auxiliary probes (dropped after training) that",
-        "  name the shape and colour under each projected vision token and the object count from their mean",
-        f"- {training['train_seconds'] / 60:.0f} minutes on {training.get('machine', 'a 2-core CPU')}",
-        "- validation accuracy (next-token, 200 questions) during training: "
-        + ", ".join(f"{h['validation_accuracy']:.1%} at step {h['step']}" for h in validation),
+        *[line for number, run in enumerate(training.get("earlier", []) + [training], start=1) for line in _run_lines(number, run)],
+        "Every run: AdamW (betas 0.9, 0.98), warm-up then cosine decay to 10% of the peak, weight decay 0.01,",
+        f"gradient clip 1.0; loss: the answer word and `</s>`, plus {training['aux_weight']} x auxiliary probes (dropped",
+        "after training) that name the shape and colour under each projected vision token and the",
+        "object count from their mean. Validation accuracy is next-token accuracy on 200 validation questions.",
         "",
         "## Accuracy (unpruned, greedy, exact match)",
         "",
@@ -63,6 +60,16 @@ def write_card(checkpoint: Path) -> dict:
     ]
     (checkpoint / "README.md").write_text("\n".join(lines))
     return {"test": test, "fixed_sample_accuracy": sample}
+
+
+def _run_lines(number: int, run: dict) -> list[str]:
+    validation = [h for h in run["history"] if "validation_accuracy" in h]
+    start = f"from the previous run's checkpoint, seed {run['seed']}" if run.get("init") else f"from scratch, seed {run['seed']}"
+    return [
+        f"{number}. {start}: {run['steps']} steps of {run['batch_size']} fresh train examples, peak lr {run['lr']},",
+        f"   {run['warmup']} warm-up steps, {run['train_seconds'] / 60:.0f} minutes on {run.get('machine', 'a 2-core CPU')};",
+        "   validation accuracy " + ", ".join(f"{h['validation_accuracy']:.1%} at step {h['step']}" for h in validation) + ".",
+    ]
 
 
 def _sample_results(engine: Engine) -> list[bool]:

@@ -107,6 +107,8 @@ def train(
         "seed": seed,
         "aux_weight": AUX_WEIGHT,
         "init": str(init) if init else None,
+        # Training on from a checkpoint keeps the record of how that checkpoint was made.
+        "earlier": _earlier_runs(init),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "history": [],
     }
@@ -143,6 +145,13 @@ def train(
             log["train_seconds"] = time.time() - started
             _save(out, model, processor, log)
     return log
+
+
+def _earlier_runs(init: Path | None) -> list[dict]:
+    if init is None or not (init / "training.json").is_file():
+        return []
+    earlier = json.loads((init / "training.json").read_text())
+    return earlier.pop("earlier", []) + [earlier]
 
 
 def _save(out: Path, model, processor, log: dict) -> None:
