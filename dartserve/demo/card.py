@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from dartserve.engine import Engine
-from dartserve.evaluation import evaluate, synthetic_items
+from dartserve.engine import Engine, Request
+from dartserve.evaluation import evaluate, is_correct, synthetic_items
+from dartserve.models import SamplingConfig
 from dartserve.pruning import PruningConfig
 
 FIXED_SAMPLE = 100  # the first test examples; the tests re-check the model on exactly these
@@ -73,10 +74,6 @@ def _run_lines(number: int, run: dict) -> list[str]:
 
 
 def _sample_results(engine: Engine) -> list[bool]:
-    from dartserve.engine import Request
-    from dartserve.evaluation import is_correct
-    from dartserve.models import SamplingConfig
-
     items = synthetic_items("test", FIXED_SAMPLE)
     results = engine.generate_batch([Request([i.load_image()], i.question, SamplingConfig(max_new_tokens=4)) for i in items])
     return [is_correct(r.text, i.answers) for r, i in zip(results, items)]
