@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dartserve.engine import Engine, Request
-from dartserve.evaluation import evaluate, is_correct, synthetic_items
-from dartserve.models import SamplingConfig
+from dartserve.engine import Engine
+from dartserve.evaluation import evaluate, synthetic_items
 from dartserve.pruning import PruningConfig
 
 FIXED_SAMPLE = 100  # the first test examples; the tests re-check the model on exactly these
@@ -21,7 +20,8 @@ def write_card(checkpoint: Path) -> dict:
     engine = Engine.load(str(checkpoint))
     training = json.loads((checkpoint / "training.json").read_text())
     (test,) = evaluate(engine, synthetic_items("test"), [PruningConfig(method="none")], progress=False)
-    sample = sum(_sample_results(engine)) / FIXED_SAMPLE
+    (sample_row,) = evaluate(engine, synthetic_items("test", FIXED_SAMPLE), [PruningConfig(method="none")], progress=False)
+    sample = sample_row["accuracy"]
     text_config, vision_config = engine.adapter.model.config.text_config, engine.adapter.model.config.vision_config
     parameters = sum(p.numel() for p in engine.adapter.model.parameters())
     lines = [
@@ -71,9 +71,3 @@ def _run_lines(number: int, run: dict) -> list[str]:
         f"   {run['warmup']} warm-up steps, {run['train_seconds'] / 60:.0f} minutes on {run.get('machine', 'a 2-core CPU')};",
         "   validation accuracy " + ", ".join(f"{h['validation_accuracy']:.1%} at step {h['step']}" for h in validation) + ".",
     ]
-
-
-def _sample_results(engine: Engine) -> list[bool]:
-    items = synthetic_items("test", FIXED_SAMPLE)
-    results = engine.generate_batch([Request([i.load_image()], i.question, SamplingConfig(max_new_tokens=4)) for i in items])
-    return [is_correct(r.text, i.answers) for r, i in zip(results, items)]

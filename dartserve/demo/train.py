@@ -51,7 +51,7 @@ class AuxiliaryHeads(torch.nn.Module):
         )
 
 
-def batch_inputs(processor, examples, with_answers: bool = True):
+def batch_inputs(processor, examples):
     prompts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}],
@@ -59,7 +59,7 @@ def batch_inputs(processor, examples, with_answers: bool = True):
         )
         for e in examples
     ]
-    texts = [f"{p} {e.answer}</s>" for p, e in zip(prompts, examples)] if with_answers else prompts
+    texts = [f"{p} {e.answer}</s>" for p, e in zip(prompts, examples)]
     return processor(text=texts, images=[e.image for e in examples], return_tensors="pt", padding=True)
 
 
@@ -178,8 +178,8 @@ def validation_accuracy(model, processor, size: int, batch_size: int = 25) -> fl
         examples = [example("validation", i) for i in range(start, min(size, start + batch_size))]
         inputs = batch_inputs(processor, examples)
         logits = model(**inputs).logits
-        lengths = inputs["attention_mask"].sum(dim=1)
-        for row, e in enumerate(examples):
-            predicted = int(logits[row, lengths[row] - 3].argmax())  # the position that predicts the answer
-            correct += predicted == inputs["input_ids"][row, lengths[row] - 2]
-    return int(correct) / size
+        labels = answer_labels(inputs)
+        for row in range(len(examples)):
+            answer = int((labels[row] != -100).nonzero()[0])  # the answer word; the position before predicts it
+            correct += int(logits[row, answer - 1].argmax()) == int(labels[row, answer])
+    return correct / size

@@ -37,16 +37,6 @@ class SamplingConfig:
         for token in self.stop_token_ids:
             require_int("a stop token id", token, minimum=0)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> SamplingConfig:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown sampling fields: {sorted(unknown)}")
-        data = dict(data)
-        if isinstance(data.get("stop_token_ids"), list):
-            data["stop_token_ids"] = tuple(data["stop_token_ids"])
-        return cls(**data)
-
 
 def pick_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
     if sampling.temperature == 0:

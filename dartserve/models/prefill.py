@@ -82,8 +82,9 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     hidden, layer_input, (cos, sin) = _run_layers(adapter, hidden, positions, token_index, cache, range(cut))
 
     selection_times: list[float] = []
-    kept_positions = [_cat_positions([torch.arange(s.start, s.end) for s in r.spans]) for r in requests]
-    if cut < num_layers:
+    if cut == num_layers:
+        kept_positions = [_cat_positions([torch.arange(s.start, s.end) for s in r.spans]) for r in requests]
+    else:
         method = get_method(pruning.method)
         normed = adapter.text.norm(hidden)
         keys = cache.keys[cut - 1]
