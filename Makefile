@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test run bench
+.PHONY: install test run bench proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,9 +16,10 @@ test: install
 	$(BIN)/pytest -q
 
 run: install
-	@echo "The HTTP gateway is not built yet. Meanwhile ask the bundled model from the CLI:"
-	@echo "  $(BIN)/dartserve ask IMAGE.png 'What colour is the circle?' [--method dart --budget 64]"
-	@$(BIN)/dartserve --help
+	$(BIN)/dartserve serve
+
+proto: install
+	$(BIN)/python -m services.rpc.codegen
 
 bench: install
 	$(BIN)/dartserve bench prefill --json bench-prefill.json

@@ -104,8 +104,42 @@ def _train_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
+    train(
+        out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        vision_steps=args.vision_steps,
+        init=Path(args.init) if args.init else None,
+    )
     print(json.dumps(write_card(out)["test"], indent=2))
+    return 0
+
+
+def _bench_service(args: argparse.Namespace) -> int:
+    from services.bench import run_service_bench
+
+    result = run_service_bench(requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as out:
+            out.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.config import Settings
+    from services.launch import distributed_gateway, embedded_gateway, serve_http, start_stage
+
+    settings = Settings.from_env()
+    if args.command == "serve":
+        serve_http(embedded_gateway(settings), settings)
+    elif args.command == "gateway":
+        serve_http(distributed_gateway(settings), settings)
+    else:
+        start_stage(args.command, settings).wait_for_signal()
     return 0
 
 
@@ -159,13 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-demo", help="train the demo model on the synthetic task")
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=_positive_int, default=1800)
+    train.add_argument("--steps", type=_positive_int, default=1500, help="steps of the whole model")
+    train.add_argument("--vision-steps", type=int, default=600, help="steps of the vision tower alone first (0: none)")
     train.add_argument("--batch-size", type=_positive_int, default=12)
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init", help="train on from this checkpoint")
     train.add_argument("--threads", type=_positive_int, help="torch threads (results differ slightly with the count)")
     train.set_defaults(run=_train_demo)
+
+    service_help = {
+        "serve": "the gateway with every stage in one process and an in-memory store (embedded mode)",
+        "gateway": "the REST gateway in front of the gRPC stages (distributed mode)",
+        "vision": "the vision encoder gRPC service",
+        "pruner": "the pruning prefill gRPC service",
+        "generator": "the decoding gRPC service",
+    }
+    for name, text in service_help.items():
+        commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}; configured by DARTSERVE_* environment variables (see the README).").set_defaults(run=_serve)
 
     bench = commands.add_parser("bench", help="benchmarks, JSON out")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -180,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.add_argument("--device", default="cpu")
     prefill.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     prefill.set_defaults(run=_bench_prefill)
+    service = suites.add_parser("service", help="embedded vs distributed latency, KV bytes, Redis KV throughput")
+    service.add_argument("--json", help="write the result to this file")
+    service.add_argument("--requests", type=_positive_int, default=30)
+    service.add_argument("--kv-rounds", type=_positive_int, default=30)
+    service.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    service.add_argument("--model", help="default: the bundled demo model")
+    service.set_defaults(run=_bench_service)
     return parser
 
 

@@ -23,15 +23,17 @@ class VisionStage:
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
 
-    def encode(self, images: list[Image.Image], prompt: str) -> EncodedPrompt:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    def encode(
+        self, images: list[Image.Image], prompt: str | list[dict], known: list[torch.Tensor | None] | None = None
+    ) -> EncodedPrompt:
+        """``prompt``: a question, or a conversation (``models.base.chat_messages``). ``known``:
+        projected tokens of some images from an earlier encoding, which are not encoded again."""
         if not isinstance(images, (list, tuple)):
             raise ValueError(f"images must be a list of PIL images, got {type(images).__name__}")
         for image in images:
             if not isinstance(image, Image.Image):
                 raise ValueError(f"images must be PIL images, got {type(image).__name__}")
-        return self.adapter.encode([image.convert("RGB") for image in images], prompt)
+        return self.adapter.encode([image.convert("RGB") for image in images], prompt, known)
 
 
 class PrunerStage:
@@ -84,7 +86,7 @@ class GenerationResult:
 @dataclass
 class Request:
     images: list[Image.Image]
-    prompt: str
+    prompt: str | list[dict]
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -104,7 +106,7 @@ class Engine:
     def generate(
         self,
         images: list[Image.Image],
-        prompt: str,
+        prompt: str | list[dict],
         pruning: PruningConfig | None = None,
         sampling: SamplingConfig | None = None,
     ) -> GenerationResult:

@@ -1,11 +1,6 @@
 """The KV cache codec and stores: bit-exact round trips, misses on anything stale or foreign,
 and a real private redis-server."""
 
-import shutil
-import socket
-import subprocess
-import time
-
 import pytest
 import torch
 
@@ -14,6 +9,7 @@ from dartserve.kv.store import MemoryStore, RedisStore, cache_key
 from dartserve.models import prefill
 from dartserve.models.decode import decode_step
 from dartserve.pruning import PruningConfig
+from processes import RedisServer
 from tiny_checkpoints import make_image
 
 
@@ -104,29 +100,9 @@ def test_memory_store_expires_and_needs_every_layer():
 
 @pytest.fixture(scope="module")
 def redis_url():
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=10)
+    server = RedisServer()
+    yield server.url
+    server.stop()
 
 
 def test_redis_store_round_trip_with_ttl(redis_url):

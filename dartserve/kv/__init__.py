@@ -2,6 +2,6 @@
 
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.kv.codec import CacheMiss, EncodedCache, decode, encode
-from dartserve.kv.store import MemoryStore, RedisStore, cache_key
+from dartserve.kv.store import MemoryStore, RedisStore, StoreUnavailable, cache_key
 
-__all__ = ["CacheMiss", "EncodedCache", "MemoryStore", "RaggedKVCache", "RedisStore", "cache_key", "decode", "encode"]
+__all__ = ["CacheMiss", "EncodedCache", "MemoryStore", "RaggedKVCache", "RedisStore", "StoreUnavailable", "cache_key", "decode", "encode"]

@@ -41,8 +41,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
-def encode(cache: RaggedKVCache, fingerprint: str) -> EncodedCache:
-    """One request's cache as bytes (use ``RaggedKVCache.select`` first for a batch)."""
+def encode(cache: RaggedKVCache, fingerprint: str, meta: dict | None = None) -> EncodedCache:
+    """One request's cache as bytes (use ``RaggedKVCache.select`` first for a batch); ``meta``
+    rides along in the manifest (``read_header(...)["meta"]``)."""
     if cache.batch_size != 1:
         raise ValueError(f"encode one request at a time, got a batch of {cache.batch_size}")
     dtype = str(cache.keys[0].dtype).removeprefix("torch.")
@@ -58,6 +59,7 @@ def encode(cache: RaggedKVCache, fingerprint: str) -> EncodedCache:
         "next_position": int(cache.next_position[0]),
         "shapes": [list(k.shape[1:]) for k in cache.keys],
         "checksums": [hashlib.sha256(layer).hexdigest() for layer in layers],
+        "meta": meta or {},
     }
     body = json.dumps(header, separators=(",", ":")).encode()
     return EncodedCache(MAGIC + struct.pack("<H", VERSION) + body + hashlib.sha256(body).digest(), layers)

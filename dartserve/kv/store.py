@@ -17,6 +17,10 @@ from dartserve.kv.codec import EncodedCache
 DEFAULT_TTL_S = 600
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached: the caller answers 503, it never guesses."""
+
+
 def cache_key(fingerprint: str, image_hashes: list[str], prompt_ids: list[int], pruning: dict) -> str:
     """A key that differs whenever the model, any image, the prompt or the pruning config does."""
     identity = json.dumps(
@@ -48,6 +52,24 @@ class MemoryStore:
             for layer, data in enumerate(encoded.layers):
                 self._values[_layer_key(key, layer)] = (expires, data)
             self._values[_manifest_key(key)] = (expires, encoded.manifest)
+            self._drop_expired()
+
+    def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
+        with self._lock:
+            self._values[key] = (time.monotonic() + ttl_s, value)
+
+    def get_value(self, key: str) -> bytes | None:
+        with self._lock:
+            found = self._values.get(key)
+            return found[1] if found and found[0] > time.monotonic() else None
+
+    def ping(self) -> None:
+        pass
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (expires, _) in self._values.items() if expires <= now]:
+            del self._values[key]
 
     def get(self, key: str, num_layers: int) -> EncodedCache | None:
         with self._lock:
@@ -60,26 +82,45 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Redis, written and read in one pipeline each way."""
+    """Redis, written and read in one pipeline each way. Connection failures and timeouts
+    become ``StoreUnavailable``."""
 
     def __init__(self, client) -> None:
         self.client = client
 
     @classmethod
-    def from_url(cls, url: str) -> RedisStore:
+    def from_url(cls, url: str, timeout_s: float = 5.0) -> RedisStore:
         import redis
 
-        return cls(redis.Redis.from_url(url))
+        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
 
     def put(self, key: str, encoded: EncodedCache, ttl_s: int = DEFAULT_TTL_S) -> None:
         pipe = self.client.pipeline(transaction=False)
         for layer, data in enumerate(encoded.layers):
             pipe.set(_layer_key(key, layer), data, ex=ttl_s)
         pipe.set(_manifest_key(key), encoded.manifest, ex=ttl_s)  # last: readers trust only complete entries
-        pipe.execute()
+        self._call(pipe.execute)
 
     def get(self, key: str, num_layers: int) -> EncodedCache | None:
-        values = self.client.mget([_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)])
+        values = self._call(self.client.mget, [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)])
         if any(v is None for v in values):
             return None
         return EncodedCache(values[0], values[1:])
+
+    def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self._call(self.client.set, key, value, ex=ttl_s)
+
+    def get_value(self, key: str) -> bytes | None:
+        return self._call(self.client.get, key)
+
+    def ping(self) -> None:
+        self._call(self.client.ping)
+
+    @staticmethod
+    def _call(function, *args, **kwargs):
+        import redis
+
+        try:
+            return function(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreUnavailable(f"Redis is unreachable: {error}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,18 @@ class ModelAdapter:
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Names the weights: the config, and each tensor's name, shape, dtype and first and last
+        values. Services that load the same checkpoint agree on it whatever their device, and a
+        cache written by other weights never matches."""
+        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        for name, tensor in self.model.state_dict().items():
+            flat = tensor.detach().flatten()
+            ends = torch.cat([flat[:16], flat[-16:]]).float().cpu()
+            digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}:".encode() + ends.numpy().tobytes())
+        return digest.hexdigest()[:32]
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
@@ -64,24 +78,57 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def prompt_text(self, prompt: str, num_images: int) -> str:
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def prompt_text(self, prompt: str | list[dict], num_images: int) -> str:
+        """The chat template applied to a question, or to a conversation (``chat_messages``) whose
+        first user turn carries the images; it ends where the assistant's answer begins."""
+        messages = chat_messages(prompt)
+        rendered = [
+            {
+                "role": m["role"],
+                "content": [{"type": "image"}] * (num_images if i == 0 else 0) + [{"type": "text", "text": m["content"]}],
+            }
+            for i, m in enumerate(messages)
+        ]
+        return self.processor.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+
+    def turn_ids(self, pending: int, question: str) -> list[int]:
+        """The tokens that carry a conversation from an answer whose last token ``pending`` is
+        picked but not yet in the cache to the start of the answer to ``question``."""
+        answered = self.prompt_text("x", 0)
+        closed = self._render([("user", "x"), ("assistant", "y")])
+        opened = self.prompt_text([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": question}], 0)
+        if not (closed.startswith(answered) and opened.startswith(closed) and closed.rfind("y") >= len(answered)):
+            raise ValueError("this model's chat template cannot continue a conversation from its cache")
+        after_answer = closed[closed.rfind("y") + 1 :]  # the end-of-turn text, "</s>" or "<|im_end|>\n"
+        tokenizer = self.processor.tokenizer
+        if pending in self.eos_token_ids:  # the answer's own end-of-sequence token closes the turn
+            after_answer = after_answer.removeprefix(tokenizer.decode([pending]))
+        return [pending] + tokenizer(after_answer + opened[len(closed) :], add_special_tokens=False)["input_ids"]
+
+    def _render(self, turns: list[tuple[str, str]]) -> str:
+        messages = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in turns]
+        return self.processor.apply_chat_template(messages, tokenize=False)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image], prompt: str) -> EncodedPrompt:
-        """Runs the processor and the vision tower for one request."""
+    def encode(self, images: list[Image.Image], prompt: str | list[dict], known: list[torch.Tensor | None] | None = None) -> EncodedPrompt:
+        """Runs the processor and the vision tower for one request, one image at a time, so an
+        image's tokens do not depend on its neighbours. ``known[i]``, when given, are image i's
+        projected tokens from an earlier run, and its tower pass is skipped."""
         inputs = self.processor(
             text=[self.prompt_text(prompt, len(images))], images=images or None, return_tensors="pt"
         ).to(self.device)
         input_ids = inputs["input_ids"][0]
-        features = self.image_features(inputs) if images else []
+        known = known or [None] * len(images)
+        features = [f.to(self.device, self.dtype) if f is not None else self.image_features(self.image_inputs(inputs, i))[0] for i, f in enumerate(known)]
         grids = [self.grids(inputs, i, f) for i, f in enumerate(features)]
         spans = image_spans(input_ids, self.image_token_id, grids, [len(f) for f in features])
         hidden = self.text.config.hidden_size
         stacked = torch.cat(features).to(self.dtype) if features else torch.empty(0, hidden, dtype=self.dtype)
         return EncodedPrompt(input_ids, stacked, spans, self.positions(inputs))
+
+    def image_inputs(self, inputs, index: int) -> dict:
+        """The processor's tensors for image ``index`` alone."""
+        return {"pixel_values": inputs["pixel_values"][index : index + 1]}
 
     def embed(self, request: EncodedPrompt) -> torch.Tensor:
         embeds = self.text.embed_tokens(request.input_ids.to(self.device))
@@ -103,6 +150,22 @@ class ModelAdapter:
     def positions(self, inputs) -> torch.Tensor:
         seq = inputs["input_ids"].shape[1]
         return torch.arange(seq, device=self.device)[None]
+
+
+def chat_messages(prompt) -> list[dict]:
+    """A question as one user turn, or a checked conversation: ``{"role", "content"}`` turns,
+    user and assistant alternating, text only, starting and ending with the user."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("a prompt is a string or a non-empty list of chat messages")
+    for i, message in enumerate(prompt):
+        role = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(message, dict) or message.get("role") != role or not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': '{role}', 'content': str}}: turns alternate, starting with the user")
+    if len(prompt) % 2 == 0:
+        raise ValueError("a conversation must end with the user's turn")
+    return prompt
 
 
 def image_spans(input_ids: torch.Tensor, image_token_id: int, grids: list[tuple[Grid, ...]], lengths: list[int]) -> list[ImageSpan]:

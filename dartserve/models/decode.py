@@ -14,8 +14,9 @@ from dartserve.models.base import ModelAdapter
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """``temperature`` 0 is greedy. Sampling draws from a generator seeded with ``seed`` for
-    each request, so a request gives the same tokens alone or in a batch."""
+    """``temperature`` 0 is greedy. The draw for the n-th new token comes from a generator
+    seeded with ``seed`` and n alone, so a request gives the same tokens alone or in a batch,
+    and when its first token is picked by one service and the rest by another."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -38,9 +39,11 @@ class SamplingConfig:
             require_int("a stop token id", token, minimum=0)
 
 
-def pick_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
+def pick_token(logits: torch.Tensor, sampling: SamplingConfig, step: int) -> int:
+    """The ``step``-th new token (0: the first) of a request."""
     if sampling.temperature == 0:
         return int(logits.argmax())
+    generator = torch.Generator().manual_seed((sampling.seed * 1_000_003 + step) % SEED_LIMIT)
     probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
@@ -77,16 +80,42 @@ def decode_step(
     positions = cache.next_position[None, :, None].expand(adapter.position_dims, -1, 1)
     cos_sin = adapter.rope(hidden, positions)
     masks = [attention_mask(index, 1) for index in cache.token_index]
-    for i, layer in enumerate(adapter.layers):
-        hidden = layer(
-            hidden,
-            attention_mask=masks[cache.layer_group[i]],
-            position_embeddings=cos_sin,
-            past_key_values=cache,
-            use_cache=True,
-        )
+    logits = _next_logits(adapter, cache, hidden, masks, cos_sin)
     cache.next_position += active.long()
+    return logits
+
+
+def _next_logits(adapter: ModelAdapter, cache: RaggedKVCache, hidden, masks, cos_sin) -> torch.Tensor:
+    """Runs new tokens through every layer, each layer with its group's mask; the last token's logits."""
+    for i, layer in enumerate(adapter.layers):
+        hidden = layer(hidden, attention_mask=masks[cache.layer_group[i]], position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
     return adapter.lm_head(adapter.text.norm(hidden[:, -1])).float()
+
+
+@torch.inference_mode()
+def extend(adapter: ModelAdapter, cache: RaggedKVCache, token_ids: list[int]) -> torch.Tensor:
+    """Prefills ``token_ids`` after one request's cached tokens (a conversation's next turn) and
+    returns the logits of the token after them ``[1, vocab]``. Only the new tokens are computed."""
+    if cache.batch_size != 1 or not token_ids:
+        raise ValueError("extend takes one request's cache and at least one token")
+    n, device = len(token_ids), cache.next_position.device
+    hidden = adapter.text.embed_tokens(torch.tensor([token_ids], device=adapter.device))
+    cache.append_tokens(cache.token_index[0].amax(dim=1, keepdim=True) + 1 + torch.arange(n, device=device))
+    positions = (cache.next_position[:, None] + torch.arange(n, device=device))[None]
+    cos_sin = adapter.rope(hidden, positions.expand(adapter.position_dims, -1, -1))
+    # An explicit mask always: with cached slots before the new queries, SDPA's causal flag alone
+    # would line the queries up with the first slots instead of the last.
+    masks = []
+    for index in cache.token_index:
+        slots = index.shape[1]
+        masks.append((torch.arange(slots, device=device)[None] <= torch.arange(slots - n, slots, device=device)[:, None])[None, None])
+    logits = _next_logits(adapter, cache, hidden, masks, cos_sin)
+    cache.next_position += n
+    return logits
+
+
+def stop_tokens(adapter: ModelAdapter, sampling: SamplingConfig) -> set[int]:
+    return set(sampling.stop_token_ids) | adapter.eos_token_ids
 
 
 def decode(
@@ -102,12 +131,11 @@ def decode(
         raise ValueError(f"{len(samplings)} sampling configs for a batch of {batch}")
     for position, sampling in zip(cache.next_position.tolist(), samplings):
         check_room(adapter, position, sampling)
-    generators = [torch.Generator().manual_seed(s.seed) for s in samplings]
-    stops = [set(s.stop_token_ids) | adapter.eos_token_ids for s in samplings]
+    stops = [stop_tokens(adapter, s) for s in samplings]
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     while True:
-        tokens = [pick_token(logits[b], samplings[b], generators[b]) for b in range(batch)]
+        tokens = [pick_token(logits[b], samplings[b], len(outputs[b])) for b in range(batch)]
         for b, token in enumerate(tokens):
             if not done[b]:
                 outputs[b].append(token)
@@ -115,3 +143,20 @@ def decode(
         if all(done):
             return outputs
         logits = decode_step(adapter, cache, torch.tensor(tokens), ~torch.tensor(done))
+
+
+def finish_reason(adapter: ModelAdapter, sampling: SamplingConfig, token: int, count: int) -> str:
+    """Why an answer whose ``count``-th token is ``token`` ends there ("stop", "length"), or ""."""
+    if token in stop_tokens(adapter, sampling):
+        return "stop"
+    return "length" if count >= sampling.max_new_tokens else ""
+
+
+def decode_after(adapter: ModelAdapter, cache: RaggedKVCache, token: int, count: int, sampling: SamplingConfig):
+    """Yields one request's tokens after its ``count``-th, ``token``, which is picked but not yet
+    in the cache; the same tokens ``decode`` gives, one at a time, for streaming."""
+    while not finish_reason(adapter, sampling, token, count):
+        logits = decode_step(adapter, cache, torch.tensor([token]))
+        token = pick_token(logits[0], sampling, count)
+        count += 1
+        yield token

@@ -23,6 +23,9 @@ class LlavaNextAdapter(ModelAdapter):
         )
         return list(out.pooler_output)
 
+    def image_inputs(self, inputs, index: int) -> dict:
+        return {"pixel_values": inputs["pixel_values"][index : index + 1], "image_sizes": inputs["image_sizes"][index : index + 1]}
+
     def grids(self, inputs, image_index: int, features: torch.Tensor) -> tuple[Grid, ...]:
         config = self.model.config
         tile = config.vision_config.image_size

@@ -18,6 +18,12 @@ class Qwen2VLAdapter(ModelAdapter):
         )
         return list(out.pooler_output)
 
+    def image_inputs(self, inputs, index: int) -> dict:
+        grid = inputs["image_grid_thw"]
+        patches = grid.prod(dim=1).tolist()  # pixel_values holds every image's patches, one after another
+        start = sum(patches[:index])
+        return {"pixel_values": inputs["pixel_values"][start : start + patches[index]], "image_grid_thw": grid[index : index + 1]}
+
     def grids(self, inputs, image_index: int, features: torch.Tensor) -> tuple[Grid, ...]:
         merge = self.model.config.vision_config.spatial_merge_size
         t, h, w = inputs["image_grid_thw"][image_index].tolist()

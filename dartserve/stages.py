@@ -1,0 +1,269 @@
+"""What each serving stage does with a request when the stages hand work over through a store.
+
+The vision step leaves the encoded prompt in the store and answers with its key (a claim
+check). The prefill step reads it, leaves the reduced KV cache and answers with a handle and
+the first token. The decode step streams the rest of the answer from the handle and leaves
+the longer cache under a new handle, from which the conversation's next turn continues by
+prefilling only that turn's tokens. The gRPC services and the embedded gateway both call
+these; the store is Redis in distributed mode and memory in embedded mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from dartserve.engine import Engine
+from dartserve.kv import blob
+from dartserve.kv.codec import CacheMiss, decode, encode, read_header
+from dartserve.kv.store import DEFAULT_TTL_S, cache_key
+from dartserve.models.base import EncodedPrompt, chat_messages
+from dartserve.models.decode import SamplingConfig, check_room, decode_after, extend, finish_reason, pick_token
+from dartserve.pruning.base import Grid, ImageSpan
+from dartserve.pruning.config import PruningConfig
+
+
+class StageMiss(Exception):
+    """A claim check or KV handle whose value is gone or unusable: recompute, never guess."""
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decodes an image file, rejecting what is not one, is damaged, or is too large to decode."""
+    if not isinstance(data, bytes) or not data:
+        raise ValueError("an image must be non-empty file bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > max_pixels:  # checked before decoding: no decompression bombs
+                raise ValueError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
+            probe.load()
+            return probe.convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"not a readable image: {error}") from None
+
+
+@dataclass
+class Encoded:
+    prompt_ref: str
+    image_hashes: list[str]
+    prompt_tokens: int
+    vision_tokens: int
+    images_cached: int
+    encode_ms: float
+
+
+@dataclass
+class Prefilled:
+    kv_handle: str
+    first_token: int
+    first_text: str
+    finish_reason: str  # "stop" or "length" when the first token ends the answer, else ""
+    prompt_tokens: int
+    vision_tokens: int
+    kept_vision_tokens: int
+    kv_bytes: int
+    prefill_ms: float
+    selection_ms: float
+    pruning: dict
+
+
+@dataclass
+class Chunk:
+    """Tokens of an answer as they come; the last chunk (``done``) names the new handle."""
+
+    token_ids: list[int]
+    text: str
+    done: bool = False
+    kv_handle: str = ""
+    pending_token: int = 0
+    finish_reason: str = ""
+    prefill_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+class _Step:
+    def __init__(self, engine: Engine, store, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self.engine = engine
+        self.adapter = engine.adapter
+        self.store = store
+        self.ttl_s = ttl_s
+        self.fingerprint = engine.adapter.fingerprint
+        # One request at a time on the model: torch already spreads one request over the cores.
+        self.lock = threading.Lock()
+
+
+class VisionStep(_Step):
+    def __init__(self, engine: Engine, store, ttl_s: int = DEFAULT_TTL_S, max_pixels: int = 4096 * 4096) -> None:
+        super().__init__(engine, store, ttl_s)
+        self.max_pixels = max_pixels
+
+    def encode(self, images: list[bytes], prompt: str | list[dict]) -> Encoded:
+        started = time.perf_counter()
+        messages = chat_messages(prompt)
+        hashes = [hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else "" for data in images]
+        decoded = [open_image(data, self.max_pixels) for data in images]
+        feature_keys = [f"dartserve:vision:{self.fingerprint}:{h}" for h in hashes]
+        known = [self._known_features(key) for key in feature_keys]
+        with self.lock:
+            request = self.engine.vision.encode(decoded, messages, known)
+        offset = 0
+        for key, features, span in zip(feature_keys, known, request.spans):
+            if features is None:
+                image_tokens = request.image_features[offset : offset + span.length]
+                self.store.set_value(key, blob.pack("features", self.fingerprint, {"features": image_tokens}), self.ttl_s)
+            offset += span.length
+        identity = json.dumps({"model": self.fingerprint, "images": hashes, "messages": messages}, sort_keys=True)
+        prompt_ref = "dartserve:prompt:" + hashlib.sha256(identity.encode()).hexdigest()
+        self.store.set_value(prompt_ref, pack_prompt(request, hashes, self.fingerprint), self.ttl_s)
+        return Encoded(
+            prompt_ref=prompt_ref,
+            image_hashes=hashes,
+            prompt_tokens=len(request.input_ids),
+            vision_tokens=request.num_vision_tokens,
+            images_cached=sum(f is not None for f in known),
+            encode_ms=(time.perf_counter() - started) * 1e3,
+        )
+
+    def _known_features(self, key: str) -> torch.Tensor | None:
+        data = self.store.get_value(key)
+        if data is None:
+            return None
+        try:
+            return blob.unpack(data, "features", self.fingerprint)[0]["features"]
+        except CacheMiss:
+            return None  # a damaged value is encoded again
+
+
+class PrefillStep(_Step):
+    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
+        data = self.store.get_value(prompt_ref)
+        if data is None:
+            raise StageMiss(f"encoded prompt {prompt_ref} is not in the store (expired or evicted)")
+        try:
+            request, hashes = unpack_prompt(data, self.fingerprint, self.adapter.device)
+        except CacheMiss as error:
+            raise StageMiss(f"encoded prompt {prompt_ref} is unusable: {error}") from None
+        check_room(self.adapter, int(request.positions.max()) + 1, sampling)
+        started = time.perf_counter()
+        with self.lock:
+            result = self.engine.pruner.prefill([request], pruning)
+        prefill_ms = (time.perf_counter() - started) * 1e3
+        cache = result.cache.select(0)
+        token = pick_token(result.logits[0], sampling, 0)
+        ids = request.input_ids.tolist()
+        handle = cache_key(self.fingerprint, hashes, ids, pruning.to_dict())
+        encoded = encode(cache, self.fingerprint, meta={"token_ids": ids})
+        self.store.put(handle, encoded, self.ttl_s)
+        return Prefilled(
+            kv_handle=handle,
+            first_token=token,
+            first_text=self.engine.generator.detokenize([token]),
+            finish_reason=finish_reason(self.adapter, sampling, token, 1),
+            prompt_tokens=len(ids),
+            vision_tokens=request.num_vision_tokens,
+            kept_vision_tokens=len(result.kept_positions[0]),
+            kv_bytes=encoded.nbytes,
+            prefill_ms=prefill_ms,
+            selection_ms=result.selection_s * 1e3,
+            pruning=pruning.to_dict(),
+        )
+
+
+class DecodeStep(_Step):
+    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
+        """Streams an answer after ``pending``, the last picked token that is not in the cache.
+
+        Without ``question``, ``pending`` is the prefill's first token, which the caller has
+        already shown, and the answer goes on from it. With one, ``pending`` closes the previous
+        answer, only the new turn is prefilled on top of the cache, and a new answer starts.
+        The model is locked per step, not per answer, so concurrent answers interleave.
+        """
+        if question is not None and (not isinstance(question, str) or not question.strip()):
+            raise ValueError("a follow-up question must be a non-empty string")
+        cache, token_ids = self._load(kv_handle)
+        started = time.perf_counter()
+        prefill_tokens, prefill_ms = 0, 0.0
+        if question is not None:
+            turn = self.adapter.turn_ids(pending, question)
+            check_room(self.adapter, int(cache.next_position) + len(turn), sampling)
+            with self.lock:
+                logits = extend(self.adapter, cache, turn)
+            token_ids = token_ids + turn
+            prefill_tokens, prefill_ms = len(turn), (time.perf_counter() - started) * 1e3
+            pending = pick_token(logits[0], sampling, 0)
+            yield Chunk([pending], self._text([pending]))
+        else:
+            check_room(self.adapter, int(cache.next_position), sampling)
+        answer = [pending]
+        shown = self._text(answer)
+        tokens = decode_after(self.adapter, cache, pending, 1, sampling)
+        while True:
+            with self.lock:
+                token = next(tokens, None)
+            if token is None:
+                break
+            answer.append(token)
+            text = self._text(answer)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                yield Chunk([token], "")
+                continue
+            yield Chunk([token], text[len(shown) :])
+            shown = text
+        if self._text(answer) != shown:  # what was held back for a character that never completed
+            yield Chunk([], self._text(answer)[len(shown) :])
+        decode_ms = (time.perf_counter() - started) * 1e3 - prefill_ms
+        # The cache now holds every answer token but the last, which stays pending.
+        fed = token_ids + answer[:-1]
+        new_handle = kv_handle
+        if len(fed) > len(token_ids) or question is not None:
+            new_handle = "dartserve:kv:" + hashlib.sha256(json.dumps([kv_handle, fed[len(token_ids) - prefill_tokens :]]).encode()).hexdigest()
+            self.store.put(new_handle, encode(cache, self.fingerprint, meta={"token_ids": fed}), self.ttl_s)
+        yield Chunk(
+            [],
+            "",
+            done=True,
+            kv_handle=new_handle,
+            pending_token=answer[-1],
+            finish_reason=finish_reason(self.adapter, sampling, answer[-1], len(answer)),
+            prefill_tokens=prefill_tokens,
+            prefill_ms=prefill_ms,
+            decode_ms=decode_ms,
+        )
+
+    def _text(self, token_ids: list[int]) -> str:
+        return self.engine.generator.detokenize(token_ids)
+
+    def _load(self, kv_handle: str):
+        encoded = self.store.get(kv_handle, self.adapter.num_layers)
+        if encoded is None:
+            raise StageMiss(f"KV cache {kv_handle} is not in the store (expired or evicted)")
+        try:
+            header = read_header(encoded.manifest, self.fingerprint)
+            return decode(encoded, self.fingerprint, self.adapter.device), list(header["meta"]["token_ids"])
+        except (CacheMiss, KeyError, TypeError) as error:
+            raise StageMiss(f"KV cache {kv_handle} is unusable: {error}") from None
+
+
+def pack_prompt(request: EncodedPrompt, image_hashes: list[str], fingerprint: str) -> bytes:
+    spans = [{"start": s.start, "length": s.length, "grids": [[g.offset, g.h, g.w, g.stride] for g in s.grids]} for s in request.spans]
+    tensors = {"input_ids": request.input_ids, "image_features": request.image_features, "positions": request.positions}
+    return blob.pack("prompt", fingerprint, tensors, {"spans": spans, "image_hashes": image_hashes})
+
+
+def unpack_prompt(data: bytes, fingerprint: str, device) -> tuple[EncodedPrompt, list[str]]:
+    tensors, meta = blob.unpack(data, "prompt", fingerprint, device)
+    try:
+        spans = [ImageSpan(s["start"], s["length"], tuple(Grid(*g) for g in s["grids"])) for s in meta["spans"]]
+        request = EncodedPrompt(tensors["input_ids"], tensors["image_features"], spans, tensors["positions"])
+        return request, list(meta["image_hashes"])
+    except (KeyError, TypeError) as error:
+        raise CacheMiss(f"malformed prompt value: {error}") from None

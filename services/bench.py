@@ -1,0 +1,186 @@
+"""``dartserve bench service``: embedded against distributed mode on the same requests, KV
+bytes pruned against unpruned, and the Redis KV store against a plain redis-py pipeline.
+
+Every process is started here, as a user would start it, and both modes answer the same
+requests taking turns, so drift on the machine reaches both alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from dartserve.bench import cpu_name
+
+STAGES = ("vision", "pruner", "generator")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(command: str, env: dict, logs: Path) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
+    with open(logs / f"{command}.log", "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command], env=full, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"a service exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} was not ready in {timeout_s} s")
+
+
+def _percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], "n": len(ordered)}
+
+
+def _requests(count: int) -> list[dict]:
+    from dartserve.demo.data import example
+
+    bodies = []
+    for index in range(count):
+        item = example("test", index)
+        buffer = io.BytesIO()
+        item.image.save(buffer, "PNG")
+        bodies.append({"image": base64.b64encode(buffer.getvalue()).decode(), "question": item.question, "max_new_tokens": 8})
+    return bodies
+
+
+def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
+    """Store plus load of the same encoded cache through ``RedisStore`` and a plain pipeline."""
+    import redis
+
+    from dartserve.kv.store import RedisStore
+
+    client = redis.Redis.from_url(redis_url)
+    store = RedisStore(client)
+    values = [encoded.manifest, *encoded.layers]
+    keys = [f"dartserve:bench:plain:{i}" for i in range(len(values))]
+
+    def plain_put():
+        pipe = client.pipeline(transaction=False)
+        for key, value in zip(keys, values):
+            pipe.set(key, value, ex=60)
+        pipe.execute()
+
+    calls = {
+        "store_put": lambda: store.put("dartserve:bench:store", encoded, ttl_s=60),
+        "store_get": lambda: store.get("dartserve:bench:store", len(encoded.layers)),
+        "plain_put": plain_put,
+        "plain_get": lambda: client.mget(keys),
+    }
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():  # taking turns
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    nbytes = encoded.nbytes
+    p50 = {name: statistics.median(t) for name, t in times.items()}
+    rates = {
+        "store": 2 * nbytes / (p50["store_put"] + p50["store_get"]) / 1e6,  # written and read back
+        "plain": 2 * nbytes / (p50["plain_put"] + p50["plain_get"]) / 1e6,
+    }
+    return {
+        "kv_bytes": nbytes,
+        **{f"{name}_ms_p50": value * 1e3 for name, value in p50.items()},
+        "store_mb_per_s": rates["store"],
+        "plain_mb_per_s": rates["plain"],
+        "store_vs_plain": rates["store"] / rates["plain"],
+    }
+
+
+def run_service_bench(requests: int = 30, redis_url: str = "redis://127.0.0.1:6379/0", kv_rounds: int = 30, model: str | None = None) -> dict:
+    from dartserve.demo import default_model
+    from dartserve.engine import Engine
+    from dartserve.kv.codec import encode
+    from dartserve.models import prefill
+    from dartserve.pruning import PruningConfig
+
+    model = model or default_model()
+    ports = {name: _free_port() for name in ("embedded", *STAGES, "gateway")}
+    base = {"DARTSERVE_MODEL": model, "DARTSERVE_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
+    processes = []
+    with tempfile.TemporaryDirectory() as raw:
+        logs = Path(raw)
+        try:
+            embedded = _start("serve", base | {"DARTSERVE_PORT": str(ports["embedded"])}, logs)
+            processes.append(embedded)
+            for name in STAGES:
+                processes.append(_start(name, base | {"DARTSERVE_PORT": str(ports[name])}, logs))
+            addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
+            gateway = _start("gateway", base | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs)
+            processes.append(gateway)
+            urls = {"embedded": f"http://127.0.0.1:{ports['embedded']}", "distributed": f"http://127.0.0.1:{ports['gateway']}"}
+            _wait_ready(urls["embedded"], embedded)
+            _wait_ready(urls["distributed"], gateway)
+            bodies = _requests(requests)
+            samples = {mode: {"ttft_ms": [], "e2e_ms": [], "answers": []} for mode in urls}
+            kv_bytes = {"pruned": [], "unpruned": []}
+            with httpx.Client(timeout=120) as client:
+                for body in bodies[:3]:  # warm-up, not measured
+                    for url in urls.values():
+                        client.post(f"{url}/v1/answer", json=body).raise_for_status()
+                for body in bodies:
+                    for mode, url in urls.items():
+                        started = time.perf_counter()
+                        reply = client.post(f"{url}/v1/answer", json=body)
+                        e2e = (time.perf_counter() - started) * 1e3
+                        reply.raise_for_status()
+                        samples[mode]["e2e_ms"].append(e2e)
+                        samples[mode]["ttft_ms"].append(reply.json()["timings"]["ttft_ms"])
+                        samples[mode]["answers"].append(reply.json()["answer"])
+                    kv_bytes["pruned"].append(reply.json()["usage"]["kv_bytes"])
+                    unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
+                    kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=30)
+
+    engine = Engine.load(model)
+    request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
+    pruned_cache = prefill(engine.adapter, [request], PruningConfig(ratio=64 / 576)).cache
+    redis_kv = _kv_store_throughput(redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
+
+    modes = {mode: {"ttft_ms": _percentiles(s["ttft_ms"]), "e2e_ms": _percentiles(s["e2e_ms"])} for mode, s in samples.items()}
+    added = modes["distributed"]["e2e_ms"]["p50"] - modes["embedded"]["e2e_ms"]["p50"]
+    # The distributed path moves the KV cache through Redis three times: the pruner writes it,
+    # the generator reads it and writes the longer cache for the next turn.
+    kv_transfer = 2 * redis_kv["store_put_ms_p50"] + redis_kv["store_get_ms_p50"]
+    return {
+        "machine": cpu_name(),
+        "model": model,
+        "requests": requests,
+        "same_answers": samples["embedded"]["answers"] == samples["distributed"]["answers"],
+        "modes": modes,
+        "distributed_added_p50_ms": added,
+        "kv_transfer_p50_ms": kv_transfer,
+        "distributed_added_p50_ms_excluding_kv": added - kv_transfer,
+        "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
+        "redis_kv": redis_kv,
+    }

@@ -1,0 +1,96 @@
+"""Service settings, read from environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from dartserve.kv.store import DEFAULT_TTL_S
+from dartserve.pruning.config import PruningConfig
+
+# The server's pruning when a request names none: DART at layer 2 keeping 64 of 576 vision
+# tokens, scaled to the image's token count.
+DEFAULT_PRUNING = {"method": "dart", "ratio": 64 / 576, "layer": 2}
+
+ENVIRONMENT = {
+    "DARTSERVE_MODEL": "checkpoint directory or Hugging Face id (default: the bundled demo model)",
+    "DARTSERVE_DEVICE": "cpu, cuda, cuda:1, ... (default cpu)",
+    "DARTSERVE_DTYPE": "float32, float16 or bfloat16 (default: the checkpoint's)",
+    "DARTSERVE_REDIS_URL": "Redis for claim checks and KV caches (default redis://127.0.0.1:6379/0)",
+    "DARTSERVE_HOST": "interface a server binds to (default 127.0.0.1)",
+    "DARTSERVE_PORT": "port a server listens on (defaults: gateway 8000, vision 50051, pruner 50052, generator 50053)",
+    "DARTSERVE_VISION_ADDR": "the gateway's vision service (default 127.0.0.1:50051)",
+    "DARTSERVE_PRUNER_ADDR": "the gateway's pruner service (default 127.0.0.1:50052)",
+    "DARTSERVE_GENERATOR_ADDR": "the gateway's generator service (default 127.0.0.1:50053)",
+    "DARTSERVE_PRUNING": f"default pruning as JSON (default {json.dumps(DEFAULT_PRUNING)})",
+    "DARTSERVE_TTL_S": f"lifetime of cached prompts, KV caches and conversations (default {DEFAULT_TTL_S})",
+    "DARTSERVE_RPC_TIMEOUT_S": "the gateway's deadline for each gRPC call (default 60)",
+    "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
+    "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
+    "DARTSERVE_WORKERS": "threads serving gRPC requests (default 8)",
+}
+
+DEFAULT_PORTS = {"gateway": 8000, "vision": 50051, "pruner": 50052, "generator": 50053}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int | None = None
+    vision_addr: str = "127.0.0.1:50051"
+    pruner_addr: str = "127.0.0.1:50052"
+    generator_addr: str = "127.0.0.1:50053"
+    pruning: dict = field(default_factory=lambda: dict(DEFAULT_PRUNING))
+    ttl_s: int = DEFAULT_TTL_S
+    rpc_timeout_s: float = 60.0
+    max_message_mb: int = 32
+    max_image_pixels: int = 4096 * 4096
+    workers: int = 8
+
+    @classmethod
+    def from_env(cls, environ=None) -> Settings:
+        env = os.environ if environ is None else environ
+        unknown = sorted(k for k in env if k.startswith("DARTSERVE_") and k not in ENVIRONMENT)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; known: {sorted(ENVIRONMENT)}")
+
+        def read(name, convert, default):
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return convert(raw)
+            except ValueError as error:
+                raise ValueError(f"{name}={raw!r}: {error}") from None
+
+        pruning = read("DARTSERVE_PRUNING", json.loads, dict(DEFAULT_PRUNING))
+        PruningConfig.from_dict(pruning)  # fail at start-up, not on the first request
+        return cls(
+            model=read("DARTSERVE_MODEL", str, None),
+            device=read("DARTSERVE_DEVICE", str, "cpu"),
+            dtype=read("DARTSERVE_DTYPE", str, None),
+            redis_url=read("DARTSERVE_REDIS_URL", str, cls.redis_url),
+            host=read("DARTSERVE_HOST", str, cls.host),
+            port=read("DARTSERVE_PORT", int, None),
+            vision_addr=read("DARTSERVE_VISION_ADDR", str, cls.vision_addr),
+            pruner_addr=read("DARTSERVE_PRUNER_ADDR", str, cls.pruner_addr),
+            generator_addr=read("DARTSERVE_GENERATOR_ADDR", str, cls.generator_addr),
+            pruning=pruning,
+            ttl_s=read("DARTSERVE_TTL_S", int, DEFAULT_TTL_S),
+            rpc_timeout_s=read("DARTSERVE_RPC_TIMEOUT_S", float, 60.0),
+            max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
+            max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
+            workers=read("DARTSERVE_WORKERS", int, 8),
+        )
+
+    def port_for(self, service: str) -> int:
+        return self.port if self.port is not None else DEFAULT_PORTS[service]
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024

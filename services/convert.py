@@ -1,0 +1,57 @@
+"""Settings between their JSON, library and protobuf forms."""
+
+from __future__ import annotations
+
+from dartserve.models.decode import SamplingConfig
+from dartserve.pruning.config import PruningConfig
+from services.rpc.dartserve.v1 import common_pb2
+
+_OPTIONAL_PRUNING = ("budget", "ratio", "layer", "pivot_image", "pivot_text", "seed")
+
+
+def merge_pruning(requested: dict | None, defaults: dict) -> PruningConfig:
+    """The request's pruning with the server's defaults for what it omits. A request that names
+    a budget or a ratio replaces the default's amount."""
+    requested = requested or {}
+    if not isinstance(requested, dict):
+        raise ValueError("pruning must be an object")
+    merged = dict(defaults)
+    if "budget" in requested or "ratio" in requested:
+        merged.pop("budget", None)
+        merged.pop("ratio", None)
+    merged.update({k: v for k, v in requested.items() if v is not None or k in ("budget", "ratio")})
+    return PruningConfig.from_dict(merged)
+
+
+def pruning_to_proto(config: PruningConfig) -> common_pb2.Pruning:
+    message = common_pb2.Pruning(method=config.method)
+    for name in _OPTIONAL_PRUNING:
+        value = getattr(config, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def pruning_from_proto(message: common_pb2.Pruning) -> PruningConfig:
+    fields = {name: getattr(message, name) for name in _OPTIONAL_PRUNING if message.HasField(name)}
+    return PruningConfig(method=message.method or "dart", **fields)
+
+
+def sampling_to_proto(config: SamplingConfig) -> common_pb2.Sampling:
+    return common_pb2.Sampling(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        stop_token_ids=list(config.stop_token_ids),
+    )
+
+
+def sampling_from_proto(message: common_pb2.Sampling) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=message.max_new_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p,
+        seed=message.seed,
+        stop_token_ids=tuple(message.stop_token_ids),
+    )

@@ -1,0 +1,253 @@
+"""The FastAPI app: /v1/answer, the OpenAI-compatible chat API, /v1/models, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from dartserve.stages import StageMiss
+from services.convert import merge_pruning
+from services.gateway import conversations as conv
+from services.gateway.backends import Unavailable
+from services.gateway.inputs import ApiError, image_bytes, sampling
+from services.gateway.metrics import Metrics
+from services.gateway.pipeline import Delta, Final, Question, answer
+
+RETRY_AFTER_S = "1"
+
+
+class PruningIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: str | None = None
+    budget: int | None = None
+    ratio: float | None = None
+    layer: int | None = None
+    pivot_image: int | None = None
+    pivot_text: int | None = None
+    seed: int | None = None
+
+
+class AnswerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: str
+    image: str | None = None
+    images: list[str] | None = None
+    pruning: PruningIn | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stream: bool = False
+    conversation_id: str | None = None
+
+
+class Gateway:
+    """The app's state: how it reaches the stages, its conversations, defaults and metrics."""
+
+    def __init__(self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict) -> None:
+        self.backend, self.conversations = backend, conversations
+        self.model_name, self.default_pruning = model_name, default_pruning
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
+        try:
+            config = merge_pruning(pruning, self.default_pruning)
+        except ValueError as error:
+            raise ApiError(400, str(error), "pruning") from None
+        return Question(images, messages, config, sampling_config)
+
+    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str):
+        """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
+        events = answer(self.backend, question, previous)
+        self.metrics.in_flight.inc()
+        if previous is not None:
+            self.metrics.cache_hits.labels("conversation").inc()
+        if not stream:
+            try:
+                final = next(e for e in events if isinstance(e, Final))
+            finally:
+                self.metrics.in_flight.dec()
+            self._finish(final, record_key, endpoint)
+            return JSONResponse(shape.body(final))
+        try:
+            first = next(events)  # errors before the first token still get a proper status
+        except BaseException:
+            self.metrics.in_flight.dec()
+            raise
+
+        def stream_events():
+            try:
+                for event in _chain(first, events):
+                    if isinstance(event, Final):
+                        self._finish(event, record_key, endpoint)
+                    yield from (f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
+                yield "data: [DONE]\n\n"
+            except (ApiError, Unavailable, StageMiss, ValueError) as error:
+                yield f"data: {json.dumps(_error_body(error))}\n\n"
+            finally:
+                self.metrics.in_flight.dec()
+
+        return StreamingResponse(stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _finish(self, final: Final, record_key, endpoint: str) -> None:
+        self.conversations.put(record_key(final), final.record)
+        self.metrics.observe(final)
+        self.metrics.requests.labels(endpoint, "200").inc()
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _error_body(error: Exception) -> dict:
+    if isinstance(error, ApiError):
+        return error.body()
+    if isinstance(error, ValueError):
+        return {"error": {"type": "invalid_request_error", "message": str(error), "param": None}}
+    return {"error": {"type": "service_unavailable", "message": str(error), "param": None}}
+
+
+class AnswerShape:
+    """/v1/answer's response: one JSON object, or SSE deltas then that object."""
+
+    def __init__(self, model: str, conversation_id: str) -> None:
+        self.model, self.conversation_id = model, conversation_id
+
+    def body(self, final: Final) -> dict:
+        return {
+            "answer": final.text,
+            "model": self.model,
+            "conversation_id": self.conversation_id,
+            "finish_reason": final.finish_reason,
+            "usage": final.usage,
+            "timings": final.timings,
+            "pruning": final.pruning,
+        }
+
+    def chunks(self, event) -> list[dict]:
+        if isinstance(event, Delta):
+            return [{"type": "delta", "text": event.text}]
+        return [{"type": "answer", **self.body(event)}]
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    from services.gateway.openai_api import register_chat
+
+    app = FastAPI(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning")
+    app.state.gateway = gateway
+
+    @app.exception_handler(ApiError)
+    def api_error(request: Request, error: ApiError):
+        gateway.metrics.requests.labels(request.url.path, str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(ValueError)
+    def value_error(request: Request, error: ValueError):
+        return api_error(request, ApiError(400, str(error)))
+
+    @app.exception_handler(Unavailable)
+    def unavailable(request: Request, error: Unavailable):
+        return api_error(request, ApiError(503, str(error), kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S}))
+
+    @app.exception_handler(StageMiss)
+    def stage_miss(request: Request, error: StageMiss):
+        return unavailable(request, Unavailable(str(error)))
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        return api_error(request, ApiError(400, f"{param or 'body'}: {first['msg']}", param))
+
+    @app.post("/v1/answer")
+    async def answer_endpoint(request: Request):
+        fields, uploads = await _answer_fields(request)
+        try:
+            body = AnswerIn.model_validate(fields)
+        except ValidationError as error:
+            raise RequestValidationError(error.errors()) from None
+        return await run_in_threadpool(_answer, gateway, body, uploads)
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "dartserve"}]}
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        stages = gateway.backend.readiness()
+        ready = all(stages.values())
+        return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    register_chat(app, gateway)
+    return app
+
+
+async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
+    """The request's fields and its uploaded image files (multipart)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind == "application/json":
+        try:
+            fields = json.loads(await request.body())
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return fields, []
+    if kind == "multipart/form-data":
+        form = await request.form()
+        fields: dict = {}
+        uploads = []
+        for name, value in form.multi_items():
+            if hasattr(value, "read"):
+                if name not in ("image", "images"):
+                    raise ApiError(400, f"unexpected file field {name!r}; upload images as 'image'", name)
+                uploads.append(await value.read())
+            elif name in ("question", "conversation_id"):
+                fields[name] = value
+            else:
+                try:
+                    fields[name] = json.loads(value)
+                except ValueError:
+                    raise ApiError(400, f"form field {name!r} must be JSON (a number, true/false or an object)", name) from None
+        return fields, uploads
+    raise ApiError(415, "send application/json or multipart/form-data", kind="unsupported_media_type")
+
+
+def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes]):
+    if not body.question.strip():
+        raise ApiError(400, "question must not be empty", "question")
+    images = list(uploads)
+    if body.image is not None:
+        images.append(image_bytes(body.image, "image"))
+    images += [image_bytes(image, f"images.{i}") for i, image in enumerate(body.images or [])]
+    config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+    previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
+    if previous is not None and images:
+        raise ApiError(400, "images belong to a conversation's first turn; this conversation already has its images", "image")
+    if body.conversation_id and previous is None and not images:
+        raise ApiError(404, f"conversation {body.conversation_id!r} is unknown or expired", "conversation_id", kind="not_found")
+    if previous is not None and body.pruning is not None:
+        raise ApiError(400, "a conversation keeps the pruning of its first turn", "pruning")
+    messages = (previous["messages"] if previous else []) + [{"role": "user", "content": body.question}]
+    pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
+    question = gateway.question(images, messages, pruning, config)
+    conversation_id = body.conversation_id or uuid.uuid4().hex
+    shape = AnswerShape(gateway.model_name, conversation_id)
+    return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer")

@@ -1,0 +1,138 @@
+"""How the gateway reaches the stages: in process (embedded mode) or over gRPC (distributed).
+
+Both give the same calls and raise the same errors: ``ValueError`` for bad input,
+``StageMiss`` when a claim check or KV handle has expired, ``Unavailable`` when a stage or the
+store cannot be reached in time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dartserve.kv.store import StoreUnavailable
+from dartserve.models.decode import SamplingConfig
+from dartserve.pruning.config import PruningConfig
+from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
+from services.convert import pruning_to_proto, sampling_to_proto
+from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
+
+
+class Unavailable(Exception):
+    """A stage or the store did not answer: the gateway replies 503."""
+
+
+class LocalBackend:
+    def __init__(self, vision: VisionStep, prefill: PrefillStep, decode: DecodeStep) -> None:
+        self.vision, self.prefill_step, self.decode = vision, prefill, decode
+
+    def encode(self, images: list[bytes], conversation: list[dict]) -> Encoded:
+        with _store_errors():
+            return self.vision.encode(images, conversation)
+
+    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
+        with _store_errors():
+            return self.prefill_step.prefill(prompt_ref, pruning, sampling)
+
+    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
+        with _store_errors():
+            yield from self.decode.generate(kv_handle, sampling, pending, question)
+
+    def readiness(self) -> dict[str, bool]:
+        try:
+            self.vision.store.ping()
+            return {"vision": True, "pruner": True, "generator": True, "store": True}
+        except StoreUnavailable:
+            return {"vision": True, "pruner": True, "generator": True, "store": False}
+
+    def close(self) -> None:
+        pass
+
+
+class _store_errors:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, StoreUnavailable):
+            raise Unavailable(str(error)) from None
+        return False
+
+
+class GrpcBackend:
+    def __init__(self, settings) -> None:
+        limit = settings.max_message_bytes
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        self.timeout_s = settings.rpc_timeout_s
+        self.channels = {
+            name: grpc.insecure_channel(address, options=options)
+            for name, address in (("vision", settings.vision_addr), ("pruner", settings.pruner_addr), ("generator", settings.generator_addr))
+        }
+        self.vision = vision_pb2_grpc.VisionServiceStub(self.channels["vision"])
+        self.pruner = pruner_pb2_grpc.PrunerServiceStub(self.channels["pruner"])
+        self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels["generator"])
+
+    def encode(self, images: list[bytes], conversation: list[dict]) -> Encoded:
+        request = vision_pb2.EncodeRequest(images=images, conversation=[vision_pb2.Turn(role=t["role"], content=t["content"]) for t in conversation])
+        with _rpc_errors():
+            reply = self.vision.Encode(request, timeout=self.timeout_s)
+        return Encoded(reply.prompt_ref, list(reply.image_hashes), reply.prompt_tokens, reply.vision_tokens, reply.images_cached, reply.encode_ms)
+
+    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
+        request = pruner_pb2.PrefillRequest(prompt_ref=prompt_ref, pruning=pruning_to_proto(pruning), sampling=sampling_to_proto(sampling))
+        with _rpc_errors():
+            r = self.pruner.Prefill(request, timeout=self.timeout_s)
+        return Prefilled(
+            r.kv_handle, r.first_token, r.first_text, r.finish_reason, r.prompt_tokens, r.vision_tokens,
+            r.kept_vision_tokens, r.kv_bytes, r.prefill_ms, r.selection_ms, json.loads(r.pruning_json),
+        )
+
+    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
+        request = generator_pb2.GenerateRequest(kv_handle=kv_handle, sampling=sampling_to_proto(sampling), pending_token=pending, question=question)
+        with _rpc_errors():
+            stream = self.generator.Generate(request, timeout=self.timeout_s)
+            try:
+                for c in stream:
+                    yield Chunk(
+                        list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason,
+                        c.prefill_tokens, c.prefill_ms, c.decode_ms,
+                    )
+            finally:
+                stream.cancel()  # a client that went away stops the decode
+
+    def readiness(self) -> dict[str, bool]:
+        status = {}
+        for name, channel in self.channels.items():
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                status[name] = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                status[name] = False
+        return status
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+
+
+class _rpc_errors:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not isinstance(error, grpc.RpcError):
+            return False
+        code, details = error.code(), error.details()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ValueError(details) from None
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise StageMiss(details) from None
+        if code in _UNAVAILABLE:
+            raise Unavailable(f"{code.name}: {details}") from None
+        return False  # anything else is a bug in a stage, and shows as one
+
+
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}

@@ -1,0 +1,38 @@
+"""Where the gateway remembers a conversation between turns: its KV handle, the answer's last
+token (picked, not yet in the cache) and the turns so far, as JSON with a TTL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from services.gateway.backends import _store_errors
+
+
+class Conversations:
+    def __init__(self, store, ttl_s: int) -> None:
+        self.store, self.ttl_s = store, ttl_s
+
+    def get(self, key: str) -> dict | None:
+        with _store_errors():
+            raw = self.store.get_value(key)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None  # damaged: the conversation is treated as unknown, never guessed at
+
+    def put(self, key: str, record: dict) -> None:
+        with _store_errors():
+            self.store.set_value(key, json.dumps(record).encode(), self.ttl_s)
+
+
+def by_id(conversation_id: str) -> str:
+    return "dartserve:conversation:" + hashlib.sha256(conversation_id.encode()).hexdigest()
+
+
+def by_content(model: str, image_hashes: list[str], messages: list[dict]) -> str:
+    """For clients that resend the whole conversation (the chat API): the turns are the key."""
+    identity = json.dumps({"model": model, "images": image_hashes, "messages": messages}, sort_keys=True)
+    return "dartserve:chat:" + hashlib.sha256(identity.encode()).hexdigest()

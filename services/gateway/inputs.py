@@ -1,0 +1,53 @@
+"""Turning what a client sent into checked inputs: images, questions and settings."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from dartserve.models.decode import SamplingConfig
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+
+
+class ApiError(Exception):
+    """A client error with its HTTP status, OpenAI-style type and offending parameter."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"type": self.kind, "message": self.message, "param": self.param}}
+
+
+def image_bytes(value, param: str) -> bytes:
+    """An image given as base64 or as a base64 ``data:`` URL."""
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "an image must be a non-empty base64 string or data URL", param)
+    if value.startswith(("http://", "https://")):
+        raise ApiError(400, "image URLs are not fetched; send the image as base64 or a data URL", param)
+    if value.startswith("data:"):
+        match = _DATA_URL.match(value)
+        if not match or not match.group("b64"):
+            raise ApiError(400, "a data URL image must be base64-encoded (data:image/png;base64,...)", param)
+        value = match.group("data")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "the image is not valid base64", param) from None
+    if not data:
+        raise ApiError(400, "the image is empty", param)
+    return data
+
+
+def sampling(max_new_tokens, temperature, top_p, seed) -> SamplingConfig:
+    try:
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as error:
+        raise ApiError(400, str(error), _param_of(str(error), ("max_new_tokens", "temperature", "top_p", "seed"))) from None
+
+
+def _param_of(message: str, names) -> str | None:
+    return next((n for n in names if message.startswith(n)), None)

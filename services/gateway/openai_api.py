@@ -1,0 +1,145 @@
+"""``POST /v1/chat/completions``, compatible with OpenAI's chat API and its Python client.
+
+Images come as ``image_url`` content parts holding data URLs. Clients resend the whole
+conversation each turn; when its earlier turns match a conversation this gateway answered,
+only the new turn is prefilled, on top of the cached KV. Pruning is a dartserve extension
+field (``extra_body={"pruning": {...}}`` in the client). Sampling defaults to greedy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from services.gateway import conversations as conv
+from services.gateway.app import Gateway, PruningIn
+from services.gateway.inputs import ApiError, image_bytes, sampling
+from services.gateway.pipeline import Delta, Final
+
+
+class ChatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[dict]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = 1
+    pruning: PruningIn | None = None
+
+
+class ChatShape:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.started = False
+
+    def body(self, final: Final) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text}, "finish_reason": final.finish_reason, "logprobs": None}],
+            "usage": _usage(final),
+            "dartserve": {"usage": final.usage, "timings": final.timings, "pruning": final.pruning},
+        }
+
+    def chunks(self, event) -> list[dict]:
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(self._chunk({"role": "assistant", "content": ""}, None))
+        if isinstance(event, Delta):
+            out.append(self._chunk({"content": event.text}, None))
+        else:
+            last = self._chunk({}, event.finish_reason)
+            last["usage"] = _usage(event)
+            out.append(last)
+        return out
+
+    def _chunk(self, delta: dict, finish_reason) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+
+
+def _usage(final: Final) -> dict:
+    prompt, completion = final.usage["prompt_tokens"], final.usage["completion_tokens"]
+    cached = prompt - final.usage["prefill_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def parse_messages(messages: list[dict]) -> tuple[list[bytes], list[dict]]:
+    """Images (in order) and text turns from OpenAI-style messages; images only in the first user turn."""
+    images: list[bytes] = []
+    turns: list[dict] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages.{i}.role")
+        role, content = message["role"], message.get("content")
+        if role == "system":
+            raise ApiError(400, "system messages are not supported by the served models' templates", f"messages.{i}")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                where = f"messages.{i}.content.{j}"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+                    if turns:
+                        raise ApiError(400, "images must be in the first user message", where)
+                    images.append(image_bytes(part["image_url"].get("url"), where))
+                else:
+                    raise ApiError(400, "a content part is {type: text, text} or {type: image_url, image_url: {url}}", where)
+            text = " ".join(texts)
+        else:
+            raise ApiError(400, "message content must be a string or a list of parts", f"messages.{i}.content")
+        turns.append({"role": role, "content": text})
+    if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
+        raise ApiError(400, "the last message must be the user's, with text", "messages")
+    for i, turn in enumerate(turns):
+        if turn["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ApiError(400, "user and assistant messages must alternate, starting with the user", f"messages.{i}")
+    return images, turns
+
+
+def register_chat(app: FastAPI, gateway: Gateway) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatIn):
+        return await run_in_threadpool(_chat, gateway, body)
+
+
+def _chat(gateway: Gateway, body: ChatIn):
+    if body.model != gateway.model_name:
+        raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", "n")
+    images, turns = parse_messages(body.messages)
+    limit = body.max_completion_tokens or body.max_tokens or 64
+    config = sampling(limit, 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0)
+    hashes = [hashlib.sha256(image).hexdigest() for image in images]
+    previous = gateway.conversations.get(conv.by_content(gateway.model_name, hashes, turns[:-1])) if len(turns) > 1 else None
+    pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
+    question = gateway.question(images, turns, pruning, config)
+    if previous is None and not images:
+        raise ApiError(400, "the first user message must carry an image (an image_url part)", "messages")
+    key = lambda final: conv.by_content(gateway.model_name, hashes, final.record["messages"])  # noqa: E731
+    return gateway.run(question, previous, key, ChatShape(gateway.model_name), body.stream, "/v1/chat/completions")

@@ -1,0 +1,158 @@
+"""One answer through the three stages, first turn or follow-up, as a stream of events."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from dartserve.models.decode import SamplingConfig
+from dartserve.pruning.config import PruningConfig
+from dartserve.stages import StageMiss
+from services.gateway.backends import Unavailable
+
+
+@dataclass
+class Question:
+    images: list[bytes]
+    messages: list[dict]  # the conversation, ending with the user's question
+    pruning: PruningConfig
+    sampling: SamplingConfig
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Final:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    record: dict  # what the conversation's next turn continues from
+    usage: dict
+    timings: dict
+    pruning: dict
+    images_cached: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def answer(backend, question: Question, previous: dict | None = None) -> Iterator[Delta | Final]:
+    """Streams the answer's text, then a ``Final``. With ``previous`` (a conversation record),
+    only the new turn is prefilled, on top of the cached conversation."""
+    started = time.perf_counter()
+    if previous is not None:
+        yield from _follow_up(backend, question, previous, started)
+        return
+    hashes = [hashlib.sha256(image).hexdigest() for image in question.images]
+    encoded, prefilled = _encode_and_prefill(backend, question)
+    ttft_ms = (time.perf_counter() - started) * 1e3
+    yield Delta(prefilled.first_text)
+    tokens, texts, last = [prefilled.first_token], [prefilled.first_text], None
+    if not prefilled.finish_reason:
+        chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token)
+        try:
+            first = next(chunks)
+        except StageMiss:  # the KV cache went between prefill and decode: prefill again, once
+            encoded, prefilled = _encode_and_prefill(backend, question)
+            chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token)
+            first = next(chunks)
+        last = yield from _deltas(_chain(first, chunks), tokens, texts)
+    text = "".join(texts)
+    handle, pending = (last.kv_handle, last.pending_token) if last else (prefilled.kv_handle, prefilled.first_token)
+    record = {
+        "kv_handle": handle,
+        "pending_token": pending,
+        "messages": question.messages + [{"role": "assistant", "content": text.strip()}],
+        "image_hashes": hashes,
+        "context_tokens": prefilled.prompt_tokens + len(tokens) - 1,
+        "vision_tokens": prefilled.vision_tokens,
+        "kept_vision_tokens": prefilled.kept_vision_tokens,
+        "pruning": prefilled.pruning,
+    }
+    yield Final(
+        text=text.strip(),
+        token_ids=tokens,
+        finish_reason=last.finish_reason if last else prefilled.finish_reason,
+        record=record,
+        usage={
+            "prompt_tokens": prefilled.prompt_tokens,
+            "vision_tokens": prefilled.vision_tokens,
+            "kept_vision_tokens": prefilled.kept_vision_tokens,
+            "completion_tokens": len(tokens),
+            "prefill_tokens": prefilled.prompt_tokens,
+            "kv_bytes": prefilled.kv_bytes,
+        },
+        timings={
+            "encode_ms": encoded.encode_ms,
+            "prefill_ms": prefilled.prefill_ms,
+            "ttft_ms": ttft_ms,
+            "decode_ms": last.decode_ms if last else 0.0,
+            "total_ms": (time.perf_counter() - started) * 1e3,
+        },
+        pruning=prefilled.pruning,
+        images_cached=encoded.images_cached,
+    )
+
+
+def _follow_up(backend, question: Question, previous: dict, started: float) -> Iterator[Delta | Final]:
+    chunks = backend.generate(previous["kv_handle"], question.sampling, previous["pending_token"], question.messages[-1]["content"])
+    try:
+        first = next(chunks)
+    except StageMiss:
+        raise Unavailable("the conversation's cache has expired; ask again with the image") from None
+    ttft_ms = (time.perf_counter() - started) * 1e3
+    tokens, texts = [], []
+    last = yield from _deltas(_chain(first, chunks), tokens, texts)
+    text = "".join(texts).strip()
+    context = previous["context_tokens"] + last.prefill_tokens
+    record = dict(
+        previous,
+        kv_handle=last.kv_handle,
+        pending_token=last.pending_token,
+        messages=question.messages + [{"role": "assistant", "content": text}],
+        context_tokens=context + len(tokens) - 1,
+    )
+    yield Final(
+        text=text,
+        token_ids=tokens,
+        finish_reason=last.finish_reason,
+        record=record,
+        usage={
+            "prompt_tokens": context,
+            "vision_tokens": previous["vision_tokens"],
+            "kept_vision_tokens": previous["kept_vision_tokens"],
+            "completion_tokens": len(tokens),
+            "prefill_tokens": last.prefill_tokens,
+        },
+        timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "total_ms": (time.perf_counter() - started) * 1e3},
+        pruning=previous["pruning"],
+    )
+
+
+def _encode_and_prefill(backend, question: Question):
+    encoded = backend.encode(question.images, question.messages)
+    try:
+        return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling)
+    except StageMiss:  # the claim check went before the pruner read it: encode again, once
+        encoded = backend.encode(question.images, question.messages)
+        return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling)
+
+
+def _deltas(chunks, tokens: list[int], texts: list[str]):
+    """Yields the chunks' text as deltas, collecting their tokens and text; returns the last chunk."""
+    for chunk in chunks:
+        if chunk.done:
+            return chunk
+        tokens += chunk.token_ids
+        texts.append(chunk.text)
+        if chunk.text:
+            yield Delta(chunk.text)
+    raise Unavailable("the generator's stream ended before its last chunk")
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest

@@ -1,0 +1,42 @@
+"""gRPC server around ``dartserve.stages.DecodeStep``."""
+
+from __future__ import annotations
+
+from dartserve.stages import DecodeStep
+from services.convert import sampling_from_proto
+from services.grpc_server import Server, check_deadline, status_codes
+from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
+
+SERVICE = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
+    def __init__(self, step: DecodeStep) -> None:
+        self.step = step
+
+    def Generate(self, request, context):
+        check_deadline(context)
+        question = request.question if request.HasField("question") else None
+        with status_codes(context):
+            chunks = self.step.generate(request.kv_handle, sampling_from_proto(request.sampling), request.pending_token, question)
+            try:
+                for chunk in chunks:
+                    if not context.is_active():  # cancelled or past its deadline: stop decoding
+                        return
+                    yield generator_pb2.GenerateChunk(
+                        token_ids=chunk.token_ids,
+                        text=chunk.text,
+                        done=chunk.done,
+                        kv_handle=chunk.kv_handle,
+                        pending_token=chunk.pending_token,
+                        finish_reason=chunk.finish_reason,
+                        prefill_tokens=chunk.prefill_tokens,
+                        prefill_ms=chunk.prefill_ms,
+                        decode_ms=chunk.decode_ms,
+                    )
+            finally:
+                chunks.close()
+
+
+def serve(step: DecodeStep, settings, port: int) -> Server:
+    return Server(SERVICE, lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(step), server), settings, port)

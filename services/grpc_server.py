@@ -1,0 +1,74 @@
+"""What every gRPC service shares: health, reflection, message limits, error codes, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent import futures
+from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dartserve.kv.store import StoreUnavailable
+from dartserve.stages import StageMiss
+
+GRACE_S = 10.0
+
+
+@contextmanager
+def status_codes(context: grpc.ServicerContext):
+    """Library errors as gRPC status codes: bad input, a value gone from the store, the store down."""
+    try:
+        yield
+    except ValueError as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    except StageMiss as error:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+    except StoreUnavailable as error:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+
+
+def check_deadline(context: grpc.ServicerContext) -> None:
+    """Refuses work whose caller has already given up."""
+    remaining = context.time_remaining()
+    if not context.is_active() or (remaining is not None and remaining <= 0):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed before the work began")
+
+
+class Server:
+    """A started gRPC server with its health service; ``port`` is the one bound."""
+
+    def __init__(self, service_name: str, register, settings, port: int) -> None:
+        limit = settings.max_message_bytes
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        register(self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {settings.host}:{port}")
+        self.service_name = service_name
+        self.server.start()
+        for name in ("", service_name):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float = GRACE_S) -> None:
+        """Health turns NOT_SERVING first, new calls are refused, calls in flight finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+
+    def wait_for_signal(self) -> None:
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+        print(f"{self.service_name} serving on port {self.port}", flush=True)
+        stopping.wait()
+        self.stop()

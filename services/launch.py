@@ -1,0 +1,74 @@
+"""Starting dartserve's processes: each stage as a gRPC service, the gateway, or all in one."""
+
+from __future__ import annotations
+
+import torch
+
+from dartserve.demo import default_model
+from dartserve.engine import Engine
+from dartserve.kv.store import MemoryStore, RedisStore
+from dartserve.stages import DecodeStep, PrefillStep, VisionStep
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_name(settings) -> str:
+    return settings.model or "dartserve-demo"
+
+
+def load_engine(settings) -> Engine:
+    if settings.dtype is not None and settings.dtype not in DTYPES:
+        raise ValueError(f"DARTSERVE_DTYPE must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
+    return Engine.load(settings.model or default_model(), device=settings.device, dtype=DTYPES.get(settings.dtype))
+
+
+def start_stage(name: str, settings, engine: Engine | None = None, store=None, port: int | None = None):
+    """Starts the ``vision``, ``pruner`` or ``generator`` gRPC service; returns the running server."""
+    from services.generator.server import serve as serve_generator
+    from services.pruner.server import serve as serve_pruner
+    from services.vision.server import serve as serve_vision
+
+    engine = engine or load_engine(settings)
+    store = store or RedisStore.from_url(settings.redis_url)
+    port = settings.port_for(name) if port is None else port
+    if name == "vision":
+        return serve_vision(VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels), settings, port)
+    if name == "pruner":
+        return serve_pruner(PrefillStep(engine, store, settings.ttl_s), settings, port)
+    if name == "generator":
+        return serve_generator(DecodeStep(engine, store, settings.ttl_s), settings, port)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def embedded_gateway(settings, engine: Engine | None = None):
+    """The gateway with every stage in this process and an in-memory store (``dartserve serve``)."""
+    from services.gateway.app import Gateway
+    from services.gateway.backends import LocalBackend
+    from services.gateway.conversations import Conversations
+
+    engine = engine or load_engine(settings)
+    store = MemoryStore()
+    backend = LocalBackend(
+        VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels),
+        PrefillStep(engine, store, settings.ttl_s),
+        DecodeStep(engine, store, settings.ttl_s),
+    )
+    return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning)
+
+
+def distributed_gateway(settings):
+    """The gateway in front of the gRPC stages, keeping conversations in Redis."""
+    from services.gateway.app import Gateway
+    from services.gateway.backends import GrpcBackend
+    from services.gateway.conversations import Conversations
+
+    store = RedisStore.from_url(settings.redis_url)
+    return Gateway(GrpcBackend(settings), Conversations(store, settings.ttl_s), model_name(settings), settings.pruning)
+
+
+def serve_http(gateway, settings) -> None:
+    import uvicorn
+
+    from services.gateway.app import create_app
+
+    uvicorn.run(create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_level="info")

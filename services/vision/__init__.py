@@ -1,0 +1,1 @@
+"""The vision encoder service: images in, a claim check on the encoded prompt out."""

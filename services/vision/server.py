@@ -1,0 +1,32 @@
+"""gRPC server around ``dartserve.stages.VisionStep``."""
+
+from __future__ import annotations
+
+from dartserve.stages import VisionStep
+from services.grpc_server import Server, check_deadline, status_codes
+from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
+
+SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+
+
+class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
+    def __init__(self, step: VisionStep) -> None:
+        self.step = step
+
+    def Encode(self, request, context):
+        check_deadline(context)
+        with status_codes(context):
+            conversation = [{"role": t.role, "content": t.content} for t in request.conversation]
+            encoded = self.step.encode(list(request.images), conversation)
+        return vision_pb2.EncodeResponse(
+            prompt_ref=encoded.prompt_ref,
+            image_hashes=encoded.image_hashes,
+            prompt_tokens=encoded.prompt_tokens,
+            vision_tokens=encoded.vision_tokens,
+            images_cached=encoded.images_cached,
+            encode_ms=encoded.encode_ms,
+        )
+
+
+def serve(step: VisionStep, settings, port: int) -> Server:
+    return Server(SERVICE, lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(step), server), settings, port)

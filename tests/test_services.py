@@ -1,0 +1,221 @@
+"""Distributed mode for real: the three gRPC services and the gateway as separate processes on
+loopback, with a private redis-server, checked against the in-process engine (greedy)."""
+
+import base64
+import io
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from openai import OpenAI
+
+from dartserve.demo import CHECKPOINT
+from dartserve.demo.data import example
+from dartserve.engine import Engine
+from dartserve.models.decode import SamplingConfig
+from dartserve.pruning import PruningConfig
+from processes import RedisServer, dartserve_process, free_port, stop, wait_until
+from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
+
+STAGES = ("vision", "pruner", "generator")
+SAMPLING = SamplingConfig(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    ports = {name: free_port() for name in (*STAGES, "gateway")}
+    common = {"DARTSERVE_REDIS_URL": redis_server.url, "DARTSERVE_MODEL": str(CHECKPOINT)}
+    processes = {}
+    try:
+        for name in STAGES:
+            processes[name] = dartserve_process(name, {**common, "DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log")
+        gateway_env = {**common, "DARTSERVE_PORT": str(ports["gateway"])}
+        gateway_env.update({f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES})
+        processes["gateway"] = dartserve_process("gateway", gateway_env, logs / "gateway.log")
+        for name in STAGES:
+            channel = grpc.insecure_channel(f"127.0.0.1:{ports[name]}")
+            check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1  # noqa: E731
+            wait_until(check, name, processes[name], logs / f"{name}.log")
+        url = f"http://127.0.0.1:{ports['gateway']}"
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "gateway", processes["gateway"], logs / "gateway.log")
+        yield {"url": url, "ports": ports, "processes": processes}
+    finally:
+        for process in processes.values():
+            stop(process)
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    return Engine.load(str(CHECKPOINT))
+
+
+def png(index: int) -> tuple[bytes, object]:
+    item = example("test", index)
+    buffer = io.BytesIO()
+    item.image.save(buffer, "PNG")
+    return buffer.getvalue(), item
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("pruning", [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}])
+def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, pruning):
+    for index in range(4):
+        data, item = png(index)
+        reply = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question, "pruning": pruning, "max_new_tokens": 8}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        expected = demo_engine.generate([item.image], item.question, PruningConfig(**pruning), SAMPLING)
+        assert body["answer"] == expected.text
+        assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+        assert body["usage"]["kept_vision_tokens"] == expected.stats.vision_tokens_kept
+        assert body["usage"]["vision_tokens"] == 576
+        assert body["pruning"]["method"] == pruning["method"]
+
+
+def test_default_pruning_is_dart_at_layer_2_keeping_64_of_576(cluster, demo_engine):
+    data, item = png(5)
+    body = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question}, timeout=60).json()
+    assert body["usage"]["kept_vision_tokens"] == 64
+    assert (body["pruning"]["method"], body["pruning"]["layer"]) == ("dart", 2)
+    assert body["answer"] == demo_engine.generate([item.image], item.question, PruningConfig(ratio=64 / 576), SamplingConfig()).text
+
+
+def test_openai_client_unchanged(cluster, demo_engine):
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="not-checked")
+    assert [m.id for m in client.models.list().data] == [str(CHECKPOINT)]
+    data, item = png(6)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(data)}"}}, {"type": "text", "text": item.question}]}]
+    expected = demo_engine.generate([item.image], item.question, PruningConfig(budget=64), SAMPLING)
+    completion = client.chat.completions.create(model=str(CHECKPOINT), messages=messages, max_tokens=8, temperature=0, extra_body={"pruning": {"budget": 64}})
+    assert completion.choices[0].message.content == expected.text
+    assert completion.usage.completion_tokens == len(expected.token_ids)
+    stream = client.chat.completions.create(model=str(CHECKPOINT), messages=messages, max_tokens=8, temperature=0, stream=True, extra_body={"pruning": {"budget": 64}})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip() == expected.text
+
+
+def test_follow_up_turn_prefills_only_its_own_tokens(cluster, demo_engine):
+    data, item = png(7)
+    first = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question, "pruning": {"method": "none"}}, timeout=60).json()
+    question = "how many objects are there ?"
+    second = httpx.post(f"{cluster['url']}/v1/answer", json={"question": question, "conversation_id": first["conversation_id"]}, timeout=60).json()
+    turn1 = demo_engine.generate([item.image], item.question, PruningConfig(method="none"), SamplingConfig())
+    assert second["usage"]["prefill_tokens"] == len(demo_engine.adapter.turn_ids(turn1.token_ids[-1], question))
+    whole = [{"role": "user", "content": item.question}, {"role": "assistant", "content": turn1.text}, {"role": "user", "content": question}]
+    scratch = demo_engine.generate([item.image], whole, PruningConfig(method="none"), SamplingConfig())
+    assert second["answer"] == scratch.text
+    assert second["usage"]["prompt_tokens"] == scratch.stats.prompt_tokens
+
+
+def test_chat_history_continues_from_the_cached_conversation(cluster, demo_engine):
+    client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="not-checked")
+    data, item = png(8)
+    image_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(data)}"}}
+    messages = [{"role": "user", "content": [image_part, {"type": "text", "text": item.question}]}]
+    pruning = {"extra_body": {"pruning": {"method": "none"}}, "temperature": 0, "model": str(CHECKPOINT)}
+    first = client.chat.completions.create(messages=messages, **pruning)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "how many objects are there ?"}]
+    second = client.chat.completions.create(messages=messages, **pruning)
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    whole = [{"role": "user", "content": item.question}, {"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "how many objects are there ?"}]
+    assert second.choices[0].message.content == demo_engine.generate([item.image], whole, PruningConfig(method="none")).text
+
+
+def test_services_report_health_and_reflection(cluster):
+    for name in STAGES:
+        channel = grpc.insecure_channel(f"127.0.0.1:{cluster['ports'][name]}")
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        services = {s.name for s in reply.list_services_response.service}
+        assert {"grpc.health.v1.Health", f"dartserve.v1.{name.capitalize()}Service"} <= services
+
+
+def test_vision_returns_a_claim_check_and_never_encodes_an_image_twice(cluster):
+    stub = vision_pb2_grpc.VisionServiceStub(grpc.insecure_channel(f"127.0.0.1:{cluster['ports']['vision']}"))
+    data, item = png(9)
+    turn = [vision_pb2.Turn(role="user", content=item.question)]
+    first = stub.Encode(vision_pb2.EncodeRequest(images=[data], conversation=turn), timeout=30)
+    again = stub.Encode(vision_pb2.EncodeRequest(images=[data], conversation=[vision_pb2.Turn(role="user", content="how many objects are there ?")]), timeout=30)
+    assert first.prompt_ref.startswith("dartserve:prompt:") and first.vision_tokens == 576
+    assert (first.images_cached, again.images_cached) == (0, 1)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Encode(vision_pb2.EncodeRequest(images=[b"not an image"], conversation=turn), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Encode(vision_pb2.EncodeRequest(images=[data], conversation=turn), timeout=0.0001)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_bad_requests_get_clear_4xx_errors(cluster):
+    data, item = png(10)
+    cases = [
+        ({"image": "%%%", "question": "x"}, 400, "image"),
+        ({"image": b64(b"not an image"), "question": "x"}, 400, None),
+        ({"image": b64(data), "question": "x", "pruning": {"method": "nope"}}, 400, "pruning"),
+        ({"image": b64(data), "question": "x", "pruning": {"layer": 99}}, 400, None),
+        ({"image": b64(data), "question": "x", "max_new_tokens": 0}, 400, "max_new_tokens"),
+        ({"image": b64(data), "question": ""}, 400, "question"),
+        ({"image": b64(data), "question": "x", "surprise": 1}, 400, "surprise"),
+        ({"question": "x", "conversation_id": "never-seen"}, 404, "conversation_id"),
+    ]
+    for body, status, param in cases:
+        reply = httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60)
+        assert reply.status_code == status, (body, reply.text)
+        error = reply.json()["error"]
+        assert error["message"] and error["type"]
+        if param:
+            assert error["param"] == param
+    assert httpx.post(f"{cluster['url']}/v1/answer", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+
+
+def test_redis_down_gives_503_never_a_wrong_answer_and_recovers(cluster, redis_server, demo_engine):
+    data, item = png(11)
+    body = {"image": b64(data), "question": item.question, "max_new_tokens": 8}
+    expected = demo_engine.generate([item.image], item.question, PruningConfig(ratio=64 / 576), SAMPLING).text
+    redis_server.stop()
+    try:
+        reply = httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60)
+        assert reply.status_code == 503 or reply.json()["answer"] == expected
+        if reply.status_code == 503:
+            assert reply.json()["error"]["type"] == "service_unavailable" and reply.headers["retry-after"]
+    finally:
+        redis_server.start()
+    reply = httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60)
+    assert reply.status_code == 200 and reply.json()["answer"] == expected
+
+
+def test_metrics_count_requests_tokens_and_cache_hits(cluster):
+    data, item = png(12)
+    for _ in range(2):
+        httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question}, timeout=60)
+    text = httpx.get(f"{cluster['url']}/metrics").text
+    for name in ("dartserve_requests_total", "dartserve_time_to_first_token_seconds_bucket", "dartserve_request_latency_seconds_bucket",
+                 "dartserve_tokens_total", "dartserve_kept_vision_token_ratio_bucket", 'dartserve_cache_hits_total{cache="vision"}'):
+        assert name in text
+
+
+def test_sse_stream_carries_the_same_answer(cluster, demo_engine):
+    data, item = png(13)
+    with httpx.stream("POST", f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question, "stream": True}, timeout=60) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    parsed = [json.loads(e) for e in events[:-1]]
+    final = parsed[-1]
+    assert final["type"] == "answer"
+    assert "".join(e["text"] for e in parsed if e["type"] == "delta").strip() == final["answer"]
+    assert final["answer"] == demo_engine.generate([item.image], item.question, PruningConfig(ratio=64 / 576)).text

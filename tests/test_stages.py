@@ -1,0 +1,181 @@
+"""The stages over a store, in process: multi-token turns, split sampling, claim checks and
+KV handles that go missing or arrive damaged, settings, and ``dartserve serve`` as a process."""
+
+import base64
+import io
+
+import httpx
+import pytest
+import torch
+
+from dartserve.kv import blob
+from dartserve.kv.codec import CacheMiss
+from dartserve.kv.store import MemoryStore
+from dartserve.models import prefill
+from dartserve.models.decode import SamplingConfig, decode_step, extend
+from dartserve.pruning import PruningConfig
+from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep
+from processes import dartserve_process, free_port, stop, wait_until
+from services.config import Settings
+from services.gateway.backends import LocalBackend
+from services.gateway.pipeline import Final, Question, answer
+from tiny_checkpoints import make_image
+
+PROMPT = "What is shown here?"
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("pruning", [PruningConfig(method="none"), PruningConfig(method="dart", budget=10)], ids=["none", "dart"])
+def test_extend_equals_feeding_the_turn_token_by_token(engine, pruning):
+    adapter = engine.adapter
+    request = engine.vision.encode([make_image(3)], PROMPT)
+    turn = adapter.processor.tokenizer("and then what colour", add_special_tokens=False)["input_ids"][:5]
+    one_at_a_time = prefill(adapter, [request], pruning).cache
+    for token in turn:
+        stepped = decode_step(adapter, one_at_a_time, torch.tensor([token]))
+    at_once = prefill(adapter, [request], pruning).cache
+    extended = extend(adapter, at_once, turn)
+    torch.testing.assert_close(extended, stepped, atol=1e-4, rtol=0)
+    assert torch.equal(at_once.next_position, one_at_a_time.next_position)
+    for a, b in zip(at_once.keys + at_once.values, one_at_a_time.keys + one_at_a_time.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(at_once.token_index, one_at_a_time.token_index))
+
+
+def steps(engine, store=None):
+    store = store or MemoryStore()
+    return LocalBackend(VisionStep(engine, store), PrefillStep(engine, store), DecodeStep(engine, store)), store
+
+
+def run(backend, images, prompt, pruning, sampling) -> Final:
+    return [e for e in answer(backend, Question(images, [{"role": "user", "content": prompt}], pruning, sampling)) if isinstance(e, Final)][0]
+
+
+def test_sampling_split_over_the_stages_equals_the_engine(engines):
+    engine = engines["llava"]
+    backend, _ = steps(engine)
+    image = make_image(4)
+    for seed in range(3):
+        sampling = SamplingConfig(max_new_tokens=10, temperature=1.3, top_p=0.9, seed=seed)
+        pruning = PruningConfig(budget=12)
+        final = run(backend, [png(image)], PROMPT, pruning, sampling)
+        expected = engine.generate([image], PROMPT, pruning, sampling)
+        assert final.token_ids == expected.token_ids
+        assert final.text == expected.text.strip()
+
+
+class ForgetfulStore(MemoryStore):
+    """A real in-memory store that loses the next value written under a key with ``prefix``,
+    as Redis does when it evicts a key between two stages."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.forgotten = prefix, 0
+
+    def set_value(self, key, value, ttl_s=600):
+        super().set_value(key, value, ttl_s)
+        if key.startswith(self.prefix) and not self.forgotten:
+            self.forgotten += 1
+            self._values.pop(key)
+
+    def put(self, key, encoded, ttl_s=600):
+        super().put(key, encoded, ttl_s)
+        if key.startswith(self.prefix) and not self.forgotten:
+            self.forgotten += 1
+            self._values.pop(f"{key}:manifest")
+
+
+@pytest.mark.parametrize("prefix", ["dartserve:prompt:", "dartserve:kv:"])
+def test_a_value_evicted_between_stages_is_recomputed(engines, prefix):
+    engine = engines["llava"]
+    store = ForgetfulStore(prefix)
+    backend, _ = steps(engine, store)
+    image, pruning, sampling = make_image(5), PruningConfig(budget=12), SamplingConfig(max_new_tokens=6)
+    final = run(backend, [png(image)], PROMPT, pruning, sampling)
+    assert store.forgotten == 1
+    assert final.token_ids == engine.generate([image], PROMPT, pruning, sampling).token_ids
+
+
+def test_missing_and_damaged_values_are_misses_never_used(engines):
+    engine = engines["llava"]
+    store = MemoryStore()
+    vision, pruner, decoder = VisionStep(engine, store), PrefillStep(engine, store), DecodeStep(engine, store)
+    with pytest.raises(StageMiss):
+        pruner.prefill("dartserve:prompt:gone", PruningConfig(), SamplingConfig())
+    with pytest.raises(StageMiss):
+        list(decoder.generate("dartserve:kv:gone", SamplingConfig(), 1))
+    encoded = vision.encode([png(make_image(6))], PROMPT)
+    damaged = bytearray(store.get_value(encoded.prompt_ref))
+    damaged[100] ^= 1
+    store.set_value(encoded.prompt_ref, bytes(damaged))
+    with pytest.raises(StageMiss):
+        pruner.prefill(encoded.prompt_ref, PruningConfig(), SamplingConfig())
+    # A damaged feature value is encoded again rather than used.
+    feature_key = f"dartserve:vision:{engine.adapter.fingerprint}:{encoded.image_hashes[0]}"
+    good = store.get_value(feature_key)
+    store.set_value(feature_key, good[:-1] + bytes([good[-1] ^ 1]))
+    assert vision.encode([png(make_image(6))], PROMPT).images_cached == 0
+    assert vision.encode([png(make_image(6))], PROMPT).images_cached == 1
+
+
+def test_blob_rejects_other_models_kinds_and_damage():
+    data = blob.pack("features", "model-a", {"x": torch.arange(6, dtype=torch.float32).view(2, 3)}, {"n": 1})
+    tensors, meta = blob.unpack(data, "features", "model-a")
+    assert torch.equal(tensors["x"], torch.arange(6, dtype=torch.float32).view(2, 3)) and meta == {"n": 1}
+    for bad, kind, model in [(data, "features", "model-b"), (data, "prompt", "model-a"), (data[:-1], "features", "model-a"), (b"nope", "features", "model-a")]:
+        with pytest.raises(CacheMiss):
+            blob.unpack(bad, kind, model)
+
+
+def test_bad_images_are_value_errors(engines):
+    vision = VisionStep(engines["llava"], MemoryStore(), max_pixels=64 * 64)
+    for data in (b"", b"not an image", png(make_image(1))[:40]):
+        with pytest.raises(ValueError):
+            vision.encode([data], PROMPT)
+    with pytest.raises(ValueError, match="over the limit"):
+        vision.encode([png(make_image(1, (100, 100)))], PROMPT)
+
+
+def test_fingerprint_names_the_weights(engines):
+    a, b = engines["llava"].adapter, engines["qwen2_vl"].adapter
+    assert a.fingerprint != b.fingerprint and len(a.fingerprint) == 32
+    assert a.fingerprint == type(a)(a.model, a.processor).fingerprint
+
+
+def test_settings_come_from_the_environment():
+    settings = Settings.from_env({"DARTSERVE_PORT": "9000", "DARTSERVE_PRUNING": '{"method": "fastv", "budget": 32}', "DARTSERVE_TTL_S": "30"})
+    assert (settings.port_for("vision"), settings.pruning, settings.ttl_s) == (9000, {"method": "fastv", "budget": 32}, 30)
+    assert Settings.from_env({}).port_for("gateway") == 8000
+    for bad in ({"DARTSERVE_PORTT": "1"}, {"DARTSERVE_PORT": "x"}, {"DARTSERVE_PRUNING": '{"method": "nope"}'}, {"DARTSERVE_PRUNING": "{"}):
+        with pytest.raises(ValueError):
+            Settings.from_env(bad)
+
+
+def test_dartserve_serve_answers_in_embedded_mode(tmp_path):
+    from dartserve.demo.data import example
+
+    port = free_port()
+    process = dartserve_process("serve", {"DARTSERVE_PORT": str(port)}, tmp_path / "serve.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, "dartserve serve", process, tmp_path / "serve.log")
+        item = example("test", 3)
+        reply = httpx.post(f"{url}/v1/answer", json={"image": base64.b64encode(png(item.image)).decode(), "question": item.question}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["model"] == "dartserve-demo"
+        assert httpx.get(f"{url}/readyz").json()["ready"] is True
+    finally:
+        stop(process)
+
+
+def test_readme_documents_every_setting():
+    from pathlib import Path
+
+    from services.config import ENVIRONMENT
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in ENVIRONMENT)
