@@ -23,6 +23,7 @@ from PIL import Image
 
 from dartserve.engine import Engine
 from dartserve.kv import blob
+from dartserve.kv.cache import RaggedKVCache
 from dartserve.kv.codec import CacheMiss, decode, encode, read_header
 from dartserve.kv.store import DEFAULT_TTL_S, cache_key
 from dartserve.models.base import EncodedPrompt, chat_messages
@@ -161,7 +162,7 @@ class PrefillStep(_Step):
         token = pick_token(result.logits[0], sampling, 0)
         ids = request.input_ids.tolist()
         handle = cache_key(self.fingerprint, hashes, ids, pruning.to_dict())
-        encoded = encode(cache, self.fingerprint, meta={"token_ids": ids})
+        encoded = encode(cache, self.fingerprint)
         self.store.put(handle, encoded, self.ttl_s)
         return Prefilled(
             kv_handle=handle,
@@ -189,15 +190,14 @@ class DecodeStep(_Step):
         """
         if question is not None and (not isinstance(question, str) or not question.strip()):
             raise ValueError("a follow-up question must be a non-empty string")
-        cache, token_ids = self._load(kv_handle)
+        cache = self._load(kv_handle)
         started = time.perf_counter()
-        prefill_tokens, prefill_ms = 0, 0.0
+        prefill_tokens, prefill_ms, turn = 0, 0.0, []
         if question is not None:
             turn = self.adapter.turn_ids(pending, question)
             check_room(self.adapter, int(cache.next_position) + len(turn), sampling)
             with self.lock:
                 logits = extend(self.adapter, cache, turn)
-            token_ids = token_ids + turn
             prefill_tokens, prefill_ms = len(turn), (time.perf_counter() - started) * 1e3
             pending = pick_token(logits[0], sampling, 0)
             yield Chunk([pending], self._text([pending]))
@@ -221,12 +221,15 @@ class DecodeStep(_Step):
         if self._text(answer) != shown:  # what was held back for a character that never completed
             yield Chunk([], self._text(answer)[len(shown) :])
         decode_ms = (time.perf_counter() - started) * 1e3 - prefill_ms
-        # The cache now holds every answer token but the last, which stays pending.
-        fed = token_ids + answer[:-1]
+        # The cache now holds every answer token but the last, which stays pending. Only the
+        # tokens added here are written, as a tail that names its parent: a turn's KV cache is
+        # never copied again.
+        added = turn + answer[:-1]
         new_handle = kv_handle
-        if len(fed) > len(token_ids) or question is not None:
-            new_handle = "dartserve:kv:" + hashlib.sha256(json.dumps([kv_handle, fed[len(token_ids) - prefill_tokens :]]).encode()).hexdigest()
-            self.store.put(new_handle, encode(cache, self.fingerprint, meta={"token_ids": fed}), self.ttl_s)
+        if added:
+            new_handle = "dartserve:kv:" + hashlib.sha256(json.dumps([kv_handle, added]).encode()).hexdigest()
+            tail = encode(cache.tail(len(added)), self.fingerprint, meta={"parent": kv_handle})
+            self.store.put(new_handle, tail, self.ttl_s)
         yield Chunk(
             [],
             "",
@@ -242,15 +245,22 @@ class DecodeStep(_Step):
     def _text(self, token_ids: list[int]) -> str:
         return self.engine.generator.detokenize(token_ids)
 
-    def _load(self, kv_handle: str):
-        encoded = self.store.get(kv_handle, self.adapter.num_layers)
-        if encoded is None:
-            raise StageMiss(f"KV cache {kv_handle} is not in the store (expired or evicted)")
-        try:
-            header = read_header(encoded.manifest, self.fingerprint)
-            return decode(encoded, self.fingerprint, self.adapter.device), list(header["meta"]["token_ids"])
-        except (CacheMiss, KeyError, TypeError) as error:
-            raise StageMiss(f"KV cache {kv_handle} is unusable: {error}") from None
+    def _load(self, kv_handle: str) -> RaggedKVCache:
+        """The cache behind a handle: a prefill's cache, or a tail that names its parent."""
+        parts = []
+        handle = kv_handle
+        while handle:
+            encoded = self.store.get(handle, self.adapter.num_layers)
+            if encoded is None:
+                raise StageMiss(f"KV cache {handle} is not in the store (expired or evicted)")
+            # A conversation that is read lives on: its earlier turns expire with its latest.
+            self.store.touch(handle, self.adapter.num_layers, self.ttl_s)
+            try:
+                parts.append(decode(encoded, self.fingerprint, self.adapter.device))
+                handle = read_header(encoded.manifest, self.fingerprint)["meta"].get("parent")
+            except (CacheMiss, TypeError, AttributeError) as error:
+                raise StageMiss(f"KV cache {handle} is unusable: {error}") from None
+        return RaggedKVCache.concat(parts[::-1])
 
 
 def pack_prompt(request: EncodedPrompt, image_hashes: list[str], fingerprint: str) -> bytes:

@@ -179,3 +179,55 @@ def test_readme_documents_every_setting():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert all(f"`{name}`" in readme for name in ENVIRONMENT)
+
+
+def test_a_cancelled_stream_stops_decoding(engines):
+    import time
+
+    import grpc
+
+    from services.convert import sampling_to_proto
+    from services.generator.server import serve
+    from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
+
+    engine = engines["llava"]
+    store = MemoryStore()
+    vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
+    sampling = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=())
+    done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
+    server = serve(DecodeStep(engine, store), Settings(), 0)
+    try:
+        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
+        stream = stub.Generate(request, timeout=60)
+        next(stream)
+        stream.cancel()
+        time.sleep(1.0)
+        # A finished answer would have stored its longer cache under a second handle.
+        handles = {key.removesuffix(":manifest") for key in store._values if key.endswith(":manifest")}
+        assert handles == {done.kv_handle}
+    finally:
+        server.stop(grace_s=1)
+
+
+def test_turns_store_only_their_tails_and_equal_from_scratch_runs():
+    from dartserve.demo import CHECKPOINT
+    from dartserve.demo.data import example
+    from dartserve.engine import Engine
+
+    engine = Engine.load(str(CHECKPOINT))
+    backend, store = steps(engine)
+    item = example("test", 21)
+    questions = [item.question, "how many objects are there ?", "is there a red circle ?"]
+    none, sampling = PruningConfig(method="none"), SamplingConfig(max_new_tokens=8)
+    messages, record = [], None
+    for question in questions:
+        messages = (record["messages"] if record else []) + [{"role": "user", "content": question}]
+        before = set(store._values)
+        final = [e for e in answer(backend, Question([png(item.image)] if record is None else [], messages, none, sampling), record) if isinstance(e, Final)][0]
+        scratch = engine.generate([item.image], messages, none, sampling)
+        assert final.text == scratch.text and final.usage["prompt_tokens"] == scratch.stats.prompt_tokens
+        if record is not None:  # a follow-up writes a tail of a few tokens, not the conversation again
+            written = [store._values[k][1] for k in set(store._values) - before]
+            assert sum(map(len, written)) < scratch.stats.kv_bytes / 20
+        record = final.record

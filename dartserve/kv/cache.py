@@ -61,5 +61,26 @@ class RaggedKVCache:
             next_position=self.next_position[batch_index : batch_index + 1].clone(),
         )
 
+    def tail(self, count: int) -> RaggedKVCache:
+        """The last ``count`` slots of every layer: what decoding added since some earlier point."""
+        return RaggedKVCache(
+            keys=[k[:, :, k.shape[2] - count :] for k in self.keys],
+            values=[v[:, :, v.shape[2] - count :] for v in self.values],
+            layer_group=self.layer_group,
+            token_index=[t[:, t.shape[1] - count :] for t in self.token_index],
+            next_position=self.next_position.clone(),
+        )
+
+    @classmethod
+    def concat(cls, parts: list[RaggedKVCache]) -> RaggedKVCache:
+        """One cache from a prefix and the tails appended to it, in order."""
+        return cls(
+            keys=[torch.cat([p.keys[i] for p in parts], dim=2) for i in range(len(parts[0].keys))],
+            values=[torch.cat([p.values[i] for p in parts], dim=2) for i in range(len(parts[0].values))],
+            layer_group=parts[0].layer_group,
+            token_index=[torch.cat([p.token_index[g] for p in parts], dim=1) for g in range(len(parts[0].token_index))],
+            next_position=parts[-1].next_position.clone(),
+        )
+
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values) if k is not None)

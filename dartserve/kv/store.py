@@ -54,6 +54,14 @@ class MemoryStore:
             self._values[_manifest_key(key)] = (expires, encoded.manifest)
             self._drop_expired()
 
+    def touch(self, key: str, num_layers: int, ttl_s: int = DEFAULT_TTL_S) -> None:
+        """Restarts the TTL of a cache entry."""
+        with self._lock:
+            expires = time.monotonic() + ttl_s
+            for k in [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]:
+                if k in self._values:
+                    self._values[k] = (expires, self._values[k][1])
+
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
         with self._lock:
             self._values[key] = (time.monotonic() + ttl_s, value)
@@ -106,6 +114,12 @@ class RedisStore:
         if any(v is None for v in values):
             return None
         return EncodedCache(values[0], values[1:])
+
+    def touch(self, key: str, num_layers: int, ttl_s: int = DEFAULT_TTL_S) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for k in [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]:
+            pipe.expire(k, ttl_s)
+        self._call(pipe.execute)
 
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
         self._call(self.client.set, key, value, ex=ttl_s)

@@ -19,10 +19,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         question = request.question if request.HasField("question") else None
         with status_codes(context):
             chunks = self.step.generate(request.kv_handle, sampling_from_proto(request.sampling), request.pending_token, question)
+            # gRPC stops pulling from this generator when the call is cancelled or past its
+            # deadline, and closing ``chunks`` then ends the decode: no token more is computed.
             try:
                 for chunk in chunks:
-                    if not context.is_active():  # cancelled or past its deadline: stop decoding
-                        return
                     yield generator_pb2.GenerateChunk(
                         token_ids=chunk.token_ids,
                         text=chunk.text,
