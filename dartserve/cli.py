@@ -104,15 +104,7 @@ def _train_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(
-        out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        vision_steps=args.vision_steps,
-        init=Path(args.init) if args.init else None,
-    )
+    train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
     print(json.dumps(write_card(out)["test"], indent=2))
     return 0
 
@@ -193,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-demo", help="train the demo model on the synthetic task")
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=_positive_int, default=1500, help="steps of the whole model")
-    train.add_argument("--vision-steps", type=int, default=600, help="steps of the vision tower alone first (0: none)")
+    train.add_argument("--steps", type=_positive_int, default=1800)
     train.add_argument("--batch-size", type=_positive_int, default=12)
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--seed", type=int, default=0)

@@ -43,12 +43,9 @@ def write_card(checkpoint: Path) -> dict:
         "",
         *[line for number, run in enumerate(training.get("earlier", []) + [training], start=1) for line in _run_lines(number, run)],
         "Every run: AdamW (betas 0.9, 0.98), warm-up then cosine decay to 10% of the peak, weight decay 0.01,",
-        "gradient clip 1.0. Phase one trains the vision tower and projector alone on the probes below;",
-        f"phase two trains the whole model on the answer word and `</s>`, plus {training['aux_weight']} x the probes and",
-        f"{training.get('guide_weight', 0)} x attention guidance at layer {training.get('guide_layer', '-')}. The probes (dropped after training) name the",
-        "shape, colour and place under each projected vision token and the object count from their mean.",
-        "The guidance teaches one head to look up the object a question names, and a probe to read it there.",
-        "Validation accuracy is next-token accuracy on 200 validation questions.",
+        f"gradient clip 1.0; loss: the answer word and `</s>`, plus {training['aux_weight']} x auxiliary probes (dropped",
+        "after training) that name the shape and colour under each projected vision token and the",
+        "object count from their mean. Validation accuracy is next-token accuracy on 200 validation questions.",
         "",
         "## Accuracy (unpruned, greedy, exact match)",
         "",
@@ -69,10 +66,8 @@ def write_card(checkpoint: Path) -> dict:
 def _run_lines(number: int, run: dict) -> list[str]:
     validation = [h for h in run["history"] if "validation_accuracy" in h]
     start = f"from the previous run's checkpoint, seed {run['seed']}" if run.get("init") else f"from scratch, seed {run['seed']}"
-    vision = run.get("vision_steps", 0)
-    phase_one = f"{vision} vision-only steps ({run['vision_seconds'] / 60:.0f} minutes), then " if vision else ""
     return [
-        f"{number}. {start}: {phase_one}{run['steps']} steps of {run['batch_size']} fresh train examples, peak lr {run['lr']},",
+        f"{number}. {start}: {run['steps']} steps of {run['batch_size']} fresh train examples, peak lr {run['lr']},",
         f"   {run['warmup']} warm-up steps, {run['train_seconds'] / 60:.0f} minutes on {run.get('machine', 'a 2-core CPU')};",
         "   validation accuracy " + ", ".join(f"{h['validation_accuracy']:.1%} at step {h['step']}" for h in validation) + ".",
     ]

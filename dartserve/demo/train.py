@@ -1,13 +1,11 @@
 """Training the demo model on the synthetic task: ``dartserve train-demo``.
 
 Each step draws a fresh batch from the generator's train split, so there is no epoch and no
-overfitting to a fixed set. The loss is the answer word and end-of-sequence token, plus two
-training-only losses that are dropped afterwards. Small heads read each projected vision token
-and must name the shape and colour of the object under it and the patch's place in the image,
-and the mean of an image's tokens must give the object count: without them the answer loss
-alone reaches the vision tower too weakly, and training sits at the question-type priors far
-longer than an hour. And attention guidance (``guidance.py``) teaches one head to look up the
-object a question names.
+overfitting to a fixed set. The loss is the answer word and end-of-sequence token, plus an
+auxiliary loss that is dropped after training: small heads read each projected vision token
+and must name the shape and colour of the object under it, and the mean of an image's tokens
+must give the object count. Without it, the language model's answer loss alone reaches the
+vision tower too weakly, and training sits at the question-type priors far longer than an hour.
 """
 
 from __future__ import annotations
@@ -23,11 +21,9 @@ from transformers import LlavaForConditionalGeneration
 
 from dartserve.bench import cpu_name
 from dartserve.demo.data import COLOURS, SHAPES, SPLIT_SIZE, example, patch_objects
-from dartserve.demo.guidance import GUIDE_LAYER, AttentionGuide
 from dartserve.demo.model import build_model, build_processor
 
 AUX_WEIGHT = 0.5
-GUIDE_WEIGHT = 0.5
 SEED_STRIDE = 10_000_000  # train examples per seed: seeds never share examples
 SEEDS = SPLIT_SIZE // SEED_STRIDE
 
@@ -40,7 +36,6 @@ class AuxiliaryHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(width, len(SHAPES) + 1)  # class 0: background
         self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
         self.count = torch.nn.Linear(width, 5)
-        self.place = torch.nn.Linear(width, 2)  # the patch's column and row, scaled to [-1, 1]
 
     def loss(self, vision_tokens: torch.Tensor, examples) -> torch.Tensor:
         """``vision_tokens`` ``[batch, 576, width]``."""
@@ -48,14 +43,11 @@ class AuxiliaryHeads(torch.nn.Module):
         shapes = torch.tensor([[0 if o is None else SHAPES.index(o.shape) + 1 for o in row] for row in under])
         colours = torch.tensor([[0 if o is None else list(COLOURS).index(o.colour) + 1 for o in row] for row in under])
         counts = torch.tensor([len(e.objects) for e in examples])
-        grid = torch.linspace(-1, 1, int(vision_tokens.shape[1] ** 0.5))
-        places = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), dim=-1).reshape(-1, 2)
         cross_entropy = torch.nn.functional.cross_entropy
         return (
             cross_entropy(self.shape(vision_tokens).flatten(0, 1), shapes.flatten())
             + cross_entropy(self.colour(vision_tokens).flatten(0, 1), colours.flatten())
             + cross_entropy(self.count(vision_tokens.mean(dim=1)), counts)
-            + torch.nn.functional.mse_loss(self.place(vision_tokens), places.expand_as(vision_tokens[..., :2]))
         )
 
 
@@ -83,61 +75,27 @@ def answer_labels(inputs) -> torch.Tensor:
     return labels
 
 
-def pretrain_vision(model, heads: AuxiliaryHeads, processor, steps: int, batch_size: int, lr: float, seed: int, log: dict) -> None:
-    """Phase one: the vision tower and projector learn, through the probes alone and without the
-    language model's cost, what lies under each patch."""
-    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
-    started, running = time.time(), 0.0
-    config = model.config
-    for step in range(steps):
-        first = seed * SEED_STRIDE + SEED_STRIDE // 2 + step * batch_size  # apart from phase two's examples
-        examples = [example("train", first + i) for i in range(batch_size)]
-        pixels = processor.image_processor([e.image for e in examples], return_tensors="pt")["pixel_values"]
-        features = model.model.get_image_features(
-            pixel_values=pixels,
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        ).pooler_output
-        loss = heads.loss(torch.stack(list(features)), examples)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        running += loss.item()
-        if (step + 1) % 25 == 0:
-            print(f"vision step {step + 1}/{steps} aux {running / 25:.4f} {time.time() - started:.0f}s", flush=True)
-            log["vision_history"].append({"step": step + 1, "aux_loss": running / 25, "seconds": time.time() - started})
-            running = 0.0
-    log["vision_seconds"] = time.time() - started
-
-
 def train(
     out: Path,
-    steps: int = 1500,
+    steps: int = 1800,
     batch_size: int = 12,
     lr: float = 2e-3,
     warmup: int = 100,
     seed: int = 0,
-    vision_steps: int = 600,
     log_every: int = 25,
     eval_every: int = 300,
     eval_size: int = 200,
     init: Path | None = None,
 ) -> dict:
     """Trains from scratch, or on from the checkpoint ``init``; saves to ``out`` at every evaluation."""
-    if not 0 <= seed < SEEDS or max(steps, vision_steps) * batch_size > SEED_STRIDE // 2:
-        raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size at most {SEED_STRIDE // 2}")
+    if not 0 <= seed < SEEDS or steps * batch_size > SEED_STRIDE:
+        raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size at most {SEED_STRIDE}")
     torch.manual_seed(seed)
     processor = build_processor()
     processor.tokenizer.padding_side = "right"  # so each row's answer sits at its own last real tokens
     model = LlavaForConditionalGeneration.from_pretrained(init) if init else build_model(processor.tokenizer)
     heads = AuxiliaryHeads(model.config.text_config.hidden_size)
-    guide = AttentionGuide(model)
-    word_ids = {w: processor.tokenizer.convert_tokens_to_ids(w) for w in (*SHAPES, *COLOURS)}
-    parameters = list(model.parameters()) + list(heads.parameters()) + list(guide.parameters())
+    parameters = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -148,20 +106,14 @@ def train(
         "warmup": warmup,
         "seed": seed,
         "aux_weight": AUX_WEIGHT,
-        "guide_weight": GUIDE_WEIGHT,
-        "guide_layer": GUIDE_LAYER,
         "init": str(init) if init else None,
         # Training on from a checkpoint keeps the record of how that checkpoint was made.
         "earlier": _earlier_runs(init),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "vision_steps": vision_steps,
-        "vision_history": [],
         "history": [],
     }
-    if vision_steps:
-        pretrain_vision(model, heads, processor, vision_steps, batch_size, lr, seed, log)
     started = time.time()
-    running = running_aux = running_guide = 0.0
+    running = running_aux = 0.0
     for step in range(steps):
         model.train()
         first = seed * SEED_STRIDE + step * batch_size  # a new seed, as when training on, sees new examples
@@ -170,8 +122,7 @@ def train(
         outputs = model(**inputs, labels=answer_labels(inputs))
         vision_tokens = outputs.image_hidden_states.view(batch_size, -1, outputs.image_hidden_states.shape[-1])
         aux = heads.loss(vision_tokens, examples)
-        guided = guide.loss(inputs["input_ids"], model.config.image_token_index, word_ids, examples)
-        loss = outputs.loss + AUX_WEIGHT * aux + GUIDE_WEIGHT * guided
+        loss = outputs.loss + AUX_WEIGHT * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -179,16 +130,14 @@ def train(
         scheduler.step()
         running += outputs.loss.item()
         running_aux += aux.item()
-        running_guide += guided.item()
         if (step + 1) % log_every == 0:
             print(
                 f"step {step + 1}/{steps} loss {running / log_every:.4f} aux {running_aux / log_every:.4f} "
-                f"guide {running_guide / log_every:.4f} "
                 f"lr {scheduler.get_last_lr()[0]:.2e} {time.time() - started:.0f}s",
                 flush=True,
             )
             log["history"].append({"step": step + 1, "loss": running / log_every, "aux_loss": running_aux / log_every, "seconds": time.time() - started})
-            running = running_aux = running_guide = 0.0
+            running = running_aux = 0.0
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             accuracy = validation_accuracy(model, processor, eval_size)
             print(f"step {step + 1} validation accuracy {accuracy:.3f}", flush=True)
