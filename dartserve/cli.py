@@ -112,7 +112,7 @@ def _train_demo(args: argparse.Namespace) -> int:
 def _bench_service(args: argparse.Namespace) -> int:
     from services.bench import run_service_bench
 
-    result = run_service_bench(requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model)
+    result = run_service_bench(requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model, threads=args.threads)
     text = json.dumps(result, indent=2)
     if args.json:
         with open(args.json, "w") as out:
@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--json", help="write the result to this file")
     service.add_argument("--requests", type=_positive_int, default=30)
     service.add_argument("--kv-rounds", type=_positive_int, default=30)
-    service.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    service.add_argument("--redis-url", help="default: a private, empty redis-server the bench starts")
     service.add_argument("--model", help="default: the bundled demo model")
+    service.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
     service.set_defaults(run=_bench_service)
     return parser
 

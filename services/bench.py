@@ -113,7 +113,32 @@ def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
     }
 
 
-def run_service_bench(requests: int = 30, redis_url: str = "redis://127.0.0.1:6379/0", kv_rounds: int = 30, model: str | None = None) -> dict:
+def _private_redis(logs: Path) -> tuple[subprocess.Popen, str]:
+    """An empty redis-server of the bench's own: nothing cached by an earlier run can help."""
+    import redis
+
+    port = _free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=open(logs / "redis.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("the bench's redis-server did not start")
+
+
+def run_service_bench(
+    requests: int = 30, redis_url: str | None = None, kv_rounds: int = 30, model: str | None = None, threads: int | None = None
+) -> dict:
+    """``redis_url``: by default a private, empty redis-server. ``threads``: torch threads in
+    every process (``OMP_NUM_THREADS``); by default each process takes all cores, which
+    oversubscribes a small machine running five of them."""
     from dartserve.demo import default_model
     from dartserve.engine import Engine
     from dartserve.kv.codec import encode
@@ -122,10 +147,15 @@ def run_service_bench(requests: int = 30, redis_url: str = "redis://127.0.0.1:63
 
     model = model or default_model()
     ports = {name: _free_port() for name in ("embedded", *STAGES, "gateway")}
-    base = {"DARTSERVE_MODEL": model, "DARTSERVE_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
     processes = []
     with tempfile.TemporaryDirectory() as raw:
         logs = Path(raw)
+        if redis_url is None:
+            redis_process, redis_url = _private_redis(logs)
+            processes.append(redis_process)
+        base = {"DARTSERVE_MODEL": model, "DARTSERVE_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
+        if threads:
+            base["OMP_NUM_THREADS"] = str(threads)
         try:
             embedded = _start("serve", base | {"DARTSERVE_PORT": str(ports["embedded"])}, logs)
             processes.append(embedded)
@@ -156,16 +186,18 @@ def run_service_bench(requests: int = 30, redis_url: str = "redis://127.0.0.1:63
                     kv_bytes["pruned"].append(reply.json()["usage"]["kv_bytes"])
                     unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
                     kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
+            for process in processes[-5:]:  # the model services: the Redis measurement runs alone
+                process.terminate()
+                process.wait(timeout=30)
+            engine = Engine.load(model)
+            request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
+            pruned_cache = prefill(engine.adapter, [request], PruningConfig(ratio=64 / 576)).cache
+            redis_kv = _kv_store_throughput(redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
         finally:
             for process in processes:
                 process.terminate()
             for process in processes:
                 process.wait(timeout=30)
-
-    engine = Engine.load(model)
-    request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
-    pruned_cache = prefill(engine.adapter, [request], PruningConfig(ratio=64 / 576)).cache
-    redis_kv = _kv_store_throughput(redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
 
     modes = {mode: {"ttft_ms": _percentiles(s["ttft_ms"]), "e2e_ms": _percentiles(s["e2e_ms"])} for mode, s in samples.items()}
     added = modes["distributed"]["e2e_ms"]["p50"] - modes["embedded"]["e2e_ms"]["p50"]
@@ -173,7 +205,8 @@ def run_service_bench(requests: int = 30, redis_url: str = "redis://127.0.0.1:63
     # the generator reads it and writes the longer cache for the next turn.
     kv_transfer = 2 * redis_kv["store_put_ms_p50"] + redis_kv["store_get_ms_p50"]
     return {
-        "machine": cpu_name(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "threads_per_process": threads or "default",
         "model": model,
         "requests": requests,
         "same_answers": samples["embedded"]["answers"] == samples["distributed"]["answers"],
