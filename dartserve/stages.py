@@ -74,6 +74,7 @@ class Prefilled:
     prefill_ms: float
     selection_ms: float
     pruning: dict
+    kv_store_ms: float  # writing the KV cache to the store
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Chunk:
     prefill_tokens: int = 0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    kv_store_ms: float = 0.0  # reading the KV cache from the store and writing its new tail
 
 
 class _Step:
@@ -163,7 +165,9 @@ class PrefillStep(_Step):
         ids = request.input_ids.tolist()
         handle = cache_key(self.fingerprint, hashes, ids, pruning.to_dict())
         encoded = encode(cache, self.fingerprint)
+        stored = time.perf_counter()
         self.store.put(handle, encoded, self.ttl_s)
+        kv_store_ms = (time.perf_counter() - stored) * 1e3
         return Prefilled(
             kv_handle=handle,
             first_token=token,
@@ -176,6 +180,7 @@ class PrefillStep(_Step):
             prefill_ms=prefill_ms,
             selection_ms=result.selection_s * 1e3,
             pruning=pruning.to_dict(),
+            kv_store_ms=kv_store_ms,
         )
 
 
@@ -190,7 +195,7 @@ class DecodeStep(_Step):
         """
         if question is not None and (not isinstance(question, str) or not question.strip()):
             raise ValueError("a follow-up question must be a non-empty string")
-        cache = self._load(kv_handle)
+        cache, kv_store_ms = self._load(kv_handle)
         started = time.perf_counter()
         prefill_tokens, prefill_ms, turn = 0, 0.0, []
         if question is not None:
@@ -229,7 +234,9 @@ class DecodeStep(_Step):
         if added:
             new_handle = "dartserve:kv:" + hashlib.sha256(json.dumps([kv_handle, added]).encode()).hexdigest()
             tail = encode(cache.tail(len(added)), self.fingerprint, meta={"parent": kv_handle})
+            stored = time.perf_counter()
             self.store.put(new_handle, tail, self.ttl_s)
+            kv_store_ms += (time.perf_counter() - stored) * 1e3
         yield Chunk(
             [],
             "",
@@ -240,27 +247,30 @@ class DecodeStep(_Step):
             prefill_tokens=prefill_tokens,
             prefill_ms=prefill_ms,
             decode_ms=decode_ms,
+            kv_store_ms=kv_store_ms,
         )
 
     def _text(self, token_ids: list[int]) -> str:
         return self.engine.generator.detokenize(token_ids)
 
-    def _load(self, kv_handle: str) -> RaggedKVCache:
-        """The cache behind a handle: a prefill's cache, or a tail that names its parent."""
-        parts = []
+    def _load(self, kv_handle: str) -> tuple[RaggedKVCache, float]:
+        """The cache behind a handle (a prefill's cache, or a tail that names its parent), and
+        the milliseconds spent reading the store."""
+        parts, store_s = [], 0.0
         handle = kv_handle
         while handle:
-            encoded = self.store.get(handle, self.adapter.num_layers)
+            started = time.perf_counter()
+            # A conversation that is read lives on: its earlier turns expire with its latest.
+            encoded = self.store.get(handle, self.adapter.num_layers, refresh_ttl_s=self.ttl_s)
+            store_s += time.perf_counter() - started
             if encoded is None:
                 raise StageMiss(f"KV cache {handle} is not in the store (expired or evicted)")
-            # A conversation that is read lives on: its earlier turns expire with its latest.
-            self.store.touch(handle, self.adapter.num_layers, self.ttl_s)
             try:
                 parts.append(decode(encoded, self.fingerprint, self.adapter.device))
                 handle = read_header(encoded.manifest, self.fingerprint)["meta"].get("parent")
             except (CacheMiss, TypeError, AttributeError) as error:
                 raise StageMiss(f"KV cache {handle} is unusable: {error}") from None
-        return RaggedKVCache.concat(parts[::-1])
+        return RaggedKVCache.concat(parts[::-1]), store_s * 1e3
 
 
 def pack_prompt(request: EncodedPrompt, image_hashes: list[str], fingerprint: str) -> bytes:

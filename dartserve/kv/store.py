@@ -54,14 +54,6 @@ class MemoryStore:
             self._values[_manifest_key(key)] = (expires, encoded.manifest)
             self._drop_expired()
 
-    def touch(self, key: str, num_layers: int, ttl_s: int = DEFAULT_TTL_S) -> None:
-        """Restarts the TTL of a cache entry."""
-        with self._lock:
-            expires = time.monotonic() + ttl_s
-            for k in [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]:
-                if k in self._values:
-                    self._values[k] = (expires, self._values[k][1])
-
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
         with self._lock:
             self._values[key] = (time.monotonic() + ttl_s, value)
@@ -79,13 +71,17 @@ class MemoryStore:
         for key in [k for k, (expires, _) in self._values.items() if expires <= now]:
             del self._values[key]
 
-    def get(self, key: str, num_layers: int) -> EncodedCache | None:
+    def get(self, key: str, num_layers: int, refresh_ttl_s: int | None = None) -> EncodedCache | None:
+        """The entry, or None; ``refresh_ttl_s`` restarts its TTL."""
         with self._lock:
             now = time.monotonic()
             wanted = [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]
             found = [self._values.get(k) for k in wanted]
             if any(v is None or v[0] <= now for v in found):
                 return None
+            if refresh_ttl_s is not None:
+                for k, (_, value) in zip(wanted, found):
+                    self._values[k] = (now + refresh_ttl_s, value)
             return EncodedCache(found[0][1], [v[1] for v in found[1:]])
 
 
@@ -109,17 +105,17 @@ class RedisStore:
         pipe.set(_manifest_key(key), encoded.manifest, ex=ttl_s)  # last: readers trust only complete entries
         self._call(pipe.execute)
 
-    def get(self, key: str, num_layers: int) -> EncodedCache | None:
-        values = self._call(self.client.mget, [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)])
+    def get(self, key: str, num_layers: int, refresh_ttl_s: int | None = None) -> EncodedCache | None:
+        """The entry, or None; ``refresh_ttl_s`` restarts its TTL in the same round trip."""
+        keys = [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.mget(keys)
+        for k in keys if refresh_ttl_s is not None else []:
+            pipe.expire(k, refresh_ttl_s)
+        values = self._call(pipe.execute)[0]
         if any(v is None for v in values):
             return None
         return EncodedCache(values[0], values[1:])
-
-    def touch(self, key: str, num_layers: int, ttl_s: int = DEFAULT_TTL_S) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for k in [_manifest_key(key)] + [_layer_key(key, i) for i in range(num_layers)]:
-            pipe.expire(k, ttl_s)
-        self._call(pipe.execute)
 
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
         self._call(self.client.set, key, value, ex=ttl_s)

@@ -87,7 +87,7 @@ class GrpcBackend:
             r = self.pruner.Prefill(request, timeout=self.timeout_s)
         return Prefilled(
             r.kv_handle, r.first_token, r.first_text, r.finish_reason, r.prompt_tokens, r.vision_tokens,
-            r.kept_vision_tokens, r.kv_bytes, r.prefill_ms, r.selection_ms, json.loads(r.pruning_json),
+            r.kept_vision_tokens, r.kv_bytes, r.prefill_ms, r.selection_ms, json.loads(r.pruning_json), r.kv_store_ms,
         )
 
     def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
@@ -98,7 +98,7 @@ class GrpcBackend:
                 for c in stream:
                     yield Chunk(
                         list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason,
-                        c.prefill_tokens, c.prefill_ms, c.decode_ms,
+                        c.prefill_tokens, c.prefill_ms, c.decode_ms, c.kv_store_ms,
                     )
             finally:
                 stream.cancel()  # a client that went away stops the decode

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
     if previous is not None:
         yield from _follow_up(backend, question, previous, started)
         return
-    hashes = [hashlib.sha256(image).hexdigest() for image in question.images]
     encoded, prefilled = _encode_and_prefill(backend, question)
     ttft_ms = (time.perf_counter() - started) * 1e3
     yield Delta(prefilled.first_text)
@@ -66,7 +64,7 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
         "kv_handle": handle,
         "pending_token": pending,
         "messages": question.messages + [{"role": "assistant", "content": text.strip()}],
-        "image_hashes": hashes,
+        "image_hashes": encoded.image_hashes,
         "context_tokens": prefilled.prompt_tokens + len(tokens) - 1,
         "vision_tokens": prefilled.vision_tokens,
         "kept_vision_tokens": prefilled.kept_vision_tokens,
@@ -90,6 +88,7 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
             "prefill_ms": prefilled.prefill_ms,
             "ttft_ms": ttft_ms,
             "decode_ms": last.decode_ms if last else 0.0,
+            "kv_store_ms": prefilled.kv_store_ms + (last.kv_store_ms if last else 0.0),
             "total_ms": (time.perf_counter() - started) * 1e3,
         },
         pruning=prefilled.pruning,
@@ -127,7 +126,7 @@ def _follow_up(backend, question: Question, previous: dict, started: float) -> I
             "completion_tokens": len(tokens),
             "prefill_tokens": last.prefill_tokens,
         },
-        timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "total_ms": (time.perf_counter() - started) * 1e3},
+        timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "kv_store_ms": last.kv_store_ms, "total_ms": (time.perf_counter() - started) * 1e3},
         pruning=previous["pruning"],
     )
 

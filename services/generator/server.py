@@ -33,6 +33,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                         prefill_tokens=chunk.prefill_tokens,
                         prefill_ms=chunk.prefill_ms,
                         decode_ms=chunk.decode_ms,
+                        kv_store_ms=chunk.kv_store_ms,
                     )
             finally:
                 chunks.close()

@@ -32,6 +32,7 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
             prefill_ms=done.prefill_ms,
             selection_ms=done.selection_ms,
             pruning_json=json.dumps(done.pruning),
+            kv_store_ms=done.kv_store_ms,
         )
 
 

@@ -20,7 +20,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, kv_handle: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., pending_token: _Optional[int] = ..., question: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "done", "kv_handle", "pending_token", "finish_reason", "prefill_tokens", "decode_ms", "prefill_ms")
+    __slots__ = ("token_ids", "text", "done", "kv_handle", "pending_token", "finish_reason", "prefill_tokens", "decode_ms", "prefill_ms", "kv_store_ms")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class GenerateChunk(_message.Message):
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_MS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     done: bool
@@ -39,4 +40,5 @@ class GenerateChunk(_message.Message):
     prefill_tokens: int
     decode_ms: float
     prefill_ms: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., kv_handle: _Optional[str] = ..., pending_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_tokens: _Optional[int] = ..., decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ...) -> None: ...
+    kv_store_ms: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., kv_handle: _Optional[str] = ..., pending_token: _Optional[int] = ..., finish_reason: _Optional[str] = ..., prefill_tokens: _Optional[int] = ..., decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_store_ms: _Optional[float] = ...) -> None: ...

@@ -17,7 +17,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, prompt_ref: _Optional[str] = ..., pruning: _Optional[_Union[_common_pb2.Pruning, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("kv_handle", "first_token", "first_text", "finish_reason", "prompt_tokens", "vision_tokens", "kept_vision_tokens", "kv_bytes", "prefill_ms", "selection_ms", "pruning_json")
+    __slots__ = ("kv_handle", "first_token", "first_text", "finish_reason", "prompt_tokens", "vision_tokens", "kept_vision_tokens", "kv_bytes", "prefill_ms", "selection_ms", "pruning_json", "kv_store_ms")
     KV_HANDLE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class PrefillResponse(_message.Message):
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     SELECTION_MS_FIELD_NUMBER: _ClassVar[int]
     PRUNING_JSON_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_MS_FIELD_NUMBER: _ClassVar[int]
     kv_handle: str
     first_token: int
     first_text: str
@@ -40,4 +41,5 @@ class PrefillResponse(_message.Message):
     prefill_ms: float
     selection_ms: float
     pruning_json: str
-    def __init__(self, kv_handle: _Optional[str] = ..., first_token: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., vision_tokens: _Optional[int] = ..., kept_vision_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., selection_ms: _Optional[float] = ..., pruning_json: _Optional[str] = ...) -> None: ...
+    kv_store_ms: float
+    def __init__(self, kv_handle: _Optional[str] = ..., first_token: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., vision_tokens: _Optional[int] = ..., kept_vision_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., selection_ms: _Optional[float] = ..., pruning_json: _Optional[str] = ..., kv_store_ms: _Optional[float] = ...) -> None: ...
