@@ -115,18 +115,21 @@ class VisionStep(_Step):
         hashes = [hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else "" for data in images]
         decoded = [open_image(data, self.max_pixels) for data in images]
         feature_keys = [f"dartserve:vision:{self.fingerprint}:{h}" for h in hashes]
-        known = [self._known_features(key) for key in feature_keys]
+        known = [self._features(data) for data in self.store.get_values(feature_keys)]
         with self.lock:
             request = self.engine.vision.encode(decoded, messages, known)
+        # One write: the image tokens that are new, and the prompt, which names them by key.
+        writes = {}
         offset = 0
         for key, features, span in zip(feature_keys, known, request.spans):
             if features is None:
                 image_tokens = request.image_features[offset : offset + span.length]
-                self.store.set_value(key, blob.pack("features", self.fingerprint, {"features": image_tokens}), self.ttl_s)
+                writes[key] = blob.pack("features", self.fingerprint, {"features": image_tokens})
             offset += span.length
         identity = json.dumps({"model": self.fingerprint, "images": hashes, "messages": messages}, sort_keys=True)
         prompt_ref = "dartserve:prompt:" + hashlib.sha256(identity.encode()).hexdigest()
-        self.store.set_value(prompt_ref, pack_prompt(request, hashes, self.fingerprint), self.ttl_s)
+        writes[prompt_ref] = pack_prompt(request, hashes, feature_keys, self.fingerprint)
+        self.store.set_values(writes, self.ttl_s)
         return Encoded(
             prompt_ref=prompt_ref,
             image_hashes=hashes,
@@ -136,8 +139,7 @@ class VisionStep(_Step):
             encode_ms=(time.perf_counter() - started) * 1e3,
         )
 
-    def _known_features(self, key: str) -> torch.Tensor | None:
-        data = self.store.get_value(key)
+    def _features(self, data: bytes | None) -> torch.Tensor | None:
         if data is None:
             return None
         try:
@@ -152,7 +154,7 @@ class PrefillStep(_Step):
         if data is None:
             raise StageMiss(f"encoded prompt {prompt_ref} is not in the store (expired or evicted)")
         try:
-            request, hashes = unpack_prompt(data, self.fingerprint, self.adapter.device)
+            request, hashes = unpack_prompt(data, self.store, self.adapter, self.fingerprint)
         except CacheMiss as error:
             raise StageMiss(f"encoded prompt {prompt_ref} is unusable: {error}") from None
         check_room(self.adapter, int(request.positions.max()) + 1, sampling)
@@ -273,17 +275,25 @@ class DecodeStep(_Step):
         return RaggedKVCache.concat(parts[::-1]), store_s * 1e3
 
 
-def pack_prompt(request: EncodedPrompt, image_hashes: list[str], fingerprint: str) -> bytes:
+def pack_prompt(request: EncodedPrompt, image_hashes: list[str], feature_keys: list[str], fingerprint: str) -> bytes:
+    """The prompt without its image tokens, which stay under their own keys."""
     spans = [{"start": s.start, "length": s.length, "grids": [[g.offset, g.h, g.w, g.stride] for g in s.grids]} for s in request.spans]
-    tensors = {"input_ids": request.input_ids, "image_features": request.image_features, "positions": request.positions}
-    return blob.pack("prompt", fingerprint, tensors, {"spans": spans, "image_hashes": image_hashes})
+    tensors = {"input_ids": request.input_ids, "positions": request.positions}
+    return blob.pack("prompt", fingerprint, tensors, {"spans": spans, "image_hashes": image_hashes, "feature_keys": feature_keys})
 
 
-def unpack_prompt(data: bytes, fingerprint: str, device) -> tuple[EncodedPrompt, list[str]]:
-    tensors, meta = blob.unpack(data, "prompt", fingerprint, device)
+def unpack_prompt(data: bytes, store, adapter, fingerprint: str) -> tuple[EncodedPrompt, list[str]]:
+    """The encoded prompt with its image tokens read back; ``CacheMiss`` if any part is gone or damaged."""
+    tensors, meta = blob.unpack(data, "prompt", fingerprint, adapter.device)
     try:
         spans = [ImageSpan(s["start"], s["length"], tuple(Grid(*g) for g in s["grids"])) for s in meta["spans"]]
-        request = EncodedPrompt(tensors["input_ids"], tensors["image_features"], spans, tensors["positions"])
-        return request, list(meta["image_hashes"])
+        values = store.get_values(list(meta["feature_keys"]))
+        hashes = list(meta["image_hashes"])
     except (KeyError, TypeError) as error:
         raise CacheMiss(f"malformed prompt value: {error}") from None
+    if any(v is None for v in values):
+        raise CacheMiss("an image's tokens are no longer in the store")
+    features = [blob.unpack(v, "features", fingerprint, adapter.device)[0]["features"] for v in values]
+    hidden = adapter.text.config.hidden_size
+    stacked = torch.cat(features) if features else torch.empty(0, hidden, dtype=adapter.dtype, device=adapter.device)
+    return EncodedPrompt(tensors["input_ids"], stacked, spans, tensors["positions"]), hashes

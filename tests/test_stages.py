@@ -77,11 +77,12 @@ class ForgetfulStore(MemoryStore):
         super().__init__()
         self.prefix, self.forgotten = prefix, 0
 
-    def set_value(self, key, value, ttl_s=600):
-        super().set_value(key, value, ttl_s)
-        if key.startswith(self.prefix) and not self.forgotten:
-            self.forgotten += 1
-            self._values.pop(key)
+    def set_values(self, items, ttl_s=600):
+        super().set_values(items, ttl_s)
+        for key in items:
+            if key.startswith(self.prefix) and not self.forgotten:
+                self.forgotten += 1
+                self._values.pop(key)
 
     def put(self, key, encoded, ttl_s=600):
         super().put(key, encoded, ttl_s)
@@ -90,7 +91,7 @@ class ForgetfulStore(MemoryStore):
             self._values.pop(f"{key}:manifest")
 
 
-@pytest.mark.parametrize("prefix", ["dartserve:prompt:", "dartserve:kv:"])
+@pytest.mark.parametrize("prefix", ["dartserve:prompt:", "dartserve:vision:", "dartserve:kv:"])
 def test_a_value_evicted_between_stages_is_recomputed(engines, prefix):
     engine = engines["llava"]
     store = ForgetfulStore(prefix)

@@ -55,13 +55,21 @@ class MemoryStore:
             self._drop_expired()
 
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self.set_values({key: value}, ttl_s)
+
+    def set_values(self, items: dict[str, bytes], ttl_s: int = DEFAULT_TTL_S) -> None:
         with self._lock:
-            self._values[key] = (time.monotonic() + ttl_s, value)
+            expires = time.monotonic() + ttl_s
+            self._values.update({key: (expires, value) for key, value in items.items()})
 
     def get_value(self, key: str) -> bytes | None:
+        return self.get_values([key])[0]
+
+    def get_values(self, keys: list[str]) -> list[bytes | None]:
         with self._lock:
-            found = self._values.get(key)
-            return found[1] if found and found[0] > time.monotonic() else None
+            now = time.monotonic()
+            found = [self._values.get(key) for key in keys]
+            return [f[1] if f and f[0] > now else None for f in found]
 
     def ping(self) -> None:
         pass
@@ -120,8 +128,17 @@ class RedisStore:
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
         self._call(self.client.set, key, value, ex=ttl_s)
 
+    def set_values(self, items: dict[str, bytes], ttl_s: int = DEFAULT_TTL_S) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, value in items.items():
+            pipe.set(key, value, ex=ttl_s)
+        self._call(pipe.execute)
+
     def get_value(self, key: str) -> bytes | None:
         return self._call(self.client.get, key)
+
+    def get_values(self, keys: list[str]) -> list[bytes | None]:
+        return self._call(self.client.mget, keys) if keys else []
 
     def ping(self) -> None:
         self._call(self.client.ping)
