@@ -32,6 +32,9 @@ from dartserve.pruning.base import Grid, ImageSpan
 from dartserve.pruning.config import PruningConfig
 
 
+MAX_ASPECT = 20
+
+
 class StageMiss(Exception):
     """A claim check or KV handle whose value is gone or unusable: recompute, never guess."""
 
@@ -45,10 +48,20 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             width, height = probe.size
             if width * height > max_pixels:  # checked before decoding: no decompression bombs
                 raise ValueError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
+            # Processors scale the short side up to the model's size: a 1 x 16000 strip would
+            # grow to hundreds of megapixels.
+            if max(width, height) > MAX_ASPECT * min(width, height):
+                raise ValueError(f"image is {width}x{height}; the long side may be at most {MAX_ASPECT} times the short one")
             probe.load()
             return probe.convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"not a readable image: {error}") from None
+
+
+def visible_text(engine: Engine, token_ids: list[int]) -> str:
+    """The text of ``token_ids`` without a trailing half of a multi-byte character, which the
+    next token completes: text shown so far is then always a prefix of the text to come."""
+    return engine.generator.detokenize(token_ids).rstrip("\ufffd")
 
 
 @dataclass
@@ -173,7 +186,7 @@ class PrefillStep(_Step):
         return Prefilled(
             kv_handle=handle,
             first_token=token,
-            first_text=self.engine.generator.detokenize([token]),
+            first_text=visible_text(self.engine, [token]),
             finish_reason=finish_reason(self.adapter, sampling, token, 1),
             prompt_tokens=len(ids),
             vision_tokens=request.num_vision_tokens,
@@ -207,11 +220,11 @@ class DecodeStep(_Step):
                 logits = extend(self.adapter, cache, turn)
             prefill_tokens, prefill_ms = len(turn), (time.perf_counter() - started) * 1e3
             pending = pick_token(logits[0], sampling, 0)
-            yield Chunk([pending], self._text([pending]))
+            yield Chunk([pending], visible_text(self.engine, [pending]))
         else:
             check_room(self.adapter, int(cache.next_position), sampling)
         answer = [pending]
-        shown = self._text(answer)
+        shown = visible_text(self.engine, answer)  # what the caller has been shown already
         tokens = decode_after(self.adapter, cache, pending, 1, sampling)
         while True:
             with self.lock:
@@ -219,14 +232,12 @@ class DecodeStep(_Step):
             if token is None:
                 break
             answer.append(token)
-            text = self._text(answer)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                yield Chunk([token], "")
-                continue
+            text = visible_text(self.engine, answer)
             yield Chunk([token], text[len(shown) :])
             shown = text
-        if self._text(answer) != shown:  # what was held back for a character that never completed
-            yield Chunk([], self._text(answer)[len(shown) :])
+        full = self.engine.generator.detokenize(answer)
+        if full != shown:  # what was held back for a character that never completed
+            yield Chunk([], full[len(shown) :])
         decode_ms = (time.perf_counter() - started) * 1e3 - prefill_ms
         # The cache now holds every answer token but the last, which stays pending. Only the
         # tokens added here are written, as a tail that names its parent: a turn's KV cache is
@@ -252,8 +263,6 @@ class DecodeStep(_Step):
             kv_store_ms=kv_store_ms,
         )
 
-    def _text(self, token_ids: list[int]) -> str:
-        return self.engine.generator.detokenize(token_ids)
 
     def _load(self, kv_handle: str) -> tuple[RaggedKVCache, float]:
         """The cache behind a handle (a prefill's cache, or a tail that names its parent), and

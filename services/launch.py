@@ -53,7 +53,7 @@ def embedded_gateway(settings, engine: Engine | None = None):
         PrefillStep(engine, store, settings.ttl_s),
         DecodeStep(engine, store, settings.ttl_s),
     )
-    return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning)
+    return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning, settings.max_message_bytes)
 
 
 def distributed_gateway(settings):
@@ -63,7 +63,7 @@ def distributed_gateway(settings):
     from services.gateway.conversations import Conversations
 
     store = RedisStore.from_url(settings.redis_url)
-    return Gateway(GrpcBackend(settings), Conversations(store, settings.ttl_s), model_name(settings), settings.pruning)
+    return Gateway(GrpcBackend(settings), Conversations(store, settings.ttl_s), model_name(settings), settings.pruning, settings.max_message_bytes)
 
 
 def serve_http(gateway, settings) -> None:

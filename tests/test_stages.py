@@ -140,12 +140,46 @@ def test_bad_images_are_value_errors(engines):
             vision.encode([data], PROMPT)
     with pytest.raises(ValueError, match="over the limit"):
         vision.encode([png(make_image(1, (100, 100)))], PROMPT)
+    with pytest.raises(ValueError, match="long side"):
+        vision.encode([png(make_image(1, (2, 60)))], PROMPT)
 
 
-def test_fingerprint_names_the_weights(engines):
-    a, b = engines["llava"].adapter, engines["qwen2_vl"].adapter
-    assert a.fingerprint != b.fingerprint and len(a.fingerprint) == 32
-    assert a.fingerprint == type(a)(a.model, a.processor).fingerprint
+def test_fingerprint_names_the_weights(engines, tmp_path):
+    from dartserve.engine import Engine
+    from tiny_checkpoints import build_tiny_checkpoint
+
+    a = engines["llava"].adapter
+    reloaded = Engine.load(str(build_tiny_checkpoint("llava", tmp_path / "same", seed=0))).adapter
+    other = Engine.load(str(build_tiny_checkpoint("llava", tmp_path / "other", seed=1))).adapter
+    assert len(a.fingerprint) == 32 and a.fingerprint == reloaded.fingerprint
+    assert other.fingerprint != a.fingerprint  # the same config, other weights
+    a.model.model.language_model.layers[0].mlp.up_proj.weight.data.view(-1)[:: 64] += 1e-3  # a middle slice
+    del a.__dict__["fingerprint"]
+    try:
+        assert a.fingerprint != reloaded.fingerprint
+    finally:
+        a.model.model.language_model.layers[0].mlp.up_proj.weight.data.view(-1)[:: 64] -= 1e-3
+        del a.__dict__["fingerprint"]
+
+
+def test_shown_text_never_splits_a_character(engines):
+    engine = engines["llava"]
+    ids = engine.adapter.processor.tokenizer("é", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1  # a byte-level tokenizer spells it in two tokens
+    from dartserve.stages import visible_text
+
+    assert visible_text(engine, ids[:1]) == "" and visible_text(engine, ids) == "é"
+
+
+def test_conversation_records_expire_before_their_cache():
+    from services.gateway.conversations import Conversations
+
+    store = MemoryStore()
+    Conversations(store, ttl_s=100).put("k", {"a": 1}, age_s=60)
+    expires, _ = store._values["k"]
+    import time
+
+    assert expires - time.monotonic() <= 40
 
 
 def test_settings_come_from_the_environment():
@@ -155,6 +189,53 @@ def test_settings_come_from_the_environment():
     for bad in ({"DARTSERVE_PORTT": "1"}, {"DARTSERVE_PORT": "x"}, {"DARTSERVE_PRUNING": '{"method": "nope"}'}, {"DARTSERVE_PRUNING": "{"}):
         with pytest.raises(ValueError):
             Settings.from_env(bad)
+
+
+@pytest.fixture(scope="module")
+def demo_client():
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    return TestClient(create_app(embedded_gateway(Settings(max_message_mb=1))))
+
+
+def test_gateway_edge_inputs_get_json_4xx(demo_client):
+    from dartserve.demo.data import example
+
+    item = example("test", 2)
+    image = base64.b64encode(png(item.image)).decode()
+    bad = [
+        ("/v1/answer", {"json": {"image": image, "question": "x", "temperature": 1e-300}}, 400),
+        ("/v1/answer", {"content": ('{"image": "%s", "question": "\\ud800"}' % image).encode(), "headers": {"content-type": "application/json"}}, 400),
+        ("/v1/answer", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}}, 400),
+        ("/v1/answer", {"content": b"[" * 5000 + b"]" * 5000, "headers": {"content-type": "application/json"}}, 400),
+        ("/v1/answer", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data; boundary=y"}}, 400),
+        ("/v1/answer", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}, 413),
+        ("/v1/chat/completions", {"json": {"model": "dartserve-demo", "max_tokens": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}, {"type": "text", "text": "x"}]}]}}, 400),
+    ]
+    for path, kwargs, status in bad:
+        reply = demo_client.post(path, **kwargs)
+        assert reply.status_code == status, (kwargs.get("json"), reply.text[:200])
+        assert set(reply.json()["error"]) == {"type", "message", "param"}
+
+
+def test_chat_history_with_other_pruning_starts_afresh(demo_client):
+    from dartserve.demo.data import example
+
+    item = example("test", 4)
+    url = "data:image/png;base64," + base64.b64encode(png(item.image)).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": item.question}]}]
+    body = {"model": "dartserve-demo", "temperature": 0}
+    first = demo_client.post("/v1/chat/completions", json=body | {"messages": messages, "pruning": {"method": "none"}}).json()
+    messages += [first["choices"][0]["message"], {"role": "user", "content": "how many objects are there ?"}]
+    same = demo_client.post("/v1/chat/completions", json=body | {"messages": messages, "pruning": {"method": "none"}}).json()
+    other = demo_client.post("/v1/chat/completions", json=body | {"messages": messages, "pruning": {"budget": 8}}).json()
+    assert same["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert other["dartserve"]["usage"]["kept_vision_tokens"] == 8
 
 
 def test_dartserve_serve_answers_in_embedded_mode(tmp_path):

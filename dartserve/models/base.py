@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -52,14 +53,19 @@ class ModelAdapter:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Names the weights: the config, and each tensor's name, shape, dtype and first and last
-        values. Services that load the same checkpoint agree on it whatever their device, and a
-        cache written by other weights never matches."""
-        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        """Names the model: its config, its processor (image settings, chat template, vocabulary
+        size), and each tensor's name, shape, dtype and about 300 of its values, evenly spread.
+        Services that load the same checkpoint agree on it whatever their device, and a cache
+        written by another model never matches."""
+        # Where the checkpoint was loaded from does not name it: the same files anywhere agree.
+        config = json.loads(self.model.config.to_json_string(use_diff=False), object_hook=lambda d: {k: v for k, v in d.items() if k != "_name_or_path"})
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        digest.update(json.dumps(self.processor.to_dict(), sort_keys=True, default=str).encode())
+        digest.update(str(len(self.processor.tokenizer)).encode())
         for name, tensor in self.model.state_dict().items():
             flat = tensor.detach().flatten()
-            ends = torch.cat([flat[:16], flat[-16:]]).float().cpu()
-            digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}:".encode() + ends.numpy().tobytes())
+            sample = torch.cat([flat[:16], flat[:: max(1, len(flat) // 256)], flat[-16:]]).float().cpu()
+            digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}:".encode() + sample.numpy().tobytes())
         return digest.hexdigest()[:32]
 
     @property
@@ -156,13 +162,17 @@ def chat_messages(prompt) -> list[dict]:
     """A question as one user turn, or a checked conversation: ``{"role", "content"}`` turns,
     user and assistant alternating, text only, starting and ending with the user."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+        prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise ValueError("a prompt is a string or a non-empty list of chat messages")
     for i, message in enumerate(prompt):
         role = "user" if i % 2 == 0 else "assistant"
         if not isinstance(message, dict) or message.get("role") != role or not isinstance(message.get("content"), str):
             raise ValueError(f"message {i} must be {{'role': '{role}', 'content': str}}: turns alternate, starting with the user")
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"message {i} is not valid Unicode text (a lone surrogate?)") from None
     if len(prompt) % 2 == 0:
         raise ValueError("a conversation must end with the user's turn")
     return prompt

@@ -12,6 +12,9 @@ from dartserve.models.attention import attention_mask
 from dartserve.models.base import ModelAdapter
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # beyond them, float32 logits / temperature overflow or flatten to noise
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """``temperature`` 0 is greedy. The draw for the n-th new token comes from a generator
@@ -29,8 +32,8 @@ class SamplingConfig:
         require_number("temperature", self.temperature)
         require_number("top_p", self.top_p)
         require_int("seed", self.seed, minimum=0, maximum=SEED_LIMIT - 1)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature != 0 and not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.stop_token_ids, tuple):

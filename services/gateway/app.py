@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dartserve.stages import StageMiss
 from services.convert import merge_pruning
@@ -51,9 +52,10 @@ class AnswerIn(BaseModel):
 class Gateway:
     """The app's state: how it reaches the stages, its conversations, defaults and metrics."""
 
-    def __init__(self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict) -> None:
+    def __init__(self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict, max_body_bytes: int = 32 << 20) -> None:
         self.backend, self.conversations = backend, conversations
         self.model_name, self.default_pruning = model_name, default_pruning
+        self.max_body_bytes = max_body_bytes
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -66,6 +68,7 @@ class Gateway:
 
     def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str):
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
+        started = time.monotonic()
         events = answer(self.backend, question, previous)
         self.metrics.in_flight.inc()
         if previous is not None:
@@ -75,7 +78,7 @@ class Gateway:
                 final = next(e for e in events if isinstance(e, Final))
             finally:
                 self.metrics.in_flight.dec()
-            self._finish(final, record_key, endpoint)
+            self._finish(final, record_key, endpoint, started)
             return JSONResponse(shape.body(final))
         try:
             first = next(events)  # errors before the first token still get a proper status
@@ -87,7 +90,7 @@ class Gateway:
             try:
                 for event in _chain(first, events):
                     if isinstance(event, Final):
-                        self._finish(event, record_key, endpoint)
+                        self._finish(event, record_key, endpoint, started)
                     yield from (f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
                 yield "data: [DONE]\n\n"
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
@@ -97,8 +100,8 @@ class Gateway:
 
         return StreamingResponse(stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def _finish(self, final: Final, record_key, endpoint: str) -> None:
-        self.conversations.put(record_key(final), final.record)
+    def _finish(self, final: Final, record_key, endpoint: str, started: float) -> None:
+        self.conversations.put(record_key(final), final.record, age_s=time.monotonic() - started)
         self.metrics.observe(final)
         self.metrics.requests.labels(endpoint, "200").inc()
 
@@ -162,6 +165,19 @@ def create_app(gateway: Gateway) -> FastAPI:
     def stage_miss(request: Request, error: StageMiss):
         return unavailable(request, Unavailable(str(error)))
 
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, error: StarletteHTTPException):
+        kind = "not_found" if error.status_code == 404 else "invalid_request_error"
+        return api_error(request, ApiError(error.status_code, str(error.detail), kind=kind))
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > gateway.max_body_bytes):
+            error = ApiError(413, f"the body is over the limit of {gateway.max_body_bytes} bytes", kind="request_too_large")
+            return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, error: RequestValidationError):
         first = error.errors()[0]
@@ -205,8 +221,8 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
     if kind == "application/json":
         try:
             fields = json.loads(await request.body())
-        except ValueError:
-            raise ApiError(400, "the body is not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise ApiError(400, "the body is not valid JSON, or nests too deeply") from None
         if not isinstance(fields, dict):
             raise ApiError(400, "the body must be a JSON object")
         return fields, []

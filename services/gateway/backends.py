@@ -128,6 +128,8 @@ class _rpc_errors:
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise ValueError(details) from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+            raise ValueError(f"the request is too large for the services: {details}") from None
         if code == grpc.StatusCode.NOT_FOUND:
             raise StageMiss(details) from None
         if code in _UNAVAILABLE:

@@ -23,9 +23,11 @@ class Conversations:
         except ValueError:
             return None  # damaged: the conversation is treated as unknown, never guessed at
 
-    def put(self, key: str, record: dict) -> None:
+    def put(self, key: str, record: dict, age_s: float = 0.0) -> None:
+        """``age_s``: how long ago the KV cache the record names was last written or read. The
+        record expires no later than that cache, so it never names a cache that is gone."""
         with _store_errors():
-            self.store.set_value(key, json.dumps(record).encode(), self.ttl_s)
+            self.store.set_value(key, json.dumps(record).encode(), max(1, int(self.ttl_s - age_s)))
 
 
 def by_id(conversation_id: str) -> str:

@@ -133,12 +133,14 @@ def _chat(gateway: Gateway, body: ChatIn):
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", "n")
     images, turns = parse_messages(body.messages)
-    limit = body.max_completion_tokens or body.max_tokens or 64
+    limit = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), 64)
     config = sampling(limit, 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0)
     hashes = [hashlib.sha256(image).hexdigest() for image in images]
     previous = gateway.conversations.get(conv.by_content(gateway.model_name, hashes, turns[:-1])) if len(turns) > 1 else None
     pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
     question = gateway.question(images, turns, pruning, config)
+    if previous is not None and previous["pruning"] != question.pruning.to_dict():
+        previous = None  # a conversation keeps its pruning: other settings start it afresh
     if previous is None and not images:
         raise ApiError(400, "the first user message must carry an image (an image_url part)", "messages")
     key = lambda final: conv.by_content(gateway.model_name, hashes, final.record["messages"])  # noqa: E731

@@ -101,7 +101,10 @@ def _follow_up(backend, question: Question, previous: dict, started: float) -> I
     try:
         first = next(chunks)
     except StageMiss:
-        raise Unavailable("the conversation's cache has expired; ask again with the image") from None
+        if question.images:  # the client sent the whole conversation (chat API): recompute it
+            yield from answer(backend, question)
+            return
+        raise Unavailable("the conversation's cache has expired; start a new conversation with the image") from None
     ttft_ms = (time.perf_counter() - started) * 1e3
     tokens, texts = [], []
     last = yield from _deltas(_chain(first, chunks), tokens, texts)
