@@ -128,7 +128,8 @@ class VisionStep(_Step):
         hashes = [hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else "" for data in images]
         decoded = [open_image(data, self.max_pixels) for data in images]
         feature_keys = [f"dartserve:vision:{self.fingerprint}:{h}" for h in hashes]
-        known = [self._features(data) for data in self.store.get_values(feature_keys)]
+        # Image tokens found live on with the prompt that names them.
+        known = [self._features(data) for data in self.store.get_values(feature_keys, refresh_ttl_s=self.ttl_s)]
         with self.lock:
             request = self.engine.vision.encode(decoded, messages, known)
         # One write: the image tokens that are new, and the prompt, which names them by key.

@@ -65,11 +65,15 @@ class MemoryStore:
     def get_value(self, key: str) -> bytes | None:
         return self.get_values([key])[0]
 
-    def get_values(self, keys: list[str]) -> list[bytes | None]:
+    def get_values(self, keys: list[str], refresh_ttl_s: int | None = None) -> list[bytes | None]:
+        """The values (None where missing); ``refresh_ttl_s`` restarts the TTL of those found."""
         with self._lock:
             now = time.monotonic()
             found = [self._values.get(key) for key in keys]
-            return [f[1] if f and f[0] > now else None for f in found]
+            values = [f[1] if f and f[0] > now else None for f in found]
+            if refresh_ttl_s is not None:
+                self._values.update({k: (now + refresh_ttl_s, v) for k, v in zip(keys, values) if v is not None})
+            return values
 
     def ping(self) -> None:
         pass
@@ -137,8 +141,16 @@ class RedisStore:
     def get_value(self, key: str) -> bytes | None:
         return self._call(self.client.get, key)
 
-    def get_values(self, keys: list[str]) -> list[bytes | None]:
-        return self._call(self.client.mget, keys) if keys else []
+    def get_values(self, keys: list[str], refresh_ttl_s: int | None = None) -> list[bytes | None]:
+        """The values (None where missing); ``refresh_ttl_s`` restarts the TTL of those found,
+        in the same round trip."""
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        pipe.mget(keys)
+        for key in keys if refresh_ttl_s is not None else []:
+            pipe.expire(key, refresh_ttl_s)
+        return self._call(pipe.execute)[0]
 
     def ping(self) -> None:
         self._call(self.client.ping)
