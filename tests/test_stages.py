@@ -313,3 +313,22 @@ def test_turns_store_only_their_tails_and_equal_from_scratch_runs():
             written = [store._values[k][1] for k in set(store._values) - before]
             assert sum(map(len, written)) < scratch.stats.kv_bytes / 20
         record = final.record
+
+
+def test_chat_follow_up_whose_cache_expired_is_recomputed(demo_client):
+    from dartserve.demo.data import example
+
+    item = example("test", 6)
+    url = "data:image/png;base64," + base64.b64encode(png(item.image)).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": item.question}]}]
+    body = {"model": "dartserve-demo", "temperature": 0, "pruning": {"method": "none"}}
+    first = demo_client.post("/v1/chat/completions", json=body | {"messages": messages}).json()
+    messages += [first["choices"][0]["message"], {"role": "user", "content": "how many objects are there ?"}]
+    cached = demo_client.post("/v1/chat/completions", json=body | {"messages": messages}).json()
+    store = demo_client.app.state.gateway.backend.decode.store
+    for key in [k for k in store._values if k.startswith("dartserve:kv:")]:
+        del store._values[key]  # evicted, as Redis may
+    recomputed = demo_client.post("/v1/chat/completions", json=body | {"messages": messages})
+    assert recomputed.status_code == 200
+    assert recomputed.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert recomputed.json()["choices"][0]["message"] == cached["choices"][0]["message"]

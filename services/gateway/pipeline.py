@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
@@ -35,7 +35,6 @@ class Final:
     timings: dict
     pruning: dict
     images_cached: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def answer(backend, question: Question, previous: dict | None = None) -> Iterator[Delta | Final]:
@@ -64,7 +63,6 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
         "kv_handle": handle,
         "pending_token": pending,
         "messages": question.messages + [{"role": "assistant", "content": text.strip()}],
-        "image_hashes": encoded.image_hashes,
         "context_tokens": prefilled.prompt_tokens + len(tokens) - 1,
         "vision_tokens": prefilled.vision_tokens,
         "kept_vision_tokens": prefilled.kept_vision_tokens,
