@@ -125,8 +125,8 @@ class VisionStep(_Step):
     def encode(self, images: list[bytes], prompt: str | list[dict]) -> Encoded:
         started = time.perf_counter()
         messages = chat_messages(prompt)
-        hashes = [hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else "" for data in images]
-        decoded = [open_image(data, self.max_pixels) for data in images]
+        decoded = [open_image(data, self.max_pixels) for data in images]  # checks them first
+        hashes = [hashlib.sha256(data).hexdigest() for data in images]
         feature_keys = [f"dartserve:vision:{self.fingerprint}:{h}" for h in hashes]
         # Image tokens found live on with the prompt that names them.
         known = [self._features(data) for data in self.store.get_values(feature_keys, refresh_ttl_s=self.ttl_s)]

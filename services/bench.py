@@ -10,10 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,20 +20,9 @@ import httpx
 from PIL import Image
 
 from dartserve.bench import cpu_name
+from services.processes import free_port, start_dartserve, start_redis
 
 STAGES = ("vision", "pruner", "generator")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(command: str, env: dict, logs: Path) -> subprocess.Popen:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
-    with open(logs / f"{command}.log", "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command], env=full, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
@@ -113,26 +100,6 @@ def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
     }
 
 
-def _private_redis(logs: Path) -> tuple[subprocess.Popen, str]:
-    """An empty redis-server of the bench's own: nothing cached by an earlier run can help."""
-    import redis
-
-    port = _free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=open(logs / "redis.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return process, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("the bench's redis-server did not start")
-
-
 def run_service_bench(
     requests: int = 30, redis_url: str | None = None, kv_rounds: int = 30, model: str | None = None, threads: int | None = None
 ) -> dict:
@@ -146,23 +113,24 @@ def run_service_bench(
     from dartserve.pruning import PruningConfig
 
     model = model or default_model()
-    ports = {name: _free_port() for name in ("embedded", *STAGES, "gateway")}
+    ports = {name: free_port() for name in ("embedded", *STAGES, "gateway")}
     processes = []
     with tempfile.TemporaryDirectory() as raw:
         logs = Path(raw)
-        if redis_url is None:
-            redis_process, redis_url = _private_redis(logs)
-            processes.append(redis_process)
+        if redis_url is None:  # an empty server of its own: nothing an earlier run cached can help
+            redis_port = free_port()
+            processes.append(start_redis(redis_port))
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
         base = {"DARTSERVE_MODEL": model, "DARTSERVE_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
         if threads:
             base["OMP_NUM_THREADS"] = str(threads)
         try:
-            embedded = _start("serve", base | {"DARTSERVE_PORT": str(ports["embedded"])}, logs)
+            embedded = start_dartserve("serve", base | {"DARTSERVE_PORT": str(ports["embedded"])}, logs / "serve.log")
             processes.append(embedded)
             for name in STAGES:
-                processes.append(_start(name, base | {"DARTSERVE_PORT": str(ports[name])}, logs))
+                processes.append(start_dartserve(name, base | {"DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log"))
             addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
-            gateway = _start("gateway", base | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs)
+            gateway = start_dartserve("gateway", base | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
             processes.append(gateway)
             urls = {"embedded": f"http://127.0.0.1:{ports['embedded']}", "distributed": f"http://127.0.0.1:{ports['gateway']}"}
             _wait_ready(urls["embedded"], embedded)

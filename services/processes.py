@@ -1,0 +1,51 @@
+"""Starting dartserve's processes and a private redis-server on loopback: for the service
+benchmark and the tests, which run the services as users do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_dartserve(command: str, env: dict, log: Path) -> subprocess.Popen:
+    """``dartserve COMMAND`` as its own process with ``env`` over this one's (less its
+    ``DARTSERVE_*`` settings), its output to ``log``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command], env=full, stdout=out, stderr=subprocess.STDOUT)
+
+
+def start_redis(port: int, timeout_s: float = 10) -> subprocess.Popen:
+    """An empty, non-persistent redis-server on ``port``, once it answers."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return process
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
