@@ -104,7 +104,10 @@ def _train_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
+    train(
+        out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        init=Path(args.init) if args.init else None, vision_steps=args.vision_steps,
+    )
     print(json.dumps(write_card(out)["test"], indent=2))
     return 0
 
@@ -113,9 +116,19 @@ def _bench_service(args: argparse.Namespace) -> int:
     from services.bench import run_service_bench
 
     result = run_service_bench(requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model, threads=args.threads)
+    return _print_json(result, args.json)
+
+
+def _bench_batch(args: argparse.Namespace) -> int:
+    from services.bench_batch import run_batch_bench
+
+    return _print_json(run_batch_bench(requests=args.requests, runs=args.runs, model=args.model, threads=args.threads), args.json)
+
+
+def _print_json(result: dict, path: str | None) -> int:
     text = json.dumps(result, indent=2)
-    if args.json:
-        with open(args.json, "w") as out:
+    if path:
+        with open(path, "w") as out:
             out.write(text + "\n")
     print(text)
     return 0
@@ -132,6 +145,41 @@ def _serve(args: argparse.Namespace) -> int:
         serve_http(distributed_gateway(settings), settings)
     else:
         start_stage(args.command, settings).wait_for_signal()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from services.config import Settings
+    from services.launch import run_worker
+
+    run_worker(Settings.from_env(), local=args.local, concurrency=args.concurrency)
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.batch_client import BatchClient
+
+    client = BatchClient(args.url)
+    if args.action == "submit":
+        created = client.submit(Path(args.file).read_bytes())
+        print(created["id"], flush=True)
+        if not args.wait:
+            return 0
+        status = client.wait(created["id"])
+        print(json.dumps(status, indent=2))
+        if args.output:
+            Path(args.output).write_bytes(client.results(created["id"]))
+        return 0 if status["status"] == "completed" else 1
+    if args.action == "status":
+        print(json.dumps(client.status(args.id), indent=2))
+    elif args.action == "cancel":
+        print(json.dumps(client.cancel(args.id), indent=2))
+    elif args.output:
+        Path(args.output).write_bytes(client.results(args.id))
+    else:
+        sys.stdout.write(client.results(args.id).decode())
     return 0
 
 
@@ -185,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-demo", help="train the demo model on the synthetic task")
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=_positive_int, default=1800)
+    train.add_argument("--steps", type=_positive_int, default=1500, help="steps of phase two (the whole model)")
     train.add_argument("--batch-size", type=_positive_int, default=12)
-    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--vision-steps", type=int, default=1500, help="steps of phase one (the vision tower alone); 0 skips it")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init", help="train on from this checkpoint")
     train.add_argument("--threads", type=_positive_int, help="torch threads (results differ slightly with the count)")
@@ -202,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in service_help.items():
         commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}; configured by DARTSERVE_* environment variables (see the README).").set_defaults(run=_serve)
+
+    worker = commands.add_parser("worker", help="a Celery worker that answers batch items (see the README)")
+    worker.add_argument("--local", action="store_true", help="run the stages in this process (embedded mode) instead of over gRPC")
+    worker.add_argument("--concurrency", type=_positive_int, default=1, help="items at once, in threads")
+    worker.set_defaults(run=_worker)
+
+    batch = commands.add_parser("batch", help="submit a JSONL batch to a gateway, follow it, fetch its results")
+    actions = batch.add_subparsers(dest="action", required=True)
+    submit = actions.add_parser("submit", help="submit a JSONL file of /v1/answer requests, each with a custom_id")
+    submit.add_argument("file")
+    submit.add_argument("--wait", action="store_true", help="follow the batch with a progress bar until it finishes")
+    submit.add_argument("-o", "--output", help="with --wait: write the results (JSONL) here")
+    for action, text in (("status", "a batch's status and counts"), ("results", "a batch's results as JSONL, in input order"), ("cancel", "cancel a batch")):
+        command = actions.add_parser(action, help=text)
+        command.add_argument("id")
+        if action == "results":
+            command.add_argument("-o", "--output", help="write the results here instead of stdout")
+    for command in actions.choices.values():
+        command.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
+    batch.set_defaults(run=_batch)
 
     bench = commands.add_parser("bench", help="benchmarks, JSON out")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -224,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--model", help="default: the bundled demo model")
     service.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
     service.set_defaults(run=_bench_service)
+    batch_bench = suites.add_parser("batch", help="a batch on one Celery worker against the same requests one by one to /v1/answer")
+    batch_bench.add_argument("--json", help="write the result to this file")
+    batch_bench.add_argument("--requests", type=_positive_int, default=200)
+    batch_bench.add_argument("--runs", type=_positive_int, default=3)
+    batch_bench.add_argument("--model", help="default: the bundled demo model")
+    batch_bench.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
+    batch_bench.set_defaults(run=_bench_batch)
     return parser
 
 

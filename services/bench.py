@@ -20,12 +20,10 @@ import httpx
 from PIL import Image
 
 from dartserve.bench import cpu_name
-from services.processes import free_port, start_dartserve, start_redis
-
-STAGES = ("vision", "pruner", "generator")
+from services.processes import free_port, start_dartserve, start_distributed, start_redis
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -44,7 +42,7 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], "n": len(ordered)}
 
 
-def _requests(count: int) -> list[dict]:
+def demo_requests(count: int) -> list[dict]:
     from dartserve.demo.data import example
 
     bodies = []
@@ -113,7 +111,7 @@ def run_service_bench(
     from dartserve.pruning import PruningConfig
 
     model = model or default_model()
-    ports = {name: free_port() for name in ("embedded", *STAGES, "gateway")}
+    embedded_port = free_port()
     processes = []
     with tempfile.TemporaryDirectory() as raw:
         logs = Path(raw)
@@ -125,17 +123,14 @@ def run_service_bench(
         if threads:
             base["OMP_NUM_THREADS"] = str(threads)
         try:
-            embedded = start_dartserve("serve", base | {"DARTSERVE_PORT": str(ports["embedded"])}, logs / "serve.log")
+            embedded = start_dartserve("serve", base | {"DARTSERVE_PORT": str(embedded_port)}, logs / "serve.log")
             processes.append(embedded)
-            for name in STAGES:
-                processes.append(start_dartserve(name, base | {"DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log"))
-            addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
-            gateway = start_dartserve("gateway", base | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
-            processes.append(gateway)
-            urls = {"embedded": f"http://127.0.0.1:{ports['embedded']}", "distributed": f"http://127.0.0.1:{ports['gateway']}"}
-            _wait_ready(urls["embedded"], embedded)
-            _wait_ready(urls["distributed"], gateway)
-            bodies = _requests(requests)
+            distributed, gateway_url, _ = start_distributed(base, logs)
+            processes += distributed
+            urls = {"embedded": f"http://127.0.0.1:{embedded_port}", "distributed": gateway_url}
+            wait_ready(urls["embedded"], embedded)
+            wait_ready(urls["distributed"], distributed[-1])
+            bodies = demo_requests(requests)
             samples = {mode: {"ttft_ms": [], "e2e_ms": [], "kv_ms": [], "answers": []} for mode in urls}
             kv_bytes = {"pruned": [], "unpruned": []}
             with httpx.Client(timeout=120) as client:

@@ -29,6 +29,11 @@ ENVIRONMENT = {
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
     "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
     "DARTSERVE_WORKERS": "threads serving gRPC requests (default 8)",
+    "DARTSERVE_BATCH_TTL_S": "lifetime of a batch's requests, status and results (default 86400)",
+    "DARTSERVE_BATCH_MAX_REQUESTS": "most requests in one batch (default 50000)",
+    "DARTSERVE_BATCH_MAX_MB": "largest batch upload (default 256)",
+    "DARTSERVE_BATCH_RETRIES": "retries of a batch item while a stage is unavailable, with backoff 1, 2, 4 ... 30 s (default 6)",
+    "DARTSERVE_BATCH_VISIBILITY_S": "seconds before a batch item taken by a worker that died is delivered again (default 300)",
 }
 
 DEFAULT_PORTS = {"gateway": 8000, "vision": 50051, "pruner": 50052, "generator": 50053}
@@ -51,6 +56,11 @@ class Settings:
     max_message_mb: int = 32
     max_image_pixels: int = 4096 * 4096
     workers: int = 8
+    batch_ttl_s: int = 86400
+    batch_max_requests: int = 50_000
+    batch_max_mb: int = 256
+    batch_retries: int = 6
+    batch_visibility_s: int = 300
 
     @classmethod
     def from_env(cls, environ=None) -> Settings:
@@ -59,14 +69,17 @@ class Settings:
         if unknown:
             raise ValueError(f"unknown settings {unknown}; known: {sorted(ENVIRONMENT)}")
 
-        def read(name, convert, default):
+        def read(name, convert, default, least=None):
             raw = env.get(name)
             if raw is None or raw == "":
                 return default
             try:
-                return convert(raw)
+                value = convert(raw)
             except ValueError as error:
                 raise ValueError(f"{name}={raw!r}: {error}") from None
+            if convert in (int, float) and value < (1 if least is None else least):
+                raise ValueError(f"{name}={raw!r}: must be at least {1 if least is None else least}")
+            return value
 
         pruning = read("DARTSERVE_PRUNING", json.loads, dict(DEFAULT_PRUNING))
         PruningConfig.from_dict(pruning)  # fail at start-up, not on the first request
@@ -86,6 +99,11 @@ class Settings:
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
             workers=read("DARTSERVE_WORKERS", int, 8),
+            batch_ttl_s=read("DARTSERVE_BATCH_TTL_S", int, cls.batch_ttl_s),
+            batch_max_requests=read("DARTSERVE_BATCH_MAX_REQUESTS", int, cls.batch_max_requests),
+            batch_max_mb=read("DARTSERVE_BATCH_MAX_MB", int, cls.batch_max_mb),
+            batch_retries=read("DARTSERVE_BATCH_RETRIES", int, cls.batch_retries, least=0),
+            batch_visibility_s=read("DARTSERVE_BATCH_VISIBILITY_S", int, cls.batch_visibility_s),
         )
 
     def port_for(self, service: str) -> int:

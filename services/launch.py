@@ -42,9 +42,7 @@ def start_stage(name: str, settings, engine: Engine | None = None, store=None, p
 
 def embedded_gateway(settings, engine: Engine | None = None):
     """The gateway with every stage in this process and an in-memory store (``dartserve serve``)."""
-    from services.gateway.app import Gateway
     from services.gateway.backends import LocalBackend
-    from services.gateway.conversations import Conversations
 
     engine = engine or load_engine(settings)
     store = MemoryStore()
@@ -53,17 +51,32 @@ def embedded_gateway(settings, engine: Engine | None = None):
         PrefillStep(engine, store, settings.ttl_s),
         DecodeStep(engine, store, settings.ttl_s),
     )
-    return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning, settings.max_message_bytes)
+    return _gateway(backend, store, settings)
 
 
 def distributed_gateway(settings):
     """The gateway in front of the gRPC stages, keeping conversations in Redis."""
-    from services.gateway.app import Gateway
     from services.gateway.backends import GrpcBackend
-    from services.gateway.conversations import Conversations
 
-    store = RedisStore.from_url(settings.redis_url)
-    return Gateway(GrpcBackend(settings), Conversations(store, settings.ttl_s), model_name(settings), settings.pruning, settings.max_message_bytes)
+    return _gateway(GrpcBackend(settings), RedisStore.from_url(settings.redis_url), settings)
+
+
+def _gateway(backend, store, settings):
+    """In both modes batches go through Redis (the Celery broker and the batch store), which a
+    batch needs only when one is sent."""
+    from services.gateway.app import Gateway
+    from services.gateway.batch_api import Batches
+    from services.gateway.conversations import Conversations
+    from services.worker.app import make_celery
+    from services.worker.batches import BatchStore
+
+    batches = Batches(
+        BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), settings.pruning, settings.batch_max_requests
+    )
+    return Gateway(
+        backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning,
+        settings.max_message_bytes, batches, settings.batch_max_mb << 20,
+    )
 
 
 def serve_http(gateway, settings) -> None:
@@ -72,3 +85,24 @@ def serve_http(gateway, settings) -> None:
     from services.gateway.app import create_app
 
     uvicorn.run(create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_level="info")
+
+
+def run_worker(settings, local: bool, concurrency: int) -> None:
+    """A Celery worker for batch items: stages over gRPC, or in this process with ``local``."""
+    from services.gateway.backends import GrpcBackend, LocalBackend
+    from services.worker.tasks import Worker, worker_app
+
+    if local:
+        engine = load_engine(settings)
+        store = RedisStore.from_url(settings.redis_url)
+        backend = LocalBackend(
+            VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels),
+            PrefillStep(engine, store, settings.ttl_s),
+            DecodeStep(engine, store, settings.ttl_s),
+        )
+    else:
+        backend = GrpcBackend(settings)
+    app = worker_app(settings, Worker(settings, backend, model_name(settings)))
+    # One process: the stages' model (or channels) is loaded once; threads share it.
+    pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
+    app.worker_main(["worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", *pool])

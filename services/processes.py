@@ -18,12 +18,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_dartserve(command: str, env: dict, log: Path) -> subprocess.Popen:
-    """``dartserve COMMAND`` as its own process with ``env`` over this one's (less its
+def start_dartserve(command: str, env: dict, log: Path, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``dartserve COMMAND ARGS`` as its own process with ``env`` over this one's (less its
     ``DARTSERVE_*`` settings), its output to ``log``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command], env=full, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command, *args], env=full, stdout=out, stderr=subprocess.STDOUT)
 
 
 def start_redis(port: int, timeout_s: float = 10) -> subprocess.Popen:
@@ -49,3 +49,16 @@ def start_redis(port: int, timeout_s: float = 10) -> subprocess.Popen:
                 process.kill()
                 raise
             time.sleep(0.05)
+
+
+STAGES = ("vision", "pruner", "generator")
+
+
+def start_distributed(env: dict, logs: Path) -> tuple[list[subprocess.Popen], str, dict]:
+    """The three stages and the gateway, each its own process; returns them, the gateway's URL
+    and the settings a further process (a worker) needs to reach the stages."""
+    ports = {name: free_port() for name in (*STAGES, "gateway")}
+    processes = [start_dartserve(name, env | {"DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log") for name in STAGES]
+    addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
+    processes.append(start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log"))
+    return processes, f"http://127.0.0.1:{ports['gateway']}", env | addresses

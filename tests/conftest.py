@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 from dartserve.engine import Engine  # noqa: E402
+from processes import RedisServer  # noqa: E402
 from tiny_checkpoints import FAMILIES, build_tiny_checkpoint  # noqa: E402
 
 
@@ -22,3 +23,11 @@ def engines(checkpoints):
 @pytest.fixture(params=FAMILIES)
 def engine(request, engines):
     return engines[request.param]
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A redis-server of the test module's own (tests stop and restart it)."""
+    server = RedisServer()
+    yield server
+    server.stop()

@@ -1,8 +1,6 @@
 """Distributed mode for real: the three gRPC services and the gateway as separate processes on
 loopback, with a private redis-server, checked against the in-process engine (greedy)."""
 
-import base64
-import io
 
 import grpc
 import httpx
@@ -12,62 +10,24 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from openai import OpenAI
 
 from dartserve.demo import CHECKPOINT
-from dartserve.demo.data import example
 from dartserve.engine import Engine
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning import PruningConfig
-from processes import RedisServer, dartserve_process, free_port, stop, wait_until
+from cluster import STAGES, b64, png, running_cluster
 from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
 
-STAGES = ("vision", "pruner", "generator")
 SAMPLING = SamplingConfig(max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def cluster(redis_server, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    ports = {name: free_port() for name in (*STAGES, "gateway")}
-    common = {"DARTSERVE_REDIS_URL": redis_server.url, "DARTSERVE_MODEL": str(CHECKPOINT)}
-    processes = {}
-    try:
-        for name in STAGES:
-            processes[name] = dartserve_process(name, {**common, "DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log")
-        gateway_env = {**common, "DARTSERVE_PORT": str(ports["gateway"])}
-        gateway_env.update({f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES})
-        processes["gateway"] = dartserve_process("gateway", gateway_env, logs / "gateway.log")
-        for name in STAGES:
-            channel = grpc.insecure_channel(f"127.0.0.1:{ports[name]}")
-            check = lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1  # noqa: E731
-            wait_until(check, name, processes[name], logs / f"{name}.log")
-        url = f"http://127.0.0.1:{ports['gateway']}"
-        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "gateway", processes["gateway"], logs / "gateway.log")
-        yield {"url": url, "ports": ports, "processes": processes}
-    finally:
-        for process in processes.values():
-            stop(process)
+    with running_cluster(redis_server.url, tmp_path_factory.mktemp("logs")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def demo_engine():
     return Engine.load(str(CHECKPOINT))
-
-
-def png(index: int) -> tuple[bytes, object]:
-    item = example("test", index)
-    buffer = io.BytesIO()
-    item.image.save(buffer, "PNG")
-    return buffer.getvalue(), item
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @pytest.mark.parametrize("pruning", [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}])

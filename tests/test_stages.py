@@ -186,7 +186,12 @@ def test_settings_come_from_the_environment():
     settings = Settings.from_env({"DARTSERVE_PORT": "9000", "DARTSERVE_PRUNING": '{"method": "fastv", "budget": 32}', "DARTSERVE_TTL_S": "30"})
     assert (settings.port_for("vision"), settings.pruning, settings.ttl_s) == (9000, {"method": "fastv", "budget": 32}, 30)
     assert Settings.from_env({}).port_for("gateway") == 8000
-    for bad in ({"DARTSERVE_PORTT": "1"}, {"DARTSERVE_PORT": "x"}, {"DARTSERVE_PRUNING": '{"method": "nope"}'}, {"DARTSERVE_PRUNING": "{"}):
+    assert Settings.from_env({"DARTSERVE_BATCH_RETRIES": "0"}).batch_retries == 0
+    bad_settings = (
+        {"DARTSERVE_PORTT": "1"}, {"DARTSERVE_PORT": "x"}, {"DARTSERVE_PRUNING": '{"method": "nope"}'}, {"DARTSERVE_PRUNING": "{"},
+        {"DARTSERVE_TTL_S": "0"}, {"DARTSERVE_BATCH_VISIBILITY_S": "-5"}, {"DARTSERVE_BATCH_RETRIES": "-1"}, {"DARTSERVE_RPC_TIMEOUT_S": "0"},
+    )
+    for bad in bad_settings:
         with pytest.raises(ValueError):
             Settings.from_env(bad)
 

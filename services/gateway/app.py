@@ -9,62 +9,36 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dartserve.stages import StageMiss
-from services.convert import merge_pruning
 from services.gateway import conversations as conv
 from services.gateway.backends import Unavailable
-from services.gateway.inputs import ApiError, image_bytes, sampling
+from services.gateway.answers import AnswerIn, AnswerShape, answer_images, first_turn, make_question, parse_answer
+from services.gateway.inputs import ApiError, json_object, sampling
 from services.gateway.metrics import Metrics
-from services.gateway.pipeline import Delta, Final, Question, answer
+from services.gateway.pipeline import Final, Question, answer
 
 RETRY_AFTER_S = "1"
-
-
-class PruningIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    method: str | None = None
-    budget: int | None = None
-    ratio: float | None = None
-    layer: int | None = None
-    pivot_image: int | None = None
-    pivot_text: int | None = None
-    seed: int | None = None
-
-
-class AnswerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    question: str
-    image: str | None = None
-    images: list[str] | None = None
-    pruning: PruningIn | None = None
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stream: bool = False
-    conversation_id: str | None = None
 
 
 class Gateway:
     """The app's state: how it reaches the stages, its conversations, defaults and metrics."""
 
-    def __init__(self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict, max_body_bytes: int = 32 << 20) -> None:
+    def __init__(
+        self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict,
+        max_body_bytes: int = 32 << 20, batches=None, max_batch_bytes: int = 256 << 20,
+    ) -> None:
         self.backend, self.conversations = backend, conversations
         self.model_name, self.default_pruning = model_name, default_pruning
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.max_batch_bytes = max_body_bytes, max_batch_bytes
+        self.batches = batches  # None: this gateway takes no batches
         self.metrics = Metrics()
         self.created = int(time.time())
 
     def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
-        try:
-            config = merge_pruning(pruning, self.default_pruning)
-        except ValueError as error:
-            raise ApiError(400, str(error), "pruning") from None
-        return Question(images, messages, config, sampling_config)
+        return make_question(images, messages, pruning, sampling_config, self.default_pruning)
 
     def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str):
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
@@ -119,30 +93,8 @@ def _error_body(error: Exception) -> dict:
     return {"error": {"type": "service_unavailable", "message": str(error), "param": None}}
 
 
-class AnswerShape:
-    """/v1/answer's response: one JSON object, or SSE deltas then that object."""
-
-    def __init__(self, model: str, conversation_id: str) -> None:
-        self.model, self.conversation_id = model, conversation_id
-
-    def body(self, final: Final) -> dict:
-        return {
-            "answer": final.text,
-            "model": self.model,
-            "conversation_id": self.conversation_id,
-            "finish_reason": final.finish_reason,
-            "usage": final.usage,
-            "timings": final.timings,
-            "pruning": final.pruning,
-        }
-
-    def chunks(self, event) -> list[dict]:
-        if isinstance(event, Delta):
-            return [{"type": "delta", "text": event.text}]
-        return [{"type": "answer", **self.body(event)}]
-
-
 def create_app(gateway: Gateway) -> FastAPI:
+    from services.gateway.batch_api import register_batches
     from services.gateway.openai_api import register_chat
 
     app = FastAPI(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning")
@@ -173,8 +125,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > gateway.max_body_bytes):
-            error = ApiError(413, f"the body is over the limit of {gateway.max_body_bytes} bytes", kind="request_too_large")
+        limit = gateway.max_batch_bytes if request.url.path == "/v1/batches" else gateway.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            error = ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
             return JSONResponse(error.body(), status_code=413)
         return await call_next(request)
 
@@ -187,11 +140,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/answer")
     async def answer_endpoint(request: Request):
         fields, uploads = await _answer_fields(request)
-        try:
-            body = AnswerIn.model_validate(fields)
-        except ValidationError as error:
-            raise RequestValidationError(error.errors()) from None
-        return await run_in_threadpool(_answer, gateway, body, uploads)
+        return await run_in_threadpool(_answer, gateway, parse_answer(fields), uploads)
 
     @app.get("/v1/models")
     def models():
@@ -212,6 +161,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     register_chat(app, gateway)
+    if gateway.batches is not None:
+        register_batches(app, gateway.batches)
     return app
 
 
@@ -219,13 +170,7 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
     """The request's fields and its uploaded image files (multipart)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip()
     if kind == "application/json":
-        try:
-            fields = json.loads(await request.body())
-        except (ValueError, RecursionError):
-            raise ApiError(400, "the body is not valid JSON, or nests too deeply") from None
-        if not isinstance(fields, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return fields, []
+        return await json_object(request), []
     if kind == "multipart/form-data":
         form = await request.form()
         fields: dict = {}
@@ -247,23 +192,19 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
 
 
 def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes]):
-    if not body.question.strip():
-        raise ApiError(400, "question must not be empty", "question")
-    images = list(uploads)
-    if body.image is not None:
-        images.append(image_bytes(body.image, "image"))
-    images += [image_bytes(image, f"images.{i}") for i, image in enumerate(body.images or [])]
-    config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+    images = answer_images(body, uploads)
     previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
-    if previous is not None and images:
-        raise ApiError(400, "images belong to a conversation's first turn; this conversation already has its images", "image")
-    if body.conversation_id and previous is None and not images:
-        raise ApiError(404, f"conversation {body.conversation_id!r} is unknown or expired", "conversation_id", kind="not_found")
-    if previous is not None and body.pruning is not None:
-        raise ApiError(400, "a conversation keeps the pruning of its first turn", "pruning")
-    messages = (previous["messages"] if previous else []) + [{"role": "user", "content": body.question}]
-    pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
-    question = gateway.question(images, messages, pruning, config)
+    if previous is None:
+        if body.conversation_id and not images:
+            raise ApiError(404, f"conversation {body.conversation_id!r} is unknown or expired", "conversation_id", kind="not_found")
+        question = first_turn(body, images, gateway.default_pruning)
+    else:
+        if images:
+            raise ApiError(400, "images belong to a conversation's first turn; this conversation already has its images", "image")
+        if body.pruning is not None:
+            raise ApiError(400, "a conversation keeps the pruning of its first turn", "pruning")
+        config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        question = gateway.question(images, previous["messages"] + [{"role": "user", "content": body.question}], None, config)
     conversation_id = body.conversation_id or uuid.uuid4().hex
     shape = AnswerShape(gateway.model_name, conversation_id)
     return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer")

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 
 import grpc
+import grpc.experimental
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dartserve.kv.store import StoreUnavailable
@@ -30,15 +31,15 @@ class LocalBackend:
         self.vision, self.prefill_step, self.decode = vision, prefill, decode
 
     def encode(self, images: list[bytes], conversation: list[dict]) -> Encoded:
-        with _store_errors():
+        with store_errors():
             return self.vision.encode(images, conversation)
 
     def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
-        with _store_errors():
+        with store_errors():
             return self.prefill_step.prefill(prompt_ref, pruning, sampling)
 
     def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
-        with _store_errors():
+        with store_errors():
             yield from self.decode.generate(kv_handle, sampling, pending, question)
 
     def readiness(self) -> dict[str, bool]:
@@ -52,7 +53,7 @@ class LocalBackend:
         pass
 
 
-class _store_errors:
+class store_errors:
     def __enter__(self):
         return self
 
@@ -65,7 +66,13 @@ class _store_errors:
 class GrpcBackend:
     def __init__(self, settings) -> None:
         limit = settings.max_message_bytes
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # Reads a server stream on the calling thread instead of handing each message over
+            # from gRPC's own thread: less latency per streamed token.
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+        ]
         self.timeout_s = settings.rpc_timeout_s
         self.channels = {
             name: grpc.insecure_channel(address, options=options)

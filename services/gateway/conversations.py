@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from services.gateway.backends import _store_errors
+from services.gateway.backends import store_errors
 
 
 class Conversations:
@@ -14,7 +14,7 @@ class Conversations:
         self.store, self.ttl_s = store, ttl_s
 
     def get(self, key: str) -> dict | None:
-        with _store_errors():
+        with store_errors():
             raw = self.store.get_value(key)
         if raw is None:
             return None
@@ -26,7 +26,7 @@ class Conversations:
     def put(self, key: str, record: dict, age_s: float = 0.0) -> None:
         """``age_s``: how long ago the KV cache the record names was last written or read. The
         record expires no later than that cache, so it never names a cache that is gone."""
-        with _store_errors():
+        with store_errors():
             self.store.set_value(key, json.dumps(record).encode(), max(1, int(self.ttl_s - age_s)))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 
 from dartserve.models.decode import SamplingConfig
@@ -20,6 +21,17 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"type": self.kind, "message": self.message, "param": self.param}}
+
+
+async def json_object(request) -> dict:
+    """The body of a JSON request, which must be an object."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the body is not valid JSON, or nests too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
 
 
 def image_bytes(value, param: str) -> bytes:

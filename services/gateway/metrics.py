@@ -29,8 +29,8 @@ class Metrics:
             self.tokens.labels(kind.removesuffix("_tokens")).inc(usage.get(kind, 0))
         if usage["vision_tokens"]:
             self.kept_ratio.observe(usage["kept_vision_tokens"] / usage["vision_tokens"])
-        if final.images_cached:
-            self.cache_hits.labels("vision").inc(final.images_cached)
+        if final.usage["cached_images"]:
+            self.cache_hits.labels("vision").inc(final.usage["cached_images"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

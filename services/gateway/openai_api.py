@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway import conversations as conv
-from services.gateway.app import Gateway, PruningIn
+from services.gateway.answers import PruningIn
+from services.gateway.app import Gateway
 from services.gateway.inputs import ApiError, image_bytes, sampling
 from services.gateway.pipeline import Delta, Final
 

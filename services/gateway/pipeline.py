@@ -34,7 +34,6 @@ class Final:
     usage: dict
     timings: dict
     pruning: dict
-    images_cached: int = 0
 
 
 def answer(backend, question: Question, previous: dict | None = None) -> Iterator[Delta | Final]:
@@ -79,6 +78,7 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
             "kept_vision_tokens": prefilled.kept_vision_tokens,
             "completion_tokens": len(tokens),
             "prefill_tokens": prefilled.prompt_tokens,
+            "cached_images": encoded.images_cached,
             "kv_bytes": prefilled.kv_bytes,
         },
         timings={
@@ -90,7 +90,6 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
             "total_ms": (time.perf_counter() - started) * 1e3,
         },
         pruning=prefilled.pruning,
-        images_cached=encoded.images_cached,
     )
 
 
@@ -126,6 +125,7 @@ def _follow_up(backend, question: Question, previous: dict, started: float) -> I
             "kept_vision_tokens": previous["kept_vision_tokens"],
             "completion_tokens": len(tokens),
             "prefill_tokens": last.prefill_tokens,
+            "cached_images": 0,
         },
         timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "kv_store_ms": last.kv_store_ms, "total_ms": (time.perf_counter() - started) * 1e3},
         pruning=previous["pruning"],

@@ -1,0 +1,60 @@
+"""``dartserve batch``: submitting a JSONL file of requests to a gateway and reading it back."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+from tqdm import tqdm
+
+POLL_S = 0.5
+
+
+class BatchClient:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def submit(self, jsonl: bytes) -> dict:
+        return json.loads(self._call("POST", "/v1/batches", jsonl, {"Content-Type": "application/jsonl"}))
+
+    def status(self, batch_id: str) -> dict:
+        return json.loads(self._call("GET", f"/v1/batches/{batch_id}"))
+
+    def cancel(self, batch_id: str) -> dict:
+        return json.loads(self._call("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    def results(self, batch_id: str) -> bytes:
+        return self._call("GET", f"/v1/batches/{batch_id}/results")
+
+    def wait(self, batch_id: str, progress: bool = True) -> dict:
+        """Polls until the batch finishes, with a progress bar of answered requests."""
+        status = self.status(batch_id)
+        with tqdm(total=status["request_counts"]["total"], unit="req", disable=not progress) as bar:
+            while True:
+                counts = status["request_counts"]
+                bar.update(counts["done"] + counts["failed"] - bar.n)
+                bar.set_postfix(status=status["status"], failed=counts["failed"])
+                if status["status"] in ("completed", "failed", "cancelled"):
+                    return status
+                time.sleep(POLL_S)
+                status = self.status(batch_id)
+
+    def _call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers={**self.headers, **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                return reply.read()
+        except urllib.error.HTTPError as error:
+            raise ValueError(f"{method} {path}: HTTP {error.code}: {_message(error.read())}") from None
+        except urllib.error.URLError as error:
+            raise ValueError(f"cannot reach the gateway at {self.url}: {error.reason}") from None
+
+
+def _message(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:500]

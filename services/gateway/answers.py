@@ -1,0 +1,93 @@
+"""A ``/v1/answer`` request and its response body, shared by the endpoint and the batch worker,
+so that a batch item is answered exactly as the same request sent on its own."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.convert import merge_pruning
+from services.gateway.inputs import ApiError, image_bytes, sampling
+from services.gateway.pipeline import Delta, Final, Question
+
+
+class PruningIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: str | None = None
+    budget: int | None = None
+    ratio: float | None = None
+    layer: int | None = None
+    pivot_image: int | None = None
+    pivot_text: int | None = None
+    seed: int | None = None
+
+
+class AnswerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    question: str
+    image: str | None = None
+    images: list[str] | None = None
+    pruning: PruningIn | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stream: bool = False
+    conversation_id: str | None = None
+
+
+def parse_answer(fields: dict, where: str = "") -> AnswerIn:
+    """The request's fields, checked; ``where`` prefixes the offending parameter's name."""
+    try:
+        body = AnswerIn.model_validate(fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = where + ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param or None) from None
+    if not body.question.strip():
+        raise ApiError(400, "question must not be empty", where + "question")
+    return body
+
+
+def answer_images(body: AnswerIn, uploads: list[bytes], where: str = "") -> list[bytes]:
+    images = list(uploads)
+    if body.image is not None:
+        images.append(image_bytes(body.image, where + "image"))
+    return images + [image_bytes(image, f"{where}images.{i}") for i, image in enumerate(body.images or [])]
+
+
+def make_question(images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, default_pruning: dict) -> Question:
+    try:
+        config = merge_pruning(pruning, default_pruning)
+    except ValueError as error:
+        raise ApiError(400, str(error), "pruning") from None
+    return Question(images, messages, config, sampling_config)
+
+
+def first_turn(body: AnswerIn, images: list[bytes], default_pruning: dict) -> Question:
+    """The question of a request that starts a conversation."""
+    config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+    pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
+    return make_question(images, [{"role": "user", "content": body.question}], pruning, config, default_pruning)
+
+
+class AnswerShape:
+    """/v1/answer's response: one JSON object, or SSE deltas then that object."""
+
+    def __init__(self, model: str, conversation_id: str | None) -> None:
+        self.model, self.conversation_id = model, conversation_id
+
+    def body(self, final: Final) -> dict:
+        return {
+            "answer": final.text,
+            "model": self.model,
+            "conversation_id": self.conversation_id,
+            "finish_reason": final.finish_reason,
+            "usage": final.usage,
+            "timings": final.timings,
+            "pruning": final.pruning,
+        }
+
+    def chunks(self, event) -> list[dict]:
+        if isinstance(event, Delta):
+            return [{"type": "delta", "text": event.text}]
+        return [{"type": "answer", **self.body(event)}]

@@ -1,0 +1,177 @@
+"""``/v1/batches``: asynchronous batches of ``/v1/answer`` requests, run by Celery workers.
+
+A batch is checked whole before anything runs: a bad line rejects it with every bad line
+named. Its images are stored once each, however many requests share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from services.gateway.answers import answer_images, first_turn, parse_answer
+from services.gateway.backends import Unavailable, store_errors
+from services.gateway.inputs import ApiError, json_object
+from services.worker.app import queue_items
+from services.worker.batches import FINISHED, UnknownBatch
+
+JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
+MAX_REPORTED = 50  # bad lines listed in one error
+
+
+class Batches:
+    """The gateway's side of batches: checking, storing and queueing them, and reading them back."""
+
+    def __init__(self, store, celery, model_name: str, default_pruning: dict, max_requests: int) -> None:
+        self.store, self.celery, self.model_name, self.max_requests = store, celery, model_name, max_requests
+        self.default_pruning = default_pruning
+
+    def submit(self, requests: list[tuple[int, object]]) -> dict:
+        """``requests`` are (line number, parsed JSON) pairs."""
+        if not requests:
+            raise ApiError(400, "the batch has no requests", "requests")
+        if len(requests) > self.max_requests:
+            raise ApiError(400, f"the batch has {len(requests)} requests; at most {self.max_requests} are allowed", "requests")
+        items, images, errors, seen = [], {}, [], set()
+        for line, request in requests:
+            try:
+                items.append(_item(request, seen, images, self.default_pruning))
+            except ApiError as error:
+                errors.append({"line": line, "message": error.message, "param": error.param})
+        if errors:
+            raise InvalidLines(errors, len(requests))
+        with store_errors():
+            batch_id = self.store.create(items, images, self.model_name)
+            try:
+                queue_items(self.celery, batch_id, len(items))
+            except Exception as error:  # the broker refused: the batch must not sit queued forever
+                self.store.fail(batch_id, f"could not queue the batch: {error}")
+                raise Unavailable(f"the batch queue is unreachable: {error}") from None
+            return self.store.status(batch_id)
+
+    def status(self, batch_id: str) -> dict:
+        with store_errors(), _unknown():
+            return self.store.status(batch_id)
+
+    def results(self, batch_id: str) -> list[dict]:
+        with store_errors(), _unknown():
+            return self.store.results(batch_id)
+
+    def cancel(self, batch_id: str) -> dict:
+        with store_errors(), _unknown():
+            before = self.store.cancel(batch_id)
+            if before in FINISHED:
+                raise ApiError(409, f"batch {batch_id!r} is already {before}", "batch_id", kind="conflict")
+            return self.store.status(batch_id)
+
+
+def _item(request, seen: set, images: dict, default_pruning: dict) -> dict:
+    if not isinstance(request, dict):
+        raise ApiError(400, "a request must be a JSON object")
+    fields = dict(request)
+    custom_id = fields.pop("custom_id", None)
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 256:
+        raise ApiError(400, "custom_id must be a non-empty string of at most 256 characters", "custom_id")
+    if custom_id in seen:
+        raise ApiError(400, f"custom_id {custom_id!r} is used twice", "custom_id")
+    seen.add(custom_id)
+    body = parse_answer(fields)
+    if body.stream:
+        raise ApiError(400, "stream is not supported in a batch", "stream")
+    if body.conversation_id is not None:
+        raise ApiError(400, "conversation_id is not supported in a batch", "conversation_id")
+    images_of_item = answer_images(body, [])
+    first_turn(body, images_of_item, default_pruning)  # checks the pruning and sampling settings
+    hashes = []
+    for data in images_of_item:
+        digest = hashlib.sha256(data).hexdigest()
+        images[digest] = data
+        hashes.append(digest)
+    fields.pop("image", None)
+    fields.pop("images", None)
+    return {"custom_id": custom_id, "fields": fields, "images": hashes}
+
+
+def parse_jsonl(data: bytes) -> list[tuple[int, object]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the JSONL upload is not UTF-8") from None
+    requests, errors = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append((number, json.loads(line)))
+        except (ValueError, RecursionError) as error:
+            errors.append({"line": number, "message": f"not valid JSON: {error}", "param": None})
+    if errors:
+        raise InvalidLines(errors, len(requests) + len(errors))
+    return requests
+
+
+class InvalidLines(Exception):
+    """Requests of a batch that are not valid, by line number (input order for a JSON batch)."""
+
+    def __init__(self, errors: list[dict], total: int) -> None:
+        self.errors, self.total = errors, total
+
+    def response(self) -> JSONResponse:
+        listed = "; ".join(f"line {e['line']}: {e['message']}" for e in self.errors[:3])
+        error = ApiError(400, f"{len(self.errors)} of {self.total} requests are invalid, so nothing was run ({listed})", "requests")
+        return JSONResponse({**error.body(), "errors": self.errors[:MAX_REPORTED]}, status_code=400)
+
+
+class _unknown:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, UnknownBatch):
+            raise ApiError(404, str(error), "batch_id", kind="not_found") from None
+        return False
+
+
+async def _requests(request: Request) -> list[tuple[int, object]]:
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind == "application/json":
+        body = await json_object(request)
+        if not isinstance(body.get("requests"), list) or set(body) - {"requests"}:
+            raise ApiError(400, 'a JSON batch is {"requests": [...]}; upload JSONL for one request per line', "requests")
+        return [(i + 1, r) for i, r in enumerate(body["requests"])]
+    if kind in JSONL_TYPES:
+        return parse_jsonl(await request.body())
+    if kind == "multipart/form-data":
+        form = await request.form()
+        files = [v for k, v in form.multi_items() if hasattr(v, "read")]
+        if len(files) != 1 or set(form.keys()) - {"file", "purpose"}:
+            raise ApiError(400, "upload the JSONL as one file field named 'file'", "file")
+        return parse_jsonl(await files[0].read())
+    raise ApiError(415, "send JSONL (application/jsonl), a JSON object with requests, or a multipart file", kind="unsupported_media_type")
+
+
+def register_batches(app: FastAPI, batches: Batches) -> None:
+    @app.post("/v1/batches")
+    async def create(request: Request):
+        try:
+            created = await run_in_threadpool(batches.submit, await _requests(request))
+        except InvalidLines as errors:
+            return errors.response()
+        return JSONResponse(created, status_code=202)
+
+    @app.get("/v1/batches/{batch_id}")
+    def status(batch_id: str):
+        return batches.status(batch_id)
+
+    @app.get("/v1/batches/{batch_id}/results")
+    def results(batch_id: str):
+        lines = "".join(json.dumps(r) + "\n" for r in batches.results(batch_id))
+        return Response(lines, media_type="application/jsonl")
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel(batch_id: str):
+        return batches.cancel(batch_id)

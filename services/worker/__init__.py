@@ -1,0 +1,1 @@
+"""Batch workloads: their records in Redis, the Celery app and its task."""

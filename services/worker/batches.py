@@ -1,0 +1,179 @@
+"""A batch's records in Redis: its status, its requests, their images and their results.
+
+Every key of a batch shares one hash tag, so a batch lives on one Redis Cluster slot and the
+scripts below can update it atomically. A result is written once per ``custom_id``: a
+redelivered item finds its result there and changes nothing, so no item is counted or
+listed twice. Everything is JSON or raw image bytes; nothing read back is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from dartserve.kv.store import StoreUnavailable
+
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+FINISHED = ("completed", "failed", "cancelled")
+
+# KEYS: meta, results. ARGV: custom_id, result JSON, "1" if it failed, now.
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'failed' or 'done', 1)
+local m = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'status')
+local done, failed = tonumber(m[2]), tonumber(m[3])
+if done + failed >= tonumber(m[1]) and m[4] ~= 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', done == 0 and 'failed' or 'completed', 'finished_at', ARGV[4])
+end
+return 1
+"""
+# KEYS: meta. ARGV: now.
+_START = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+end
+return redis.call('HGET', KEYS[1], 'status')
+"""
+# KEYS: meta. ARGV: now. Returns the status before.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1], 'finished_at', ARGV[1])
+end
+return status
+"""
+
+
+class UnknownBatch(LookupError):
+    """No batch has this id, or it has expired."""
+
+
+class BatchStore:
+    def __init__(self, client, ttl_s: int) -> None:
+        self.client, self.ttl_s = client, ttl_s
+        self._record = client.register_script(_RECORD)
+        self._start = client.register_script(_START)
+        self._cancel = client.register_script(_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int, timeout_s: float = 5.0) -> BatchStore:
+        import redis
+
+        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), ttl_s)
+
+    def create(self, items: list[dict], images: dict[str, bytes], model: str) -> str:
+        """Stores a validated batch as queued; ``items`` are ``{"custom_id", "fields", "images"}``
+        with images named by their SHA-256 in ``images``. Returns the batch id."""
+        batch_id = "batch_" + uuid.uuid4().hex
+        now = int(time.time())
+        meta = {
+            "status": "queued", "model": model, "total": len(items), "done": 0, "failed": 0,
+            "created_at": now, "expires_at": now + self.ttl_s,
+        }
+        keys = _keys(batch_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(keys["items"], mapping={str(i): json.dumps(item) for i, item in enumerate(items)})
+        if images:
+            pipe.hset(keys["images"], mapping=images)
+        pipe.hset(keys["meta"], mapping=meta)  # last: an item is never read before its batch is whole
+        for key in keys.values():
+            pipe.expire(key, self.ttl_s)
+        _call(pipe.execute)
+        return batch_id
+
+    def status(self, batch_id: str) -> dict:
+        meta = _call(self.client.hgetall, _keys(batch_id)["meta"])
+        if not meta:
+            raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
+        meta = {k.decode(): v.decode() for k, v in meta.items()}
+
+        def when(name):
+            return int(meta[name]) if name in meta else None
+
+        return {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": "/v1/answer",
+            "model": meta["model"],
+            "status": meta["status"],
+            "request_counts": {"total": int(meta["total"]), "done": int(meta["done"]), "failed": int(meta["failed"])},
+            "created_at": when("created_at"),
+            "started_at": when("started_at"),
+            "finished_at": when("finished_at"),
+            "cancelled_at": when("cancelled_at"),
+            "expires_at": when("expires_at"),
+            "error": meta.get("error"),
+        }
+
+    def item(self, batch_id: str, index: int) -> tuple[dict, list[bytes]] | None:
+        """An item and its images, or None where the batch has expired."""
+        keys = _keys(batch_id)
+        raw = _call(self.client.hget, keys["items"], str(index))
+        if raw is None:
+            return None
+        item = json.loads(raw)
+        images = _call(self.client.hmget, keys["images"], item["images"]) if item["images"] else []
+        if any(i is None for i in images):
+            return None
+        return item, images
+
+    def start(self, batch_id: str) -> str | None:
+        """Marks the batch running (if it was queued); returns its status, None if it has expired."""
+        status = _call(self._start, keys=[_keys(batch_id)["meta"]], args=[int(time.time())])
+        return status.decode() if status is not None else None
+
+    def has_result(self, batch_id: str, custom_id: str) -> bool:
+        return bool(_call(self.client.hexists, _keys(batch_id)["results"], custom_id))
+
+    def record(self, batch_id: str, custom_id: str, result: dict) -> bool:
+        """Stores an item's result unless it has one; returns whether this call stored it."""
+        keys = _keys(batch_id)
+        failed = "1" if result.get("error") else "0"
+        stored = _call(self._record, keys=[keys["meta"], keys["results"]], args=[custom_id, json.dumps(result), failed, int(time.time())])
+        return stored == 1
+
+    def cancel(self, batch_id: str) -> str:
+        """Cancels a queued or running batch; returns its status before the call."""
+        status = _call(self._cancel, keys=[_keys(batch_id)["meta"]], args=[int(time.time())])
+        if status is None:
+            raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
+        return status.decode()
+
+    def fail(self, batch_id: str, error: str) -> None:
+        _call(self.client.hset, _keys(batch_id)["meta"], mapping={"status": "failed", "error": error, "finished_at": int(time.time())})
+
+    def results(self, batch_id: str) -> list[dict]:
+        """The results in input order. Items not yet answered are left out while the batch runs;
+        once it is cancelled, they are listed with a ``cancelled`` error."""
+        status = self.status(batch_id)["status"]
+        keys = _keys(batch_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(keys["items"])
+        pipe.hgetall(keys["results"])
+        items, results = _call(pipe.execute)
+        ordered = [json.loads(items[k])["custom_id"] for k in sorted(items, key=int)]
+        found = {k.decode(): json.loads(v) for k, v in results.items()}
+        out = []
+        for custom_id in ordered:
+            if custom_id in found:
+                out.append(found[custom_id])
+            elif status == "cancelled":
+                error = {"type": "cancelled", "message": "the batch was cancelled before this request ran", "param": None}
+                out.append({"custom_id": custom_id, "response": None, "error": error})
+        return out
+
+
+def _keys(batch_id: str) -> dict[str, str]:
+    base = f"dartserve:batch:{{{batch_id}}}"
+    return {"meta": base, "items": base + ":items", "images": base + ":images", "results": base + ":results"}
+
+
+def _call(function, *args, **kwargs):
+    import redis
+
+    try:
+        return function(*args, **kwargs)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise StoreUnavailable(f"Redis is unreachable: {error}") from None

@@ -1,0 +1,67 @@
+"""The worker: runs each batch item through the vision, pruner and generator stages exactly as
+``/v1/answer`` would, and records its answer or its error in the batch store."""
+
+from __future__ import annotations
+
+import logging
+
+from dartserve.kv.store import StoreUnavailable
+from dartserve.stages import StageMiss
+from services.gateway.answers import AnswerShape, first_turn, parse_answer
+from services.gateway.backends import Unavailable
+from services.gateway.inputs import ApiError
+from services.gateway.pipeline import Final, answer
+from services.worker.app import TASK, make_celery
+from services.worker.batches import BatchStore
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 30
+
+
+class Worker:
+    """What a worker process needs to answer items: the stages, the batch store and the defaults."""
+
+    def __init__(self, settings, backend, model_name: str) -> None:
+        self.settings, self.backend, self.model_name = settings, backend, model_name
+        self.batches = BatchStore.from_url(settings.redis_url, settings.batch_ttl_s)
+
+    def run(self, task, batch_id: str, index: int) -> None:
+        loaded = self.batches.item(batch_id, index)
+        if loaded is None:
+            log.warning("batch %s has expired; item %d dropped", batch_id, index)
+            return
+        item, images = loaded
+        custom_id = item["custom_id"]
+        if self.batches.start(batch_id) in (None, "cancelled") or self.batches.has_result(batch_id, custom_id):
+            return
+        try:
+            result = self.answer(custom_id, item["fields"], images)
+        except (Unavailable, StageMiss, StoreUnavailable) as error:
+            if task.request.retries < self.settings.batch_retries:
+                raise task.retry(exc=error, countdown=min(MAX_BACKOFF_S, 2**task.request.retries)) from None
+            result = _failure(custom_id, 503, "service_unavailable", f"a stage stayed unavailable after {task.request.retries} retries: {error}")
+        self.batches.record(batch_id, custom_id, result)
+
+    def answer(self, custom_id: str, fields: dict, images: list[bytes]) -> dict:
+        try:
+            question = first_turn(parse_answer(fields), images, self.settings.pruning)
+            final = next(e for e in answer(self.backend, question) if isinstance(e, Final))
+        except ApiError as error:
+            return _failure(custom_id, error.status, error.kind, error.message, error.param)
+        except ValueError as error:  # what a stage found wrong with the input, e.g. not an image
+            return _failure(custom_id, 400, "invalid_request_error", str(error))
+        return {"custom_id": custom_id, "response": {"status_code": 200, "body": AnswerShape(self.model_name, None).body(final)}, "error": None}
+
+
+def _failure(custom_id: str, status: int, kind: str, message: str, param: str | None = None) -> dict:
+    return {"custom_id": custom_id, "response": None, "error": {"status_code": status, "type": kind, "message": message, "param": param}}
+
+
+def worker_app(settings, worker: Worker):
+    app = make_celery(settings)
+
+    @app.task(name=TASK, bind=True, acks_late=True)
+    def batch_item(task, batch_id: str, index: int) -> None:
+        worker.run(task, batch_id, index)
+
+    return app

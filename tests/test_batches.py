@@ -1,0 +1,225 @@
+"""Batches for real: the stages and gateway as processes over a private redis-server, and
+Celery workers as processes of their own (``dartserve worker``)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from cluster import b64, png, running_cluster
+from processes import dartserve_process, free_port, stop, wait_until
+
+PRUNINGS = [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}]
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, tmp_path_factory):
+    # A short visibility timeout, so that an item taken by a killed worker comes back within seconds.
+    with running_cluster(redis_server.url, tmp_path_factory.mktemp("logs"), {"DARTSERVE_BATCH_VISIBILITY_S": "3"}) as running:
+        yield running
+
+
+@pytest.fixture
+def worker(cluster, tmp_path):
+    """Starts workers; each is stopped at the end of the test."""
+    started = []
+
+    def start(*args):
+        log = tmp_path / f"worker{len(started)}.log"
+        process = dartserve_process("worker", {**cluster["env"], "DARTSERVE_BATCH_VISIBILITY_S": "3"}, log, args)
+        started.append((process, log))
+        return process, log
+
+    yield start
+    for process, _ in started:
+        stop(process)
+
+
+def requests_for(count: int, images: int) -> list[dict]:
+    """``count`` requests over ``images`` distinct images, each image asked about several times."""
+    out = []
+    for i in range(count):
+        data, item = png(i % images)
+        question = item.question if i < images else ["how many objects are there ?", "is there a red circle ?", "what colour is the square ?"][i % 3]
+        out.append({"custom_id": f"req-{i}", "image": b64(data), "question": question, "pruning": PRUNINGS[i % 3], "max_new_tokens": 6})
+    return out
+
+
+def submit(cluster, requests: list[dict]) -> dict:
+    jsonl = "".join(json.dumps(r) + "\n" for r in requests)
+    reply = httpx.post(f"{cluster['url']}/v1/batches", content=jsonl, headers={"Content-Type": "application/jsonl"}, timeout=60)
+    assert reply.status_code == 202, reply.text
+    return reply.json()
+
+
+def wait_for(cluster, batch_id: str, process, log, timeout_s: float = 300) -> dict:
+    status = {}
+
+    def finished():
+        status.update(httpx.get(f"{cluster['url']}/v1/batches/{batch_id}").json())
+        return status["status"] in ("completed", "failed", "cancelled")
+
+    wait_until(finished, "the batch", process, log, timeout_s)
+    return status
+
+
+def results(cluster, batch_id: str) -> list[dict]:
+    reply = httpx.get(f"{cluster['url']}/v1/batches/{batch_id}/results")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/jsonl")
+    return [json.loads(line) for line in reply.text.splitlines()]
+
+
+def test_a_batch_answers_every_request_as_v1_answer_does(cluster, worker):
+    requests = requests_for(30, images=8)
+    created = submit(cluster, requests)
+    assert created["status"] == "queued" and created["request_counts"] == {"total": 30, "done": 0, "failed": 0}
+    process, log = worker()
+    status = wait_for(cluster, created["id"], process, log)
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 30, "done": 30, "failed": 0}
+    assert status["created_at"] <= status["started_at"] <= status["finished_at"]
+    lines = results(cluster, created["id"])
+    assert [line["custom_id"] for line in lines] == [r["custom_id"] for r in requests]
+    for request, line in zip(requests, lines):
+        fields = {k: v for k, v in request.items() if k != "custom_id"}
+        single = httpx.post(f"{cluster['url']}/v1/answer", json=fields, timeout=60).json()
+        body = line["response"]["body"]
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        for key in ("answer", "model", "finish_reason", "pruning"):
+            assert body[key] == single[key], (request["custom_id"], key)
+        assert {k: v for k, v in body["usage"].items() if k != "cached_images"} == {k: v for k, v in single["usage"].items() if k != "cached_images"}
+    # One worker takes items in order: each image is encoded by its first request only.
+    assert [line["response"]["body"]["usage"]["cached_images"] for line in lines] == [0] * 8 + [1] * 22
+
+
+def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):
+    requests = requests_for(40, images=40)
+    created = submit(cluster, requests)
+    first, log = worker()
+    wait_until(lambda: httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"] >= 5, "five answers", first, log)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done_at_kill = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"]
+    assert done_at_kill < 40, "the worker finished before it was killed; the test proves nothing"
+    second, log = worker()
+    status = wait_for(cluster, created["id"], second, log)
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 40, "done": 40, "failed": 0}
+    lines = results(cluster, created["id"])
+    assert [line["custom_id"] for line in lines] == [r["custom_id"] for r in requests]
+    assert all(line["error"] is None and line["response"]["body"]["answer"] for line in lines)
+
+
+def test_items_wait_out_an_unavailable_stage(cluster, worker, redis_server, tmp_path):
+    """A stage down is transient: items retry with backoff and complete once it is back."""
+    pruner_port = cluster["ports"]["pruner"]
+    stop(cluster["processes"]["pruner"])
+    try:
+        created = submit(cluster, requests_for(3, images=3))
+        process, log = worker()
+        wait_until(lambda: "Retry in" in log.read_text(), "a retry", process, log, timeout_s=60)
+        assert httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"] == 0
+    finally:
+        env = {**cluster["env"], "DARTSERVE_PORT": str(pruner_port)}
+        cluster["processes"]["pruner"] = dartserve_process("pruner", env, tmp_path / "pruner.log")
+    status = wait_for(cluster, created["id"], process, log)
+    assert status["request_counts"] == {"total": 3, "done": 3, "failed": 0}
+
+
+def test_item_errors_are_recorded_without_failing_the_batch(cluster, worker):
+    good = requests_for(2, images=2)
+    not_an_image = {"custom_id": "broken", "image": b64(b"GIF89a not really"), "question": "what colour is the circle ?"}
+    created = submit(cluster, [good[0], not_an_image, good[1]])
+    process, log = worker()
+    status = wait_for(cluster, created["id"], process, log)
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 3, "done": 2, "failed": 1}
+    lines = results(cluster, created["id"])
+    assert [line["custom_id"] for line in lines] == ["req-0", "broken", "req-1"]
+    assert lines[1]["response"] is None and lines[1]["error"]["status_code"] == 400 and "image" in lines[1]["error"]["message"]
+
+
+def test_invalid_batches_are_rejected_whole_with_line_numbers(cluster):
+    url = f"{cluster['url']}/v1/batches"
+    data, _ = png(0)
+    good = json.dumps({"custom_id": "a", "image": b64(data), "question": "how many objects are there ?"})
+    jsonl = "\n".join([good, "{not json", json.dumps({"custom_id": "a", "question": "again"}), json.dumps({"question": "no id"})])
+    reply = httpx.post(url, content=jsonl, headers={"Content-Type": "application/jsonl"})
+    assert reply.status_code == 400 and reply.json()["errors"][0]["line"] == 2
+    body = "\n".join([good, json.dumps({"custom_id": "a", "question": "again"}), json.dumps({"question": "no id"}), json.dumps({"custom_id": "b", "question": "x", "pruning": {"method": "magic"}})])
+    reply = httpx.post(url, content=body, headers={"Content-Type": "application/jsonl"})
+    errors = reply.json()["errors"]
+    assert reply.status_code == 400 and [e["line"] for e in errors] == [2, 3, 4]
+    assert "used twice" in errors[0]["message"] and errors[1]["param"] == "custom_id" and errors[2]["param"] == "pruning"
+    cases = [
+        (json.dumps({"requests": []}), "application/json", 400),
+        (json.dumps([good]), "application/json", 400),
+        (json.dumps({"custom_id": "s", "image": b64(data), "question": "q", "stream": True}), "application/jsonl", 400),
+        (json.dumps({"custom_id": "s", "image": "%%%", "question": "q"}), "application/jsonl", 400),
+        (good, "text/csv", 415),
+    ]
+    for content, kind, expected in cases:
+        reply = httpx.post(url, content=content, headers={"Content-Type": kind})
+        assert reply.status_code == expected and set(reply.json()["error"]) == {"type", "message", "param"}, (content[:40], reply.text)
+    files = {"file": ("batch.jsonl", good + "\n", "application/jsonl")}
+    created = httpx.post(url, files=files)
+    assert created.status_code == 202
+    assert httpx.post(f"{url}/{created.json()['id']}/cancel").json()["status"] == "cancelled"  # no later test's worker runs it
+
+
+def test_unknown_batches_and_finished_cancels_get_4xx(cluster, worker):
+    for path in ("/v1/batches/batch_nope", "/v1/batches/batch_nope/results"):
+        reply = httpx.get(cluster["url"] + path)
+        assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found"
+    assert httpx.post(f"{cluster['url']}/v1/batches/batch_nope/cancel").status_code == 404
+    created = submit(cluster, requests_for(1, images=1))
+    process, log = worker()
+    wait_for(cluster, created["id"], process, log)
+    reply = httpx.post(f"{cluster['url']}/v1/batches/{created['id']}/cancel")
+    assert reply.status_code == 409 and "already completed" in reply.json()["error"]["message"]
+
+
+def test_cancelling_a_queued_batch_runs_none_of_it_and_lists_every_request(cluster, worker):
+    requests = requests_for(4, images=4)
+    created = submit(cluster, requests)
+    reply = httpx.post(f"{cluster['url']}/v1/batches/{created['id']}/cancel")
+    assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
+    process, log = worker()
+    wait_until(lambda: "succeeded" in log.read_text() or "batch_item" in log.read_text(), "the worker", process, log, timeout_s=60)
+    time.sleep(1)
+    status = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()
+    assert status["status"] == "cancelled" and status["request_counts"]["done"] == 0
+    lines = results(cluster, created["id"])
+    assert [line["custom_id"] for line in lines] == [r["custom_id"] for r in requests]
+    assert all(line["error"]["type"] == "cancelled" for line in lines)
+
+
+def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_server, tmp_path):
+    """``dartserve serve`` next to ``dartserve worker --local``, driven by ``dartserve batch``."""
+    env = {"DARTSERVE_REDIS_URL": redis_server.url.replace("/0", "/1"), "DARTSERVE_PORT": str(free_port())}
+    url = f"http://127.0.0.1:{env['DARTSERVE_PORT']}"
+    serve = dartserve_process("serve", env, tmp_path / "serve.log")
+    local = dartserve_process("worker", env, tmp_path / "worker.log", ("--local",))
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, tmp_path / "serve.log")
+        requests = requests_for(6, images=3)
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+        cli = [sys.executable, "-m", "dartserve.cli", "batch"]
+        submitted = subprocess.run([*cli, "submit", str(tmp_path / "in.jsonl"), "--wait", "-o", str(tmp_path / "out.jsonl"), "--url", url], capture_output=True, text=True, timeout=300)
+        assert submitted.returncode == 0, submitted.stderr + (tmp_path / "worker.log").read_text()
+        batch_id = submitted.stdout.splitlines()[0]
+        lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        for request, line in zip(requests, lines, strict=True):
+            single = httpx.post(f"{url}/v1/answer", json={k: v for k, v in request.items() if k != "custom_id"}, timeout=60).json()
+            assert (line["custom_id"], line["response"]["body"]["answer"]) == (request["custom_id"], single["answer"])
+        status = json.loads(subprocess.run([*cli, "status", batch_id, "--url", url], capture_output=True, text=True, check=True).stdout)
+        assert status["status"] == "completed" and status["request_counts"]["done"] == 6
+        printed = subprocess.run([*cli, "results", batch_id, "--url", url], capture_output=True, text=True, check=True).stdout
+        assert [json.loads(line) for line in printed.splitlines()] == lines
+        unknown = subprocess.run([*cli, "status", "batch_nope", "--url", url], capture_output=True, text=True)
+        assert unknown.returncode == 2 and "HTTP 404" in unknown.stderr
+    finally:
+        stop(local)
+        stop(serve)
