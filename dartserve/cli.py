@@ -156,12 +156,23 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from services.config import Settings
+    from services.probe import probe
+
+    healthy = probe(args.service, Settings.from_env())
+    print("healthy" if healthy else "unhealthy")
+    return 0 if healthy else 1
+
+
 def _batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from services.batch_client import BatchClient
 
     client = BatchClient(args.url)
+    if args.action == "submit" and args.output and not args.wait:
+        raise ValueError("-o needs --wait; or fetch the results later with 'dartserve batch results ID -o FILE'")
     if args.action == "submit":
         created = client.submit(Path(args.file).read_bytes())
         print(created["id"], flush=True)
@@ -256,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--local", action="store_true", help="run the stages in this process (embedded mode) instead of over gRPC")
     worker.add_argument("--concurrency", type=_positive_int, default=1, help="items at once, in threads")
     worker.set_defaults(run=_worker)
+
+    probe = commands.add_parser("probe", help="exit 0 if a service on this host is healthy (container health checks)")
+    probe.add_argument("service", choices=("serve", "gateway", "vision", "pruner", "generator", "worker"))
+    probe.set_defaults(run=_probe)
 
     batch = commands.add_parser("batch", help="submit a JSONL batch to a gateway, follow it, fetch its results")
     actions = batch.add_subparsers(dest="action", required=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
 
 POLL_S = 0.5
+PATIENCE_S = 60.0  # how long --wait rides out a gateway that does not answer
 
 
 class BatchClient:
@@ -21,13 +23,13 @@ class BatchClient:
         return json.loads(self._call("POST", "/v1/batches", jsonl, {"Content-Type": "application/jsonl"}))
 
     def status(self, batch_id: str) -> dict:
-        return json.loads(self._call("GET", f"/v1/batches/{batch_id}"))
+        return json.loads(self._call("GET", f"/v1/batches/{_quote(batch_id)}"))
 
     def cancel(self, batch_id: str) -> dict:
-        return json.loads(self._call("POST", f"/v1/batches/{batch_id}/cancel"))
+        return json.loads(self._call("POST", f"/v1/batches/{_quote(batch_id)}/cancel"))
 
     def results(self, batch_id: str) -> bytes:
-        return self._call("GET", f"/v1/batches/{batch_id}/results")
+        return self._call("GET", f"/v1/batches/{_quote(batch_id)}/results")
 
     def wait(self, batch_id: str, progress: bool = True) -> dict:
         """Polls until the batch finishes, with a progress bar of answered requests."""
@@ -40,7 +42,18 @@ class BatchClient:
                 if status["status"] in ("completed", "failed", "cancelled"):
                     return status
                 time.sleep(POLL_S)
-                status = self.status(batch_id)
+                status = self._status_patiently(batch_id)
+
+    def _status_patiently(self, batch_id: str) -> dict:
+        """The status, retried while the gateway is unreachable or answers 503, for a while."""
+        deadline = time.monotonic() + PATIENCE_S
+        while True:
+            try:
+                return self.status(batch_id)
+            except Unreachable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def _call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> bytes:
         request = urllib.request.Request(self.url + path, data=body, method=method, headers={**self.headers, **(headers or {})})
@@ -48,9 +61,18 @@ class BatchClient:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
                 return reply.read()
         except urllib.error.HTTPError as error:
-            raise ValueError(f"{method} {path}: HTTP {error.code}: {_message(error.read())}") from None
-        except urllib.error.URLError as error:
-            raise ValueError(f"cannot reach the gateway at {self.url}: {error.reason}") from None
+            kind = Unreachable if error.code == 503 else ValueError
+            raise kind(f"{method} {path}: HTTP {error.code}: {_message(error.read())}") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise Unreachable(f"cannot reach the gateway at {self.url}: {getattr(error, 'reason', error)}") from None
+
+
+class Unreachable(ValueError):
+    """The gateway did not answer, or answered 503: worth trying again."""
+
+
+def _quote(batch_id: str) -> str:
+    return urllib.parse.quote(batch_id, safe="")
 
 
 def _message(body: bytes) -> str:

@@ -20,6 +20,7 @@ ENVIRONMENT = {
     "DARTSERVE_REDIS_URL": "Redis for claim checks and KV caches (default redis://127.0.0.1:6379/0)",
     "DARTSERVE_HOST": "interface a server binds to (default 127.0.0.1)",
     "DARTSERVE_PORT": "port a server listens on (defaults: gateway 8000, vision 50051, pruner 50052, generator 50053)",
+    "DARTSERVE_METRICS_PORT": "a gRPC stage's Prometheus /metrics port (defaults: vision 9101, pruner 9102, generator 9103; 0 turns them off)",
     "DARTSERVE_VISION_ADDR": "the gateway's vision service (default 127.0.0.1:50051)",
     "DARTSERVE_PRUNER_ADDR": "the gateway's pruner service (default 127.0.0.1:50052)",
     "DARTSERVE_GENERATOR_ADDR": "the gateway's generator service (default 127.0.0.1:50053)",
@@ -37,6 +38,7 @@ ENVIRONMENT = {
 }
 
 DEFAULT_PORTS = {"gateway": 8000, "vision": 50051, "pruner": 50052, "generator": 50053}
+DEFAULT_METRICS_PORTS = {"vision": 9101, "pruner": 9102, "generator": 9103}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int | None = None
+    metrics_port: int | None = None  # 0: no metrics server
     vision_addr: str = "127.0.0.1:50051"
     pruner_addr: str = "127.0.0.1:50052"
     generator_addr: str = "127.0.0.1:50053"
@@ -90,6 +93,7 @@ class Settings:
             redis_url=read("DARTSERVE_REDIS_URL", str, cls.redis_url),
             host=read("DARTSERVE_HOST", str, cls.host),
             port=read("DARTSERVE_PORT", int, None),
+            metrics_port=read("DARTSERVE_METRICS_PORT", int, None, least=0),
             vision_addr=read("DARTSERVE_VISION_ADDR", str, cls.vision_addr),
             pruner_addr=read("DARTSERVE_PRUNER_ADDR", str, cls.pruner_addr),
             generator_addr=read("DARTSERVE_GENERATOR_ADDR", str, cls.generator_addr),
@@ -108,6 +112,13 @@ class Settings:
 
     def port_for(self, service: str) -> int:
         return self.port if self.port is not None else DEFAULT_PORTS[service]
+
+    @property
+    def metrics(self) -> bool:
+        return self.metrics_port != 0
+
+    def metrics_port_for(self, stage: str) -> int:
+        return self.metrics_port if self.metrics_port is not None else DEFAULT_METRICS_PORTS[stage]
 
     @property
     def max_message_bytes(self) -> int:

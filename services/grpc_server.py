@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
+from services.stage_metrics import StageMetrics
 
 GRACE_S = 10.0
 
@@ -40,10 +41,12 @@ def check_deadline(context: grpc.ServicerContext) -> None:
 class Server:
     """A started gRPC server with its health service; ``port`` is the one bound."""
 
-    def __init__(self, service_name: str, register, settings, port: int) -> None:
+    def __init__(self, stage: str, service_name: str, register, settings, port: int) -> None:
         limit = settings.max_message_bytes
+        self.metrics = StageMetrics(stage, service_name)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers),
+            interceptors=[self.metrics],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         register(self.server)
@@ -56,6 +59,8 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot bind {settings.host}:{port}")
         self.service_name = service_name
+        if settings.metrics:
+            self.metrics.serve(settings.host, settings.metrics_port_for(stage))
         self.server.start()
         for name in ("", service_name):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

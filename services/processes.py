@@ -58,7 +58,10 @@ def start_distributed(env: dict, logs: Path) -> tuple[list[subprocess.Popen], st
     """The three stages and the gateway, each its own process; returns them, the gateway's URL
     and the settings a further process (a worker) needs to reach the stages."""
     ports = {name: free_port() for name in (*STAGES, "gateway")}
-    processes = [start_dartserve(name, env | {"DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log") for name in STAGES]
+    processes = [
+        start_dartserve(name, env | {"DARTSERVE_PORT": str(ports[name]), "DARTSERVE_METRICS_PORT": str(free_port())}, logs / f"{name}.log")
+        for name in STAGES
+    ]
     addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
     processes.append(start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log"))
     return processes, f"http://127.0.0.1:{ports['gateway']}", env | addresses

@@ -21,15 +21,16 @@ STAGES = ("vision", "pruner", "generator")
 
 @contextlib.contextmanager
 def running_cluster(redis_url: str, logs: Path, extra_env: dict | None = None):
-    """Yields ``{"url", "ports", "processes", "env"}`` once every stage is serving and the gateway is ready;
-    ``env`` is what a further process (a worker) needs to reach them."""
+    """Yields ``{"url", "ports", "metrics_ports", "processes", "env"}`` once every stage is serving
+    and the gateway is ready; ``env`` is what a further process (a worker) needs to reach them."""
     ports = {name: free_port() for name in (*STAGES, "gateway")}
+    metrics_ports = {name: free_port() for name in STAGES}
     common = {"DARTSERVE_REDIS_URL": redis_url, "DARTSERVE_MODEL": str(CHECKPOINT), **(extra_env or {})}
     addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
     processes = {}
     try:
         for name in STAGES:
-            processes[name] = dartserve_process(name, {**common, "DARTSERVE_PORT": str(ports[name])}, logs / f"{name}.log")
+            processes[name] = dartserve_process(name, stage_env(common, ports[name], metrics_ports[name]), logs / f"{name}.log")
         processes["gateway"] = dartserve_process("gateway", {**common, **addresses, "DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
         for name in STAGES:
             channel = grpc.insecure_channel(f"127.0.0.1:{ports[name]}")
@@ -37,10 +38,14 @@ def running_cluster(redis_url: str, logs: Path, extra_env: dict | None = None):
             wait_until(check, name, processes[name], logs / f"{name}.log")
         url = f"http://127.0.0.1:{ports['gateway']}"
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "gateway", processes["gateway"], logs / "gateway.log")
-        yield {"url": url, "ports": ports, "processes": processes, "env": {**common, **addresses}}
+        yield {"url": url, "ports": ports, "metrics_ports": metrics_ports, "processes": processes, "env": {**common, **addresses}}
     finally:
         for process in processes.values():
             stop(process)
+
+
+def stage_env(common: dict, port: int, metrics_port: int) -> dict:
+    return {**common, "DARTSERVE_PORT": str(port), "DARTSERVE_METRICS_PORT": str(metrics_port)}
 
 
 def png(index: int, split: str = "test") -> tuple[bytes, object]:

@@ -1,17 +1,18 @@
 """Batches for real: the stages and gateway as processes over a private redis-server, and
 Celery workers as processes of their own (``dartserve worker``)."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+import redis
 
-from cluster import b64, png, running_cluster
+from cluster import b64, png, running_cluster, stage_env
 from processes import dartserve_process, free_port, stop, wait_until
 
 PRUNINGS = [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}]
@@ -29,9 +30,9 @@ def worker(cluster, tmp_path):
     """Starts workers; each is stopped at the end of the test."""
     started = []
 
-    def start(*args):
+    def start(*args, env=None):
         log = tmp_path / f"worker{len(started)}.log"
-        process = dartserve_process("worker", {**cluster["env"], "DARTSERVE_BATCH_VISIBILITY_S": "3"}, log, args)
+        process = dartserve_process("worker", {**cluster["env"], "DARTSERVE_BATCH_VISIBILITY_S": "3", **(env or {})}, log, args)
         started.append((process, log))
         return process, log
 
@@ -94,13 +95,22 @@ def test_a_batch_answers_every_request_as_v1_answer_does(cluster, worker):
         assert {k: v for k, v in body["usage"].items() if k != "cached_images"} == {k: v for k, v in single["usage"].items() if k != "cached_images"}
     # One worker takes items in order: each image is encoded by its first request only.
     assert [line["response"]["body"]["usage"]["cached_images"] for line in lines] == [0] * 8 + [1] * 22
+    client = redis.Redis.from_url(cluster["env"]["DARTSERVE_REDIS_URL"])
+    keys = list(client.scan_iter(f"dartserve:batch:{{{created['id']}}}*"))
+    assert len(keys) == 4 and all(0 < client.ttl(key) <= 86400 for key in keys)  # results included
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):
     requests = requests_for(40, images=40)
     created = submit(cluster, requests)
     first, log = worker()
-    wait_until(lambda: httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"] >= 5, "five answers", first, log)
+    client = redis.Redis.from_url(cluster["env"]["DARTSERVE_REDIS_URL"])
+
+    def holding_an_item():  # killed while it holds an unacknowledged item, which must come back
+        done = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"]
+        return done >= 5 and client.hlen("unacked") > 0
+
+    wait_until(holding_an_item, "five answers and an item in hand", first, log)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     done_at_kill = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"]
@@ -113,20 +123,37 @@ def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):
     assert all(line["error"] is None and line["response"]["body"]["answer"] for line in lines)
 
 
-def test_items_wait_out_an_unavailable_stage(cluster, worker, redis_server, tmp_path):
-    """A stage down is transient: items retry with backoff and complete once it is back."""
-    pruner_port = cluster["ports"]["pruner"]
+@contextlib.contextmanager
+def pruner_down(cluster, log):
+    port = cluster["ports"]["pruner"]
     stop(cluster["processes"]["pruner"])
     try:
+        yield
+    finally:
+        env = stage_env(cluster["env"], port, cluster["metrics_ports"]["pruner"])
+        cluster["processes"]["pruner"] = dartserve_process("pruner", env, log)
+
+
+def test_items_wait_out_an_unavailable_stage(cluster, worker, tmp_path):
+    """A stage down is transient: items retry with backoff and complete once it is back."""
+    with pruner_down(cluster, tmp_path / "pruner.log"):
         created = submit(cluster, requests_for(3, images=3))
-        process, log = worker()
+        process, log = worker(env={"DARTSERVE_BATCH_RETRIES": "60"})
         wait_until(lambda: "Retry in" in log.read_text(), "a retry", process, log, timeout_s=60)
         assert httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"] == 0
-    finally:
-        env = {**cluster["env"], "DARTSERVE_PORT": str(pruner_port)}
-        cluster["processes"]["pruner"] = dartserve_process("pruner", env, tmp_path / "pruner.log")
     status = wait_for(cluster, created["id"], process, log)
     assert status["request_counts"] == {"total": 3, "done": 3, "failed": 0}
+
+
+def test_an_item_whose_stage_stays_down_is_recorded_as_503(cluster, worker, tmp_path):
+    with pruner_down(cluster, tmp_path / "pruner.log"):
+        created = submit(cluster, requests_for(1, images=1))
+        process, log = worker(env={"DARTSERVE_BATCH_RETRIES": "2"})
+        status = wait_for(cluster, created["id"], process, log, timeout_s=120)
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 1, "done": 0, "failed": 1}
+    (line,) = results(cluster, created["id"])
+    assert line["response"] is None and line["error"]["status_code"] == 503 and "after 2 retries" in line["error"]["message"]
+    wait_until(lambda: httpx.get(f"{cluster['url']}/readyz").status_code == 200, "the pruner back", timeout_s=120)
 
 
 def test_item_errors_are_recorded_without_failing_the_batch(cluster, worker):
@@ -163,10 +190,21 @@ def test_invalid_batches_are_rejected_whole_with_line_numbers(cluster):
     for content, kind, expected in cases:
         reply = httpx.post(url, content=content, headers={"Content-Type": kind})
         assert reply.status_code == expected and set(reply.json()["error"]) == {"type", "message", "param"}, (content[:40], reply.text)
-    files = {"file": ("batch.jsonl", good + "\n", "application/jsonl")}
-    created = httpx.post(url, files=files)
-    assert created.status_code == 202
-    assert httpx.post(f"{url}/{created.json()['id']}/cancel").json()["status"] == "cancelled"  # no later test's worker runs it
+    # Accepted (and cancelled, so that no later test's worker runs them): a multipart upload, a
+    # JSON batch, OpenAI-style lines, a byte-order mark, and a line separator inside a string.
+    openai_line = json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/answer", "body": {"image": b64(data), "question": "q"}})
+    separator = json.dumps({"custom_id": "u", "image": b64(data), "question": "how many\u2028objects ?"}, ensure_ascii=False)
+    accepted = [
+        httpx.post(url, files={"file": ("batch.jsonl", good + "\n", "application/jsonl")}),
+        httpx.post(url, json={"requests": [json.loads(good)]}),
+        httpx.post(url, content="\ufeff" + openai_line + "\r\n" + separator + "\n", headers={"Content-Type": "application/jsonl"}),
+    ]
+    for created in accepted:
+        assert created.status_code == 202, created.text
+        assert httpx.post(f"{url}/{created.json()['id']}/cancel").json()["status"] == "cancelled"
+    assert accepted[2].json()["request_counts"]["total"] == 2
+    lone = json.dumps({"custom_id": "\ud800x", "image": b64(data), "question": "q"})
+    assert httpx.post(url, content=lone, headers={"Content-Type": "application/jsonl"}).status_code == 400
 
 
 def test_unknown_batches_and_finished_cancels_get_4xx(cluster, worker):
@@ -187,8 +225,7 @@ def test_cancelling_a_queued_batch_runs_none_of_it_and_lists_every_request(clust
     reply = httpx.post(f"{cluster['url']}/v1/batches/{created['id']}/cancel")
     assert reply.status_code == 200 and reply.json()["status"] == "cancelled"
     process, log = worker()
-    wait_until(lambda: "succeeded" in log.read_text() or "batch_item" in log.read_text(), "the worker", process, log, timeout_s=60)
-    time.sleep(1)
+    wait_until(lambda: log.read_text().count("succeeded") == 4, "the worker skipping every item", process, log, timeout_s=60)
     status = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()
     assert status["status"] == "cancelled" and status["request_counts"]["done"] == 0
     lines = results(cluster, created["id"])
@@ -223,3 +260,41 @@ def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_serv
     finally:
         stop(local)
         stop(serve)
+
+
+def test_probe_says_whether_each_service_on_this_host_is_healthy(cluster, worker):
+    def probe(service, env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
+        return subprocess.run([sys.executable, "-m", "dartserve.cli", "probe", service], env=full, capture_output=True, timeout=60).returncode
+
+    gateway_port = cluster["url"].rsplit(":", 1)[1]
+    assert probe("gateway", {"DARTSERVE_PORT": gateway_port}) == 0
+    assert probe("pruner", {"DARTSERVE_PORT": str(cluster["ports"]["pruner"])}) == 0
+    assert probe("pruner", {"DARTSERVE_PORT": str(free_port())}) == 1
+    redis_only = {"DARTSERVE_REDIS_URL": cluster["env"]["DARTSERVE_REDIS_URL"]}
+    assert probe("worker", redis_only) == 1
+    process, log = worker()
+    wait_until(lambda: "ready." in log.read_text(), "the worker", process, log, timeout_s=60)
+    assert probe("worker", redis_only) == 0
+
+
+def test_an_item_that_raises_unexpectedly_is_recorded_as_500_not_dropped(redis_server):
+    from types import SimpleNamespace
+
+    from services.config import Settings
+    from services.worker.tasks import Worker
+
+    class CrashingStages:  # a failure no one planned for, such as a GPU fault
+        def encode(self, images, conversation):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    settings = Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_visibility_s=3)
+    worker = Worker(settings, CrashingStages(), "demo")
+    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
+    (line,) = worker.batches.results(batch_id)
+    assert line["error"]["status_code"] == 500 and "illegal memory access" in line["error"]["message"]
+    assert worker.batches.status(batch_id)["status"] == "completed"
+    # Backoff doubles, but stays under the visibility timeout, past which an item held back comes again.
+    assert [worker.backoff_s(n) for n in range(4)] == [1, 1, 1, 1]
+    assert [Worker(Settings(redis_url=settings.redis_url), None, "demo").backoff_s(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]

@@ -159,10 +159,14 @@ def test_redis_down_gives_503_never_a_wrong_answer_and_recovers(cluster, redis_s
 def test_metrics_count_requests_tokens_and_cache_hits(cluster):
     from prometheus_client.parser import text_string_to_metric_families
 
-    def sample(name, labels):
-        text = httpx.get(f"{cluster['url']}/metrics").text
+    def sample(name, labels, url=f"{cluster['url']}/metrics"):
+        text = httpx.get(url).text
         values = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name and labels.items() <= s.labels.items()]
         return sum(values)
+
+    def stage_calls(stage, method, code="OK"):
+        url = f"http://127.0.0.1:{cluster['metrics_ports'][stage]}/metrics"
+        return sample("dartserve_stage_calls_total", {"stage": stage, "method": method, "code": code}, url)
 
     counters = [
         ("dartserve_requests_total", {"endpoint": "/v1/answer", "status": "200"}),
@@ -172,13 +176,21 @@ def test_metrics_count_requests_tokens_and_cache_hits(cluster):
         ("dartserve_request_latency_seconds_count", {}),
         ("dartserve_kept_vision_token_ratio_count", {}),
     ]
-    before = [sample(*c) for c in counters]
+    stages = [("vision", "Encode"), ("pruner", "Prefill"), ("generator", "Generate")]
+    before = [sample(*c) for c in counters] + [stage_calls(*s) for s in stages]
     data, item = png(12)
     for _ in range(2):
         assert httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question}, timeout=60).status_code == 200
-    after = [sample(*c) for c in counters]
-    requests, tokens, hits, ttft, latency, ratio = (a - b for a, b in zip(after, before))
+    after = [sample(*c) for c in counters] + [stage_calls(*s) for s in stages]
+    requests, tokens, hits, ttft, latency, ratio, encodes, prefills, generates = (a - b for a, b in zip(after, before))
     assert requests == 2 and tokens >= 2 and hits >= 1 and ttft == latency == ratio == 2
+    # The stages' own metrics, which the pruner's and generator's autoscalers read.
+    assert encodes == prefills == 2 and generates <= 2
+    missing = stage_calls("pruner", "Prefill", "NOT_FOUND")
+    assert httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(b"not an image"), "question": "q"}).status_code == 400
+    assert stage_calls("vision", "Encode", "INVALID_ARGUMENT") >= 1 and stage_calls("pruner", "Prefill", "NOT_FOUND") == missing
+    in_flight = sample("dartserve_stage_in_flight", {"stage": "pruner"}, f"http://127.0.0.1:{cluster['metrics_ports']['pruner']}/metrics")
+    assert in_flight == 0
 
 
 def test_sse_stream_carries_the_same_answer(cluster, demo_engine):

@@ -282,7 +282,7 @@ def test_a_cancelled_stream_stops_decoding(engines):
     vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
     sampling = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=())
     done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
-    server = serve(DecodeStep(engine, store), Settings(), 0)
+    server = serve(DecodeStep(engine, store), Settings(metrics_port=0), 0)
     try:
         stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)

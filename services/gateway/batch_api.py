@@ -72,6 +72,10 @@ class Batches:
 def _item(request, seen: set, images: dict, default_pruning: dict) -> dict:
     if not isinstance(request, dict):
         raise ApiError(400, "a request must be a JSON object")
+    try:
+        json.dumps(request, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request holds a lone surrogate, which is not text") from None
     fields = dict(request)
     custom_id = fields.pop("custom_id", None)
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 256:
@@ -79,6 +83,12 @@ def _item(request, seen: set, images: dict, default_pruning: dict) -> dict:
     if custom_id in seen:
         raise ApiError(400, f"custom_id {custom_id!r} is used twice", "custom_id")
     seen.add(custom_id)
+    if "body" in fields:  # OpenAI's line: {"custom_id", "method": "POST", "url": "/v1/answer", "body": {...}}
+        if fields.get("method", "POST") != "POST" or fields.get("url", "/v1/answer") != "/v1/answer" or set(fields) - {"method", "url", "body"}:
+            raise ApiError(400, 'an OpenAI-style line is {"custom_id", "method": "POST", "url": "/v1/answer", "body": {...}}', "url")
+        if not isinstance(fields["body"], dict):
+            raise ApiError(400, "body must be a JSON object", "body")
+        fields = dict(fields["body"])
     body = parse_answer(fields)
     if body.stream:
         raise ApiError(400, "stream is not supported in a batch", "stream")
@@ -98,11 +108,13 @@ def _item(request, seen: set, images: dict, default_pruning: dict) -> dict:
 
 def parse_jsonl(data: bytes) -> list[tuple[int, object]]:
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ApiError(400, "the JSONL upload is not UTF-8") from None
     requests, errors = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: JSON strings may hold other line separators (U+2028 and the like).
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -40,4 +40,4 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
 
 def serve(step: DecodeStep, settings, port: int) -> Server:
-    return Server(SERVICE, lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(step), server), settings, port)
+    return Server("generator", SERVICE, lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(step), server), settings, port)

@@ -37,4 +37,4 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
 
 
 def serve(step: PrefillStep, settings, port: int) -> Server:
-    return Server(SERVICE, lambda server: pruner_pb2_grpc.add_PrunerServiceServicer_to_server(PrunerServicer(step), server), settings, port)
+    return Server("pruner", SERVICE, lambda server: pruner_pb2_grpc.add_PrunerServiceServicer_to_server(PrunerServicer(step), server), settings, port)

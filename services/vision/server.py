@@ -29,4 +29,4 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
 
 def serve(step: VisionStep, settings, port: int) -> Server:
-    return Server(SERVICE, lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(step), server), settings, port)
+    return Server("vision", SERVICE, lambda server: vision_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(step), server), settings, port)

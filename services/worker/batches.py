@@ -17,30 +17,42 @@ from dartserve.kv.store import StoreUnavailable
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
-# KEYS: meta, results. ARGV: custom_id, result JSON, "1" if it failed, now.
-_RECORD = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'failed' or 'done', 1)
-local m = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'status')
-local done, failed = tonumber(m[2]), tonumber(m[3])
-if done + failed >= tonumber(m[1]) and m[4] ~= 'cancelled' then
-  redis.call('HSET', KEYS[1], 'status', done == 0 and 'failed' or 'completed', 'finished_at', ARGV[4])
+# Every script that changes a batch restarts the TTL of all its keys and moves ``expires_at``:
+# a batch expires DARTSERVE_BATCH_TTL_S after it last changed, never while it runs.
+# KEYS: meta, items, images, results. ARGV[1]: now, ARGV[2]: TTL in seconds.
+_KEEP = """
+local function keep()
+  redis.call('HSET', KEYS[1], 'expires_at', tonumber(ARGV[1]) + tonumber(ARGV[2]))
+  for _, key in ipairs(KEYS) do redis.call('EXPIRE', key, ARGV[2]) end
 end
+"""
+# ARGV[3]: custom_id, ARGV[4]: result JSON, ARGV[5]: "1" if it failed.
+_RECORD = _KEEP + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HSETNX', KEYS[4], ARGV[3], ARGV[4]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[5] == '1' and 'failed' or 'done', 1)
+local m = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'status')
+if tonumber(m[2]) + tonumber(m[3]) >= tonumber(m[1]) and m[4] ~= 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', 'completed', 'finished_at', ARGV[1])
+end
+keep()
 return 1
 """
-# KEYS: meta. ARGV: now.
-_START = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+_START = _KEEP + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+  keep()
+  return 'running'
 end
-return redis.call('HGET', KEYS[1], 'status')
+return status
 """
-# KEYS: meta. ARGV: now. Returns the status before.
-_CANCEL = """
+# Returns the status before.
+_CANCEL = _KEEP + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1], 'finished_at', ARGV[1])
+  keep()
 end
 return status
 """
@@ -58,10 +70,12 @@ class BatchStore:
         self._cancel = client.register_script(_CANCEL)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, timeout_s: float = 5.0) -> BatchStore:
+    def from_url(cls, url: str, ttl_s: int) -> BatchStore:
         import redis
 
-        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s), ttl_s)
+        # Long enough to store a large batch in one transaction; a Redis that is down still
+        # shows at once, when connecting.
+        return cls(redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=5.0), ttl_s)
 
     def create(self, items: list[dict], images: dict[str, bytes], model: str) -> str:
         """Stores a validated batch as queued; ``items`` are ``{"custom_id", "fields", "images"}``
@@ -121,7 +135,7 @@ class BatchStore:
 
     def start(self, batch_id: str) -> str | None:
         """Marks the batch running (if it was queued); returns its status, None if it has expired."""
-        status = _call(self._start, keys=[_keys(batch_id)["meta"]], args=[int(time.time())])
+        status = self._script(self._start, batch_id)
         return status.decode() if status is not None else None
 
     def has_result(self, batch_id: str, custom_id: str) -> bool:
@@ -129,17 +143,19 @@ class BatchStore:
 
     def record(self, batch_id: str, custom_id: str, result: dict) -> bool:
         """Stores an item's result unless it has one; returns whether this call stored it."""
-        keys = _keys(batch_id)
         failed = "1" if result.get("error") else "0"
-        stored = _call(self._record, keys=[keys["meta"], keys["results"]], args=[custom_id, json.dumps(result), failed, int(time.time())])
-        return stored == 1
+        return self._script(self._record, batch_id, custom_id, json.dumps(result), failed) == 1
 
     def cancel(self, batch_id: str) -> str:
         """Cancels a queued or running batch; returns its status before the call."""
-        status = _call(self._cancel, keys=[_keys(batch_id)["meta"]], args=[int(time.time())])
+        status = self._script(self._cancel, batch_id)
         if status is None:
             raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
         return status.decode()
+
+    def _script(self, script, batch_id: str, *args):
+        keys = _keys(batch_id)
+        return _call(script, keys=[keys["meta"], keys["items"], keys["images"], keys["results"]], args=[int(time.time()), self.ttl_s, *args])
 
     def fail(self, batch_id: str, error: str) -> None:
         _call(self.client.hset, _keys(batch_id)["meta"], mapping={"status": "failed", "error": error, "finished_at": int(time.time())})

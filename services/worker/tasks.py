@@ -1,5 +1,9 @@
 """The worker: runs each batch item through the vision, pruner and generator stages exactly as
-``/v1/answer`` would, and records its answer or its error in the batch store."""
+``/v1/answer`` would, and records its answer or its error in the batch store.
+
+An item is never dropped: while a stage or Redis is unavailable it is retried with backoff,
+and then recorded as a 503; anything else that goes wrong is recorded as a 500.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from services.worker.batches import BatchStore
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30
+TRANSIENT = (Unavailable, StageMiss, StoreUnavailable)
 
 
 class Worker:
@@ -26,6 +31,23 @@ class Worker:
         self.batches = BatchStore.from_url(settings.redis_url, settings.batch_ttl_s)
 
     def run(self, task, batch_id: str, index: int) -> None:
+        try:
+            self._run(task, batch_id, index)
+        except TRANSIENT as error:
+            retries = task.request.retries
+            if retries < self.settings.batch_retries:
+                raise task.retry(exc=error, countdown=self.backoff_s(retries)) from None
+            log.error("batch %s item %d: still unavailable after %d retries: %s", batch_id, index, retries, error)
+            self._record_failure(batch_id, index, 503, "service_unavailable", f"a stage stayed unavailable after {retries} retries: {error}")
+        except Exception as error:
+            log.exception("batch %s item %d failed", batch_id, index)
+            self._record_failure(batch_id, index, 500, "internal_error", f"{type(error).__name__}: {error}")
+
+    def backoff_s(self, retries: int) -> int:
+        # Below the visibility timeout: a message held longer than that is delivered again.
+        return max(1, min(MAX_BACKOFF_S, 2**retries, self.settings.batch_visibility_s // 2))
+
+    def _run(self, task, batch_id: str, index: int) -> None:
         loaded = self.batches.item(batch_id, index)
         if loaded is None:
             log.warning("batch %s has expired; item %d dropped", batch_id, index)
@@ -34,13 +56,7 @@ class Worker:
         custom_id = item["custom_id"]
         if self.batches.start(batch_id) in (None, "cancelled") or self.batches.has_result(batch_id, custom_id):
             return
-        try:
-            result = self.answer(custom_id, item["fields"], images)
-        except (Unavailable, StageMiss, StoreUnavailable) as error:
-            if task.request.retries < self.settings.batch_retries:
-                raise task.retry(exc=error, countdown=min(MAX_BACKOFF_S, 2**task.request.retries)) from None
-            result = _failure(custom_id, 503, "service_unavailable", f"a stage stayed unavailable after {task.request.retries} retries: {error}")
-        self.batches.record(batch_id, custom_id, result)
+        self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images))
 
     def answer(self, custom_id: str, fields: dict, images: list[bytes]) -> dict:
         try:
@@ -52,6 +68,12 @@ class Worker:
             return _failure(custom_id, 400, "invalid_request_error", str(error))
         return {"custom_id": custom_id, "response": {"status_code": 200, "body": AnswerShape(self.model_name, None).body(final)}, "error": None}
 
+    def _record_failure(self, batch_id: str, index: int, status: int, kind: str, message: str) -> None:
+        loaded = self.batches.item(batch_id, index)
+        if loaded is not None:
+            custom_id = loaded[0]["custom_id"]
+            self.batches.record(batch_id, custom_id, _failure(custom_id, status, kind, message))
+
 
 def _failure(custom_id: str, status: int, kind: str, message: str, param: str | None = None) -> dict:
     return {"custom_id": custom_id, "response": None, "error": {"status_code": status, "type": kind, "message": message, "param": param}}
@@ -60,7 +82,8 @@ def _failure(custom_id: str, status: int, kind: str, message: str, param: str | 
 def worker_app(settings, worker: Worker):
     app = make_celery(settings)
 
-    @app.task(name=TASK, bind=True, acks_late=True)
+    # Retries are counted by the worker against DARTSERVE_BATCH_RETRIES, not Celery's default 3.
+    @app.task(name=TASK, bind=True, acks_late=True, max_retries=None)
     def batch_item(task, batch_id: str, index: int) -> None:
         worker.run(task, batch_id, index)
 
