@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -170,7 +171,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     from services.batch_client import BatchClient
 
-    client = BatchClient(args.url)
+    client = BatchClient(args.url, os.environ.get("DARTSERVE_API_KEY"))
     if args.action == "submit" and args.output and not args.wait:
         raise ValueError("-o needs --wait; or fetch the results later with 'dartserve batch results ID -o FILE'")
     if args.action == "submit":

@@ -30,6 +30,10 @@ ENVIRONMENT = {
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
     "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
     "DARTSERVE_WORKERS": "threads serving gRPC requests (default 8)",
+    "DARTSERVE_API_KEYS": "comma-separated API keys the gateway accepts as 'Authorization: Bearer KEY' (default: none, the gateway is open)",
+    "DARTSERVE_API_KEYS_FILE": "a file of API keys, one per line (a mounted secret); adds to DARTSERVE_API_KEYS",
+    "DARTSERVE_API_KEY": "the key `dartserve batch` sends to the gateway (client side)",
+    "DARTSERVE_OPEN_PATHS": "comma-separated paths served without a key (default /healthz,/readyz,/metrics)",
     "DARTSERVE_BATCH_TTL_S": "lifetime of a batch's requests, status and results (default 86400)",
     "DARTSERVE_BATCH_MAX_REQUESTS": "most requests in one batch (default 50000)",
     "DARTSERVE_BATCH_MAX_MB": "largest batch upload (default 256)",
@@ -59,6 +63,8 @@ class Settings:
     max_message_mb: int = 32
     max_image_pixels: int = 4096 * 4096
     workers: int = 8
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed or logged
+    open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
     batch_ttl_s: int = 86400
     batch_max_requests: int = 50_000
     batch_max_mb: int = 256
@@ -103,6 +109,8 @@ class Settings:
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
             workers=read("DARTSERVE_WORKERS", int, 8),
+            api_keys=_api_keys(env),
+            open_paths=read("DARTSERVE_OPEN_PATHS", _paths, cls.open_paths),
             batch_ttl_s=read("DARTSERVE_BATCH_TTL_S", int, cls.batch_ttl_s),
             batch_max_requests=read("DARTSERVE_BATCH_MAX_REQUESTS", int, cls.batch_max_requests),
             batch_max_mb=read("DARTSERVE_BATCH_MAX_MB", int, cls.batch_max_mb),
@@ -123,3 +131,22 @@ class Settings:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+
+def _api_keys(env) -> tuple[str, ...]:
+    keys = [k.strip() for k in env.get("DARTSERVE_API_KEYS", "").split(",")]
+    path = env.get("DARTSERVE_API_KEYS_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as lines:
+                keys += [line.strip() for line in lines]
+        except OSError as error:
+            raise ValueError(f"DARTSERVE_API_KEYS_FILE: cannot read {path}: {error.strerror}") from None
+    return tuple(k for k in keys if k)
+
+
+def _paths(raw: str) -> tuple[str, ...]:
+    paths = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not all(p.startswith("/") for p in paths):
+        raise ValueError("paths start with /")
+    return paths

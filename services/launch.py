@@ -75,7 +75,7 @@ def _gateway(backend, store, settings):
     )
     return Gateway(
         backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning,
-        settings.max_message_bytes, batches, settings.batch_max_mb << 20,
+        settings.max_message_bytes, batches, settings.batch_max_mb << 20, settings.api_keys, settings.open_paths,
     )
 
 

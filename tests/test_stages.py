@@ -337,3 +337,25 @@ def test_chat_follow_up_whose_cache_expired_is_recomputed(demo_client):
     assert recomputed.status_code == 200
     assert recomputed.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert recomputed.json()["choices"][0]["message"] == cached["choices"][0]["message"]
+
+
+def test_api_keys_guard_the_gateway_but_not_its_open_paths(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    (tmp_path / "keys").write_text("second-key\n\n")
+    settings = Settings.from_env({"DARTSERVE_API_KEYS": "first-key", "DARTSERVE_API_KEYS_FILE": str(tmp_path / "keys"), "DARTSERVE_OPEN_PATHS": "/healthz"})
+    assert settings.api_keys == ("first-key", "second-key") and "key" not in repr(settings)
+    client = TestClient(create_app(embedded_gateway(settings)))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"}, {"Authorization": "Basic first-key"}):
+        reply = client.get("/v1/models", headers=headers)
+        assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
+        assert reply.json()["error"]["type"] == "authentication_error"
+    for key in ("first-key", "second-key"):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 401  # open only when listed
+    with pytest.raises(ValueError, match="cannot read"):
+        Settings.from_env({"DARTSERVE_API_KEYS_FILE": str(tmp_path / "missing")})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -29,7 +30,10 @@ class Gateway:
     def __init__(
         self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict,
         max_body_bytes: int = 32 << 20, batches=None, max_batch_bytes: int = 256 << 20,
+        api_keys: tuple[str, ...] = (), open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics"),
     ) -> None:
+        self.api_keys = tuple(key.encode() for key in api_keys)  # none: the gateway is open
+        self.open_paths = open_paths
         self.backend, self.conversations = backend, conversations
         self.model_name, self.default_pruning = model_name, default_pruning
         self.max_body_bytes, self.max_batch_bytes = max_body_bytes, max_batch_bytes
@@ -123,6 +127,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         return api_error(request, ApiError(error.status_code, str(error.detail), kind=kind))
 
     @app.middleware("http")
+    async def api_key(request: Request, call_next):
+        if gateway.api_keys and request.url.path not in gateway.open_paths and not _authorized(request, gateway.api_keys):
+            error = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", kind="authentication_error")
+            return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.middleware("http")
     async def body_limit(request: Request, call_next):
         length = request.headers.get("content-length")
         limit = gateway.max_batch_bytes if request.url.path == "/v1/batches" else gateway.max_body_bytes
@@ -164,6 +175,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     if gateway.batches is not None:
         register_batches(app, gateway.batches)
     return app
+
+
+def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given_bytes = given.strip().encode()
+    # Every key is compared, each in constant time: the time taken tells nothing about any key.
+    return any([hmac.compare_digest(given_bytes, key) for key in keys])
 
 
 async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
