@@ -29,7 +29,9 @@ ENVIRONMENT = {
     "DARTSERVE_RPC_TIMEOUT_S": "the gateway's deadline for each gRPC call (default 60)",
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
     "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
-    "DARTSERVE_WORKERS": "threads serving gRPC requests (default 8)",
+    "DARTSERVE_WORKERS": "threads serving a gRPC stage's calls: the calls it works on at once (default 8)",
+    "DARTSERVE_MAX_QUEUE": "calls a gRPC stage keeps waiting beyond those; more get RESOURCE_EXHAUSTED, which the gateway answers with 429 (default 32)",
+    "DARTSERVE_MAX_REQUESTS": "requests the gateway answers at once; more get 429 with Retry-After (default 64)",
     "DARTSERVE_API_KEYS": "comma-separated API keys the gateway accepts as 'Authorization: Bearer KEY' (default: none, the gateway is open)",
     "DARTSERVE_API_KEYS_FILE": "a file of API keys, one per line (a mounted secret); adds to DARTSERVE_API_KEYS",
     "DARTSERVE_API_KEY": "the key `dartserve batch` sends to the gateway (client side)",
@@ -63,6 +65,8 @@ class Settings:
     max_message_mb: int = 32
     max_image_pixels: int = 4096 * 4096
     workers: int = 8
+    max_queue: int = 32
+    max_requests: int = 64
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed or logged
     open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
     batch_ttl_s: int = 86400
@@ -109,6 +113,8 @@ class Settings:
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
             workers=read("DARTSERVE_WORKERS", int, 8),
+            max_queue=read("DARTSERVE_MAX_QUEUE", int, cls.max_queue, least=0),
+            max_requests=read("DARTSERVE_MAX_REQUESTS", int, cls.max_requests),
             api_keys=_api_keys(env),
             open_paths=read("DARTSERVE_OPEN_PATHS", _paths, cls.open_paths),
             batch_ttl_s=read("DARTSERVE_BATCH_TTL_S", int, cls.batch_ttl_s),

@@ -47,6 +47,8 @@ class Server:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers),
             interceptors=[self.metrics],
+            # Calls beyond those served and queued are refused at once (RESOURCE_EXHAUSTED).
+            maximum_concurrent_rpcs=settings.workers + settings.max_queue,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         register(self.server)

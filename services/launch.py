@@ -73,10 +73,7 @@ def _gateway(backend, store, settings):
     batches = Batches(
         BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), settings.pruning, settings.batch_max_requests
     )
-    return Gateway(
-        backend, Conversations(store, settings.ttl_s), model_name(settings), settings.pruning,
-        settings.max_message_bytes, batches, settings.batch_max_mb << 20, settings.api_keys, settings.open_paths,
-    )
+    return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings, batches)
 
 
 def serve_http(gateway, settings) -> None:

@@ -359,3 +359,48 @@ def test_api_keys_guard_the_gateway_but_not_its_open_paths(tmp_path):
     assert client.get("/metrics").status_code == 401  # open only when listed
     with pytest.raises(ValueError, match="cannot read"):
         Settings.from_env({"DARTSERVE_API_KEYS_FILE": str(tmp_path / "missing")})
+
+
+def test_a_stage_at_its_limit_refuses_at_once_and_the_gateway_says_429(engines):
+    """Admission control: a stage serves DARTSERVE_WORKERS calls, queues DARTSERVE_MAX_QUEUE
+    more and refuses the rest; the gateway admits DARTSERVE_MAX_REQUESTS requests."""
+    import grpc
+
+    from services.convert import sampling_to_proto
+    from services.gateway.backends import GrpcBackend, Overloaded
+    from services.generator.server import serve
+    from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
+
+    engine = engines["llava"]
+    store = MemoryStore()
+    vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
+    sampling = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=())
+    done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
+    server = serve(DecodeStep(engine, store), Settings(metrics_port=0, workers=1, max_queue=0), 0)
+    try:
+        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
+        holding = stub.Generate(request, timeout=60)
+        next(holding)  # the stage's one call, in progress
+        backend = GrpcBackend(Settings(generator_addr=f"127.0.0.1:{server.port}", rpc_timeout_s=5))
+        with pytest.raises(Overloaded):
+            next(backend.generate(done.kv_handle, sampling, done.first_token))
+        holding.cancel()
+    finally:
+        server.stop(grace_s=1)
+
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    data = png(make_image(3))
+    client = TestClient(create_app(embedded_gateway(Settings(max_requests=1))))
+    body = {"image": base64.b64encode(data).decode(), "question": "what colour is the circle ?", "max_new_tokens": 4}
+    with client.stream("POST", "/v1/answer", json=body | {"stream": True}) as first:
+        assert first.status_code == 200  # holds the gateway's one slot until its stream ends
+        refused = client.post("/v1/answer", json=body)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+        first.read()
+    assert client.post("/v1/answer", json=body).status_code == 200

@@ -10,41 +10,51 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dartserve.stages import StageMiss
 from services.gateway import conversations as conv
-from services.gateway.backends import Unavailable
+from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
+from services.gateway.backends import Overloaded, Unavailable
 from services.gateway.answers import AnswerIn, AnswerShape, answer_images, first_turn, make_question, parse_answer
 from services.gateway.inputs import ApiError, json_object, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.pipeline import Final, Question, answer
 
-RETRY_AFTER_S = "1"
-
 
 class Gateway:
     """The app's state: how it reaches the stages, its conversations, defaults and metrics."""
 
-    def __init__(
-        self, backend, conversations: conv.Conversations, model_name: str, default_pruning: dict,
-        max_body_bytes: int = 32 << 20, batches=None, max_batch_bytes: int = 256 << 20,
-        api_keys: tuple[str, ...] = (), open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics"),
-    ) -> None:
-        self.api_keys = tuple(key.encode() for key in api_keys)  # none: the gateway is open
-        self.open_paths = open_paths
-        self.backend, self.conversations = backend, conversations
-        self.model_name, self.default_pruning = model_name, default_pruning
-        self.max_body_bytes, self.max_batch_bytes = max_body_bytes, max_batch_bytes
+    def __init__(self, backend, conversations: conv.Conversations, model_name: str, settings, batches=None) -> None:
+        self.backend, self.conversations, self.model_name = backend, conversations, model_name
         self.batches = batches  # None: this gateway takes no batches
+        self.default_pruning = settings.pruning
+        self.max_body_bytes, self.max_batch_bytes = settings.max_message_bytes, settings.batch_max_mb << 20
+        self.admission = Admission(settings.max_requests)
+        self.api_keys = tuple(key.encode() for key in settings.api_keys)  # none: the gateway is open
+        self.open_paths = settings.open_paths
         self.metrics = Metrics()
         self.created = int(time.time())
 
     def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
         return make_question(images, messages, pruning, sampling_config, self.default_pruning)
 
-    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str):
+    async def admitted(self, work, *args):
+        """Runs ``work(*args, slot)`` on a thread once admitted; a streamed answer keeps its slot
+        until the stream ends."""
+        slot = self.admission.enter()
+        try:
+            response = await run_in_threadpool(work, *args, slot)
+        except BaseException:
+            slot.release()
+            raise
+        if not isinstance(response, StreamingResponse):
+            slot.release()
+        return response
+
+    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot):
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
         started = time.monotonic()
         events = answer(self.backend, question, previous)
@@ -75,8 +85,12 @@ class Gateway:
                 yield f"data: {json.dumps(_error_body(error))}\n\n"
             finally:
                 self.metrics.in_flight.dec()
+                slot.release()
 
-        return StreamingResponse(stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # The background task releases the slot too, should the stream never start.
+        return StreamingResponse(
+            stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, background=BackgroundTask(slot.release)
+        )
 
     def _finish(self, final: Final, record_key, endpoint: str, started: float) -> None:
         self.conversations.put(record_key(final), final.record, age_s=time.monotonic() - started)
@@ -117,6 +131,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     def unavailable(request: Request, error: Unavailable):
         return api_error(request, ApiError(503, str(error), kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S}))
 
+    @app.exception_handler(Overloaded)
+    def overloaded(request: Request, error: Overloaded):
+        return api_error(request, ApiError(429, str(error), kind="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER_S}))
+
     @app.exception_handler(StageMiss)
     def stage_miss(request: Request, error: StageMiss):
         return unavailable(request, Unavailable(str(error)))
@@ -151,7 +169,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/answer")
     async def answer_endpoint(request: Request):
         fields, uploads = await _answer_fields(request)
-        return await run_in_threadpool(_answer, gateway, parse_answer(fields), uploads)
+        return await gateway.admitted(_answer, gateway, parse_answer(fields), uploads)
 
     @app.get("/v1/models")
     def models():
@@ -211,7 +229,7 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
     raise ApiError(415, "send application/json or multipart/form-data", kind="unsupported_media_type")
 
 
-def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes]):
+def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
     images = answer_images(body, uploads)
     previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
     if previous is None:
@@ -227,4 +245,4 @@ def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes]):
         question = gateway.question(images, previous["messages"] + [{"role": "user", "content": body.question}], None, config)
     conversation_id = body.conversation_id or uuid.uuid4().hex
     shape = AnswerShape(gateway.model_name, conversation_id)
-    return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer")
+    return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer", slot)

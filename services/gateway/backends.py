@@ -26,6 +26,10 @@ class Unavailable(Exception):
     """A stage or the store did not answer: the gateway replies 503."""
 
 
+class Overloaded(Unavailable):
+    """A stage is answering all the calls it admits: the gateway replies 429, a batch item waits."""
+
+
 class LocalBackend:
     def __init__(self, vision: VisionStep, prefill: PrefillStep, decode: DecodeStep) -> None:
         self.vision, self.prefill_step, self.decode = vision, prefill, decode
@@ -137,6 +141,8 @@ class _rpc_errors:
             raise ValueError(details) from None
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
             raise ValueError(f"the request is too large for the services: {details}") from None
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise Overloaded(f"a stage is at its limit of concurrent calls: {details}") from None
         if code == grpc.StatusCode.NOT_FOUND:
             raise StageMiss(details) from None
         if code in _UNAVAILABLE:
@@ -144,4 +150,4 @@ class _rpc_errors:
         return False  # anything else is a bug in a stage, and shows as one
 
 
-_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}

@@ -14,7 +14,6 @@ import uuid
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
 
 from services.gateway import conversations as conv
 from services.gateway.answers import PruningIn
@@ -125,10 +124,10 @@ def parse_messages(messages: list[dict]) -> tuple[list[bytes], list[dict]]:
 def register_chat(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatIn):
-        return await run_in_threadpool(_chat, gateway, body)
+        return await gateway.admitted(_chat, gateway, body)
 
 
-def _chat(gateway: Gateway, body: ChatIn):
+def _chat(gateway: Gateway, body: ChatIn, slot):
     if body.model != gateway.model_name:
         raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
     if body.n != 1:
@@ -145,4 +144,4 @@ def _chat(gateway: Gateway, body: ChatIn):
     if previous is None and not images:
         raise ApiError(400, "the first user message must carry an image (an image_url part)", "messages")
     key = lambda final: conv.by_content(gateway.model_name, hashes, final.record["messages"])  # noqa: E731
-    return gateway.run(question, previous, key, ChatShape(gateway.model_name), body.stream, "/v1/chat/completions")
+    return gateway.run(question, previous, key, ChatShape(gateway.model_name), body.stream, "/v1/chat/completions", slot)
