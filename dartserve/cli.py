@@ -126,6 +126,17 @@ def _bench_batch(args: argparse.Namespace) -> int:
     return _print_json(run_batch_bench(requests=args.requests, runs=args.runs, model=args.model, threads=args.threads), args.json)
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    from services.bench_load import run_load_bench
+
+    metrics = dict(item.split("=", 1) for item in args.metrics) if args.metrics else None
+    result = run_load_bench(
+        url=args.url, requests=args.requests, concurrency=args.concurrency, duration_s=args.duration,
+        metrics=metrics, model=args.model, threads=args.threads,
+    )
+    return _print_json(result, args.json)
+
+
 def _print_json(result: dict, path: str | None) -> int:
     text = json.dumps(result, indent=2)
     if path:
@@ -316,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     batch_bench.add_argument("--model", help="default: the bundled demo model")
     batch_bench.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
     batch_bench.set_defaults(run=_bench_batch)
+    load = suites.add_parser("load", help="bounded load on a gateway: throughput, latency percentiles, errors, peak memory")
+    load.add_argument("--json", help="write the result to this file")
+    load.add_argument("--url", help="a running gateway (default: start distributed mode with the bench's own Redis)")
+    load.add_argument("--requests", type=_positive_int, default=1000)
+    load.add_argument("--concurrency", type=_positive_int, default=16)
+    load.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
+    load.add_argument("--metrics", nargs="*", metavar="NAME=URL", help="with --url: /metrics URLs of the services whose peak memory to report")
+    load.add_argument("--model", help="default: the bundled demo model")
+    load.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
+    load.set_defaults(run=_bench_load)
     return parser
 
 

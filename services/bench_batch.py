@@ -55,10 +55,11 @@ def run_batch_bench(requests: int = 200, runs: int = 3, model: str | None = None
     with tempfile.TemporaryDirectory() as raw:
         logs = Path(raw)
         try:
-            distributed, url, worker_env = start_distributed(base, logs)
-            processes += distributed
-            processes.append(start_dartserve("worker", worker_env, logs / "worker.log"))
-            wait_ready(url, distributed[-1])
+            distributed = start_distributed(base, logs)
+            url = distributed.url
+            processes += distributed.processes
+            processes.append(start_dartserve("worker", distributed.env, logs / "worker.log"))
+            wait_ready(url, distributed.processes[-1])
             client = redis.Redis.from_url(redis_url)
             with httpx.Client(base_url=url, timeout=300) as http:
                 _one_by_one(http, bodies[:4])  # warm-up, not measured

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -54,14 +55,24 @@ def start_redis(port: int, timeout_s: float = 10) -> subprocess.Popen:
 STAGES = ("vision", "pruner", "generator")
 
 
-def start_distributed(env: dict, logs: Path) -> tuple[list[subprocess.Popen], str, dict]:
-    """The three stages and the gateway, each its own process; returns them, the gateway's URL
-    and the settings a further process (a worker) needs to reach the stages."""
+@dataclass
+class Distributed:
+    processes: list[subprocess.Popen]  # the stages, then the gateway
+    url: str  # the gateway's
+    env: dict  # what a further process (a worker) needs to reach the stages
+    metrics: dict[str, str]  # each service's Prometheus /metrics URL
+
+
+def start_distributed(env: dict, logs: Path) -> Distributed:
+    """The three stages and the gateway, each its own process."""
     ports = {name: free_port() for name in (*STAGES, "gateway")}
+    metrics_ports = {name: free_port() for name in STAGES}
     processes = [
-        start_dartserve(name, env | {"DARTSERVE_PORT": str(ports[name]), "DARTSERVE_METRICS_PORT": str(free_port())}, logs / f"{name}.log")
+        start_dartserve(name, env | {"DARTSERVE_PORT": str(ports[name]), "DARTSERVE_METRICS_PORT": str(metrics_ports[name])}, logs / f"{name}.log")
         for name in STAGES
     ]
     addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
     processes.append(start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log"))
-    return processes, f"http://127.0.0.1:{ports['gateway']}", env | addresses
+    url = f"http://127.0.0.1:{ports['gateway']}"
+    metrics = {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()} | {"gateway": f"{url}/metrics"}
+    return Distributed(processes, url, env | addresses, metrics)

@@ -9,7 +9,7 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from services.gateway.metrics import LATENCY_BUCKETS
+from services.gateway.metrics import LATENCY_BUCKETS, add_peak_memory
 
 IN_FLIGHT = "dartserve_stage_in_flight"
 
@@ -18,6 +18,7 @@ class StageMetrics(grpc.ServerInterceptor):
     def __init__(self, stage: str, service_name: str) -> None:
         self.stage, self.prefix = stage, f"/{service_name}/"
         self.registry = CollectorRegistry()
+        add_peak_memory(self.registry)
         self.in_flight = Gauge(IN_FLIGHT, "Calls being served now", ["stage"], registry=self.registry).labels(stage)
         self.calls = Counter("dartserve_stage_calls", "Calls by method and status code", ["stage", "method", "code"], registry=self.registry)
         self.latency = Histogram("dartserve_stage_call_seconds", "Time to serve a call", ["stage", "method"], buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -206,3 +206,14 @@ def test_sse_stream_carries_the_same_answer(cluster, demo_engine):
     assert final["type"] == "answer"
     assert "".join(e["text"] for e in parsed if e["type"] == "delta").strip() == final["answer"]
     assert final["answer"] == demo_engine.generate([item.image], item.question, PruningConfig(ratio=64 / 576)).text
+
+
+def test_bench_load_reports_answers_errors_and_peak_memory(cluster):
+    from services.bench_load import run_load_bench
+
+    stages = {name: f"http://127.0.0.1:{port}/metrics" for name, port in cluster["metrics_ports"].items()}
+    result = run_load_bench(url=cluster["url"], requests=12, concurrency=3, metrics={"gateway": f"{cluster['url']}/metrics", **stages})
+    assert (result["sent"], result["answered"], result["errors"]) == (12, 12, {})
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
+    assert set(result["peak_memory_mb"]) == {"gateway", "vision", "pruner", "generator"}
+    assert all(mb > 50 for mb in result["peak_memory_mb"].values())  # each holds torch, at least

@@ -7,9 +7,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+PEAK_MEMORY = "dartserve_process_peak_resident_memory_bytes"
+
+
+def peak_memory_bytes() -> float:
+    """This process's peak resident memory (Linux's VmHWM); 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return float(line.split()[1]) * 1024
+
+
+def add_peak_memory(registry: CollectorRegistry) -> None:
+    Gauge(PEAK_MEMORY, "Peak resident memory of this process", registry=registry).set_function(peak_memory_bytes)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        add_peak_memory(self.registry)
         self.requests = Counter("dartserve_requests", "Requests by endpoint and status code", ["endpoint", "status"], registry=self.registry)
         self.in_flight = Gauge("dartserve_in_flight_requests", "Requests being answered now", registry=self.registry)
         self.ttft = Histogram("dartserve_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=self.registry)
