@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from concurrent import futures
@@ -13,9 +14,10 @@ from grpc_reflection.v1alpha import reflection
 
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
-from services.stage_metrics import StageMetrics
+from services.stage_calls import StageCalls
 
 GRACE_S = 10.0
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -43,7 +45,7 @@ class Server:
 
     def __init__(self, stage: str, service_name: str, register, settings, port: int) -> None:
         limit = settings.max_message_bytes
-        self.metrics = StageMetrics(stage, service_name)
+        self.metrics = StageCalls(stage, service_name)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers),
             interceptors=[self.metrics],
@@ -76,6 +78,6 @@ class Server:
         stopping = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
-        print(f"{self.service_name} serving on port {self.port}", flush=True)
+        log.info("%s serving on port %d", self.service_name, self.port)
         stopping.wait()
         self.stop()

@@ -81,7 +81,8 @@ def serve_http(gateway, settings) -> None:
 
     from services.gateway.app import create_app
 
-    uvicorn.run(create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_level="info")
+    # Logging as configured (JSON, one line per request from the gateway itself).
+    uvicorn.run(create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_config=None, access_log=False)
 
 
 def run_worker(settings, local: bool, concurrency: int) -> None:

@@ -21,7 +21,7 @@ STAGES = ("vision", "pruner", "generator")
 
 @contextlib.contextmanager
 def running_cluster(redis_url: str, logs: Path, extra_env: dict | None = None):
-    """Yields ``{"url", "ports", "metrics_ports", "processes", "env"}`` once every stage is serving
+    """Yields ``{"url", "ports", "metrics_ports", "processes", "env", "logs"}`` once every stage is serving
     and the gateway is ready; ``env`` is what a further process (a worker) needs to reach them."""
     ports = {name: free_port() for name in (*STAGES, "gateway")}
     metrics_ports = {name: free_port() for name in STAGES}
@@ -38,7 +38,7 @@ def running_cluster(redis_url: str, logs: Path, extra_env: dict | None = None):
             wait_until(check, name, processes[name], logs / f"{name}.log")
         url = f"http://127.0.0.1:{ports['gateway']}"
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "gateway", processes["gateway"], logs / "gateway.log")
-        yield {"url": url, "ports": ports, "metrics_ports": metrics_ports, "processes": processes, "env": {**common, **addresses}}
+        yield {"url": url, "ports": ports, "metrics_ports": metrics_ports, "processes": processes, "env": {**common, **addresses}, "logs": logs}
     finally:
         for process in processes.values():
             stop(process)

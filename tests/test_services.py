@@ -217,3 +217,19 @@ def test_bench_load_reports_answers_errors_and_peak_memory(cluster):
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     assert set(result["peak_memory_mb"]) == {"gateway", "vision", "pruner", "generator"}
     assert all(mb > 50 for mb in result["peak_memory_mb"].values())  # each holds torch, at least
+
+
+def test_a_request_id_is_echoed_and_reaches_every_stage_log_as_json(cluster):
+    import json
+
+    data, item = png(14)
+    body = {"image": b64(data), "question": item.question}
+    reply = httpx.post(f"{cluster['url']}/v1/answer", json=body, headers={"X-Request-Id": "trace-42", "Authorization": "Bearer sk-do-not-log"}, timeout=60)
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == "trace-42"
+    made = httpx.post(f"{cluster['url']}/v1/answer", json=body, headers={"X-Request-Id": "bad id\twith spaces"}, timeout=60)
+    assert made.headers["x-request-id"] != "bad id\twith spaces" and len(made.headers["x-request-id"]) == 32
+    for name in ("gateway", "vision", "pruner", "generator"):
+        text = (cluster["logs"] / f"{name}.log").read_text()
+        lines = [json.loads(line) for line in text.splitlines() if line]  # every line is JSON
+        assert any(line["request_id"] == "trace-42" and line["service"] == name for line in lines), name
+        assert "sk-do-not-log" not in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 
@@ -15,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dartserve.stages import StageMiss
+from services import request_ids
 from services.gateway import conversations as conv
 from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
 from services.gateway.backends import Overloaded, Unavailable
@@ -22,6 +24,9 @@ from services.gateway.answers import AnswerIn, AnswerShape, answer_images, first
 from services.gateway.inputs import ApiError, json_object, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.pipeline import Final, Question, answer
+
+
+log = logging.getLogger(__name__)
 
 
 class Gateway:
@@ -188,6 +193,17 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/metrics")
     def metrics():
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.middleware("http")  # registered last, so it runs first: even a 401 or a 413 has an id
+    async def request_id(request: Request, call_next):
+        rid = request_ids.accept(request.headers.get(request_ids.HEADER))
+        request_ids.current.set(rid)
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        fields = {"method": request.method, "path": request.url.path, "status": response.status_code, "ms": round((time.perf_counter() - started) * 1e3, 2)}
+        log.info("%s %s %d", request.method, request.url.path, response.status_code, extra={"fields": fields})
+        return response
 
     register_chat(app, gateway)
     if gateway.batches is not None:

@@ -18,6 +18,7 @@ from dartserve.kv.store import StoreUnavailable
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
+from services import request_ids
 from services.convert import pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
@@ -89,13 +90,13 @@ class GrpcBackend:
     def encode(self, images: list[bytes], conversation: list[dict]) -> Encoded:
         request = vision_pb2.EncodeRequest(images=images, conversation=[vision_pb2.Turn(role=t["role"], content=t["content"]) for t in conversation])
         with _rpc_errors():
-            reply = self.vision.Encode(request, timeout=self.timeout_s)
+            reply = self.vision.Encode(request, timeout=self.timeout_s, metadata=request_ids.metadata())
         return Encoded(reply.prompt_ref, list(reply.image_hashes), reply.prompt_tokens, reply.vision_tokens, reply.images_cached, reply.encode_ms)
 
     def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
         request = pruner_pb2.PrefillRequest(prompt_ref=prompt_ref, pruning=pruning_to_proto(pruning), sampling=sampling_to_proto(sampling))
         with _rpc_errors():
-            r = self.pruner.Prefill(request, timeout=self.timeout_s)
+            r = self.pruner.Prefill(request, timeout=self.timeout_s, metadata=request_ids.metadata())
         return Prefilled(
             r.kv_handle, r.first_token, r.first_text, r.finish_reason, r.prompt_tokens, r.vision_tokens,
             r.kept_vision_tokens, r.kv_bytes, r.prefill_ms, r.selection_ms, json.loads(r.pruning_json), r.kv_store_ms,
@@ -104,7 +105,7 @@ class GrpcBackend:
     def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
         request = generator_pb2.GenerateRequest(kv_handle=kv_handle, sampling=sampling_to_proto(sampling), pending_token=pending, question=question)
         with _rpc_errors():
-            stream = self.generator.Generate(request, timeout=self.timeout_s)
+            stream = self.generator.Generate(request, timeout=self.timeout_s, metadata=request_ids.metadata())
             try:
                 for c in stream:
                     yield Chunk(

@@ -11,6 +11,7 @@ import logging
 
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
+from services import request_ids
 from services.gateway.answers import AnswerShape, first_turn, parse_answer
 from services.gateway.backends import Unavailable
 from services.gateway.inputs import ApiError
@@ -54,6 +55,7 @@ class Worker:
             return
         item, images = loaded
         custom_id = item["custom_id"]
+        request_ids.current.set(f"{batch_id}/{custom_id}")
         if self.batches.start(batch_id) in (None, "cancelled") or self.batches.has_result(batch_id, custom_id):
             return
         self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images))

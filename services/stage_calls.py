@@ -1,20 +1,24 @@
-"""A gRPC stage's Prometheus metrics, served over HTTP on a port of their own: calls by method
-and status code, calls in flight (what the pruner's and generator's autoscalers read), and
-latency. The health and reflection services are not counted."""
+"""What every call to a gRPC stage goes through: the caller's request id, set for the call's
+log lines; one log line when it ends; and the stage's Prometheus metrics, served over HTTP on
+a port of their own: calls by method and status code, calls in flight (what the pruner's and
+generator's autoscalers read), and latency. Health and reflection calls are left out."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from services import request_ids
 from services.gateway.metrics import LATENCY_BUCKETS, add_peak_memory
 
 IN_FLIGHT = "dartserve_stage_in_flight"
+log = logging.getLogger(__name__)
 
 
-class StageMetrics(grpc.ServerInterceptor):
+class StageCalls(grpc.ServerInterceptor):
     def __init__(self, stage: str, service_name: str) -> None:
         self.stage, self.prefix = stage, f"/{service_name}/"
         self.registry = CollectorRegistry()
@@ -43,7 +47,7 @@ class StageMetrics(grpc.ServerInterceptor):
 
     def _unary(self, method: str, behaviour):
         def observed(request, context):
-            started, outcome = self._begin(), grpc.StatusCode.UNKNOWN  # unless it returns
+            started, outcome = self._begin(context), grpc.StatusCode.UNKNOWN  # unless it returns
             try:
                 response = behaviour(request, context)
                 outcome = grpc.StatusCode.OK
@@ -55,7 +59,7 @@ class StageMetrics(grpc.ServerInterceptor):
 
     def _stream(self, method: str, behaviour):
         def observed(request, context):
-            started, outcome = self._begin(), grpc.StatusCode.UNKNOWN
+            started, outcome = self._begin(context), grpc.StatusCode.UNKNOWN
             try:
                 yield from behaviour(request, context)
                 outcome = grpc.StatusCode.OK
@@ -67,11 +71,16 @@ class StageMetrics(grpc.ServerInterceptor):
 
         return observed
 
-    def _begin(self) -> float:
+    def _begin(self, context) -> float:
+        # The handler runs on a pool thread, which keeps no id from its last call.
+        given = dict(context.invocation_metadata()).get(request_ids.HEADER)
+        request_ids.current.set(request_ids.accept(given))
         self.in_flight.inc()
         return time.perf_counter()
 
     def _end(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        seconds = time.perf_counter() - started
         self.in_flight.dec()
         self.calls.labels(self.stage, method, code.name).inc()
-        self.latency.labels(self.stage, method).observe(time.perf_counter() - started)
+        self.latency.labels(self.stage, method).observe(seconds)
+        log.info("%s %s", method, code.name, extra={"fields": {"method": method, "code": code.name, "ms": round(seconds * 1e3, 2)}})
