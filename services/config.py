@@ -28,8 +28,10 @@ ENVIRONMENT = {
     "DARTSERVE_TTL_S": f"lifetime of cached prompts, KV caches and conversations (default {DEFAULT_TTL_S})",
     "DARTSERVE_RPC_TIMEOUT_S": "the gateway's deadline for each gRPC call (default 60)",
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
+    "DARTSERVE_MAX_IMAGES": "most images in one request (default 8)",
     "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
     "DARTSERVE_WORKERS": "threads serving a gRPC stage's calls: the calls it works on at once (default 8)",
+    "DARTSERVE_DRAIN_S": "on SIGTERM, seconds a gRPC stage reports NOT_SERVING before it refuses new calls (default 2)",
     "DARTSERVE_MAX_QUEUE": "calls a gRPC stage keeps waiting beyond those; more get RESOURCE_EXHAUSTED, which the gateway answers with 429 (default 32)",
     "DARTSERVE_MAX_REQUESTS": "requests the gateway answers at once; more get 429 with Retry-After (default 64)",
     "DARTSERVE_API_KEYS": "comma-separated API keys the gateway accepts as 'Authorization: Bearer KEY' (default: none, the gateway is open)",
@@ -64,8 +66,10 @@ class Settings:
     rpc_timeout_s: float = 60.0
     max_message_mb: int = 32
     max_image_pixels: int = 4096 * 4096
+    max_images: int = 8
     workers: int = 8
     max_queue: int = 32
+    drain_s: float = 2.0
     max_requests: int = 64
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed or logged
     open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
@@ -112,8 +116,10 @@ class Settings:
             rpc_timeout_s=read("DARTSERVE_RPC_TIMEOUT_S", float, 60.0),
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
+            max_images=read("DARTSERVE_MAX_IMAGES", int, cls.max_images),
             workers=read("DARTSERVE_WORKERS", int, 8),
             max_queue=read("DARTSERVE_MAX_QUEUE", int, cls.max_queue, least=0),
+            drain_s=read("DARTSERVE_DRAIN_S", float, cls.drain_s, least=0),
             max_requests=read("DARTSERVE_MAX_REQUESTS", int, cls.max_requests),
             api_keys=_api_keys(env),
             open_paths=read("DARTSERVE_OPEN_PATHS", _paths, cls.open_paths),

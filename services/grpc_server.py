@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from contextlib import contextmanager
 
@@ -62,7 +63,7 @@ class Server:
         self.port = self.server.add_insecure_port(f"{settings.host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {settings.host}:{port}")
-        self.service_name = service_name
+        self.service_name, self.drain_s = service_name, settings.drain_s
         if settings.metrics:
             self.metrics.serve(settings.host, settings.metrics_port_for(stage))
         self.server.start()
@@ -70,8 +71,10 @@ class Server:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace_s: float = GRACE_S) -> None:
-        """Health turns NOT_SERVING first, new calls are refused, calls in flight finish."""
+        """Health turns NOT_SERVING first; ``drain_s`` later, when load balancers have seen it,
+        new calls are refused; calls in flight get ``grace_s`` to finish."""
         self.health.enter_graceful_shutdown()
+        time.sleep(self.drain_s)
         self.server.stop(grace_s).wait()
 
     def wait_for_signal(self) -> None:

@@ -65,13 +65,14 @@ def _gateway(backend, store, settings):
     """In both modes batches go through Redis (the Celery broker and the batch store), which a
     batch needs only when one is sent."""
     from services.gateway.app import Gateway
+    from services.gateway.answers import Policy
     from services.gateway.batch_api import Batches
     from services.gateway.conversations import Conversations
     from services.worker.app import make_celery
     from services.worker.batches import BatchStore
 
     batches = Batches(
-        BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), settings.pruning, settings.batch_max_requests
+        BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), Policy.from_settings(settings), settings.batch_max_requests
     )
     return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings, batches)
 

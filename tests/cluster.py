@@ -48,6 +48,18 @@ def stage_env(common: dict, port: int, metrics_port: int) -> dict:
     return {**common, "DARTSERVE_PORT": str(port), "DARTSERVE_METRICS_PORT": str(metrics_port)}
 
 
+@contextlib.contextmanager
+def pruner_down(cluster, log):
+    """The pruner stopped for the block, then started again on its ports."""
+    port = cluster["ports"]["pruner"]
+    stop(cluster["processes"]["pruner"])
+    try:
+        yield
+    finally:
+        env = stage_env(cluster["env"], port, cluster["metrics_ports"]["pruner"])
+        cluster["processes"]["pruner"] = dartserve_process("pruner", env, log)
+
+
 def png(index: int, split: str = "test") -> tuple[bytes, object]:
     item = example(split, index)
     buffer = io.BytesIO()

@@ -1,7 +1,6 @@
 """Batches for real: the stages and gateway as processes over a private redis-server, and
 Celery workers as processes of their own (``dartserve worker``)."""
 
-import contextlib
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from cluster import b64, png, running_cluster, stage_env
+from cluster import b64, png, pruner_down, running_cluster
 from processes import dartserve_process, free_port, stop, wait_until
 
 PRUNINGS = [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}]
@@ -121,17 +120,6 @@ def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):
     lines = results(cluster, created["id"])
     assert [line["custom_id"] for line in lines] == [r["custom_id"] for r in requests]
     assert all(line["error"] is None and line["response"]["body"]["answer"] for line in lines)
-
-
-@contextlib.contextmanager
-def pruner_down(cluster, log):
-    port = cluster["ports"]["pruner"]
-    stop(cluster["processes"]["pruner"])
-    try:
-        yield
-    finally:
-        env = stage_env(cluster["env"], port, cluster["metrics_ports"]["pruner"])
-        cluster["processes"]["pruner"] = dartserve_process("pruner", env, log)
 
 
 def test_items_wait_out_an_unavailable_stage(cluster, worker, tmp_path):

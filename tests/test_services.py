@@ -2,6 +2,9 @@
 loopback, with a private redis-server, checked against the in-process engine (greedy)."""
 
 
+import json
+import time
+
 import grpc
 import httpx
 import pytest
@@ -13,7 +16,8 @@ from dartserve.demo import CHECKPOINT
 from dartserve.engine import Engine
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning import PruningConfig
-from cluster import STAGES, b64, png, running_cluster
+from cluster import STAGES, b64, png, pruner_down, running_cluster
+from processes import dartserve_process, free_port, stop, wait_until
 from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
@@ -233,3 +237,79 @@ def test_a_request_id_is_echoed_and_reaches_every_stage_log_as_json(cluster):
         lines = [json.loads(line) for line in text.splitlines() if line]  # every line is JSON
         assert any(line["request_id"] == "trace-42" and line["service"] == name for line in lines), name
         assert "sk-do-not-log" not in text
+
+
+def test_a_stage_down_gives_503_within_the_timeout_and_recovers_by_itself(cluster, tmp_path):
+    data, item = png(15)
+    body = {"image": b64(data), "question": item.question, "max_new_tokens": 4}
+    expected = httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60).json()["answer"]
+    with pruner_down(cluster, tmp_path / "pruner.log"):
+        started = time.monotonic()
+        reply = httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60)
+        assert reply.status_code == 503 and reply.headers["retry-after"] and reply.json()["error"]["type"] == "service_unavailable"
+        assert time.monotonic() - started < 60  # DARTSERVE_RPC_TIMEOUT_S
+        ready = httpx.get(f"{cluster['url']}/readyz")
+        assert ready.status_code == 503 and ready.json()["stages"]["pruner"] is False
+    wait_until(lambda: httpx.get(f"{cluster['url']}/readyz").status_code == 200, "the gateway ready again", timeout_s=120)
+    assert httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60).json()["answer"] == expected
+
+
+def test_a_gateway_told_to_stop_finishes_its_streams_and_takes_no_new_requests(checkpoints, tmp_path):
+    """SIGTERM: the open stream runs to its end; the listener is closed to new requests."""
+    import signal
+
+    port = free_port()
+    env = {"DARTSERVE_MODEL": str(checkpoints["llava"]), "DARTSERVE_PORT": str(port)}
+    serve = dartserve_process("serve", env, tmp_path / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, tmp_path / "serve.log")
+        image = b64(png(3)[0])
+        body = {"image": image, "question": "describe", "max_new_tokens": 300, "temperature": 1.0, "seed": 3}
+        whole = httpx.post(f"{url}/v1/answer", json=body, timeout=120).json()  # the same answer, undisturbed
+        with httpx.stream("POST", f"{url}/v1/answer", json=body | {"stream": True}, timeout=120) as stream:
+            events = stream.iter_lines()
+            assert next(e for e in events if e.startswith("data:"))
+            serve.send_signal(signal.SIGTERM)
+            wait_until(lambda: refused(f"{url}/healthz"), "the listener to close", timeout_s=30)
+            rest = [e for e in events if e.startswith("data:")]
+        answer = json.loads(rest[-2].removeprefix("data: "))
+        assert rest[-1] == "data: [DONE]" and answer["type"] == "answer"
+        assert answer["answer"] == whole["answer"] and answer["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"] > 20
+        # uvicorn shuts down cleanly, then ends by the signal it caught.
+        assert serve.wait(timeout=30) in (0, -signal.SIGTERM) and "Finished server process" in (tmp_path / "serve.log").read_text()
+    finally:
+        stop(serve)
+
+
+def refused(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.TransportError:
+        return True
+    return False
+
+
+def test_a_gateway_at_its_limit_answers_429_with_retry_after(tmp_path):
+    import asyncio
+
+    port = free_port()
+    serve = dartserve_process("serve", {"DARTSERVE_PORT": str(port), "DARTSERVE_MAX_REQUESTS": "1"}, tmp_path / "serve.log")
+    url = f"http://127.0.0.1:{port}"
+    data, item = png(16)
+    body = {"image": b64(data), "question": item.question, "max_new_tokens": 8}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/answer", json=body) for _ in range(8)))
+
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, tmp_path / "serve.log")
+        replies = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in replies)
+        assert set(statuses) == {200, 429}, statuses  # one at a time is answered, the rest told to come back
+        refused = next(r for r in replies if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_exceeded"
+        assert httpx.post(f"{url}/v1/answer", json=body, timeout=60).status_code == 200  # the slot came back
+    finally:
+        stop(serve)

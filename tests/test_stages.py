@@ -3,6 +3,7 @@ KV handles that go missing or arrive damaged, settings, and ``dartserve serve`` 
 
 import base64
 import io
+import time
 
 import httpx
 import pytest
@@ -218,6 +219,8 @@ def test_gateway_edge_inputs_get_json_4xx(demo_client):
         ("/v1/answer", {"content": b"[" * 5000 + b"]" * 5000, "headers": {"content-type": "application/json"}}, 400),
         ("/v1/answer", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data; boundary=y"}}, 400),
         ("/v1/answer", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}, 413),
+        ("/v1/answer", {"json": {"images": [image] * 9, "question": "x"}}, 400),  # DARTSERVE_MAX_IMAGES
+        ("/v1/answer", {"json": {"image": image, "question": "red " * 5000}}, 400),  # past the model's context
         ("/v1/chat/completions", {"json": {"model": "dartserve-demo", "max_tokens": 0, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}, {"type": "text", "text": "x"}]}]}}, 400),
     ]
@@ -282,7 +285,7 @@ def test_a_cancelled_stream_stops_decoding(engines):
     vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
     sampling = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=())
     done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
-    server = serve(DecodeStep(engine, store), Settings(metrics_port=0), 0)
+    server = serve(DecodeStep(engine, store), Settings(metrics_port=0, drain_s=0), 0)
     try:
         stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
@@ -361,46 +364,71 @@ def test_api_keys_guard_the_gateway_but_not_its_open_paths(tmp_path):
         Settings.from_env({"DARTSERVE_API_KEYS_FILE": str(tmp_path / "missing")})
 
 
-def test_a_stage_at_its_limit_refuses_at_once_and_the_gateway_says_429(engines):
-    """Admission control: a stage serves DARTSERVE_WORKERS calls, queues DARTSERVE_MAX_QUEUE
-    more and refuses the rest; the gateway admits DARTSERVE_MAX_REQUESTS requests."""
+class SlowDecode(DecodeStep):
+    """A real decode that takes its time over each chunk, so that a call stays in flight."""
+
+    def generate(self, *args, **kwargs):
+        for chunk in super().generate(*args, **kwargs):
+            time.sleep(0.02)
+            yield chunk
+
+
+def held_stream(engines, **settings):
+    """A generator service (slow decode) and a long answer it has started streaming."""
     import grpc
 
     from services.convert import sampling_to_proto
-    from services.gateway.backends import GrpcBackend, Overloaded
     from services.generator.server import serve
     from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
 
     engine = engines["llava"]
     store = MemoryStore()
     vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
-    sampling = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=())
+    sampling = SamplingConfig(max_new_tokens=300, temperature=1.0, seed=1)
     done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
-    server = serve(DecodeStep(engine, store), Settings(metrics_port=0, workers=1, max_queue=0), 0)
+    expected = [t for chunk in DecodeStep(engine, store).generate(done.kv_handle, sampling, done.first_token) for t in chunk.token_ids]
+    server = serve(SlowDecode(engine, store), Settings(metrics_port=0, **settings), 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+    request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
+    stream = stub.Generate(request, timeout=60)
+    first = next(stream)
+    return server, channel, stub, request, stream, first, expected
+
+
+def test_a_stage_at_its_limit_refuses_at_once(engines):
+    """Admission control: a stage serves DARTSERVE_WORKERS calls, queues DARTSERVE_MAX_QUEUE
+    more and refuses the rest, which the gateway's backend reports as Overloaded (429)."""
+    from services.gateway.backends import GrpcBackend, Overloaded
+
+    server, _, _, request, holding, _, expected = held_stream(engines, workers=1, max_queue=0, drain_s=0)
     try:
-        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
-        holding = stub.Generate(request, timeout=60)
-        next(holding)  # the stage's one call, in progress
+        assert len(expected) > 20  # the held call lasts
         backend = GrpcBackend(Settings(generator_addr=f"127.0.0.1:{server.port}", rpc_timeout_s=5))
         with pytest.raises(Overloaded):
-            next(backend.generate(done.kv_handle, sampling, done.first_token))
+            next(backend.generate(request.kv_handle, SamplingConfig(max_new_tokens=4), request.pending_token))
         holding.cancel()
     finally:
         server.stop(grace_s=1)
 
-    from fastapi.testclient import TestClient
 
-    from services.gateway.app import create_app
-    from services.launch import embedded_gateway
+def test_a_stage_told_to_stop_says_not_serving_then_refuses_new_calls_and_finishes_its_own(engines):
+    import threading
 
-    data = png(make_image(3))
-    client = TestClient(create_app(embedded_gateway(Settings(max_requests=1))))
-    body = {"image": base64.b64encode(data).decode(), "question": "what colour is the circle ?", "max_new_tokens": 4}
-    with client.stream("POST", "/v1/answer", json=body | {"stream": True}) as first:
-        assert first.status_code == 200  # holds the gateway's one slot until its stream ends
-        refused = client.post("/v1/answer", json=body)
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["type"] == "rate_limit_exceeded"
-        first.read()
-    assert client.post("/v1/answer", json=body).status_code == 200
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, channel, stub, request, in_flight, first, expected = held_stream(engines, drain_s=1.0)
+    health = health_pb2_grpc.HealthStub(channel)
+    stopping = threading.Thread(target=server.stop, kwargs={"grace_s": 30})
+    stopping.start()
+    try:
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING", timeout_s=5)
+        time.sleep(1.2)  # past the drain: new calls are refused
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.Generate(request, timeout=5))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        chunks = [first, *in_flight]
+        assert chunks[-1].done and [t for c in chunks for t in c.token_ids] == expected  # every token, as undisturbed
+    finally:
+        stopping.join(timeout=60)

@@ -3,6 +3,8 @@ so that a batch item is answered exactly as the same request sent on its own."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from services.convert import merge_pruning
@@ -55,19 +57,33 @@ def answer_images(body: AnswerIn, uploads: list[bytes], where: str = "") -> list
     return images + [image_bytes(image, f"{where}images.{i}") for i, image in enumerate(body.images or [])]
 
 
-def make_question(images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, default_pruning: dict) -> Question:
+@dataclass(frozen=True)
+class Policy:
+    """The server's defaults and limits for a question."""
+
+    default_pruning: dict
+    max_images: int
+
+    @classmethod
+    def from_settings(cls, settings) -> Policy:
+        return cls(settings.pruning, settings.max_images)
+
+
+def make_question(images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, policy: Policy) -> Question:
+    if len(images) > policy.max_images:
+        raise ApiError(400, f"{len(images)} images; at most {policy.max_images} are allowed in one request", "images")
     try:
-        config = merge_pruning(pruning, default_pruning)
+        config = merge_pruning(pruning, policy.default_pruning)
     except ValueError as error:
         raise ApiError(400, str(error), "pruning") from None
     return Question(images, messages, config, sampling_config)
 
 
-def first_turn(body: AnswerIn, images: list[bytes], default_pruning: dict) -> Question:
+def first_turn(body: AnswerIn, images: list[bytes], policy: Policy) -> Question:
     """The question of a request that starts a conversation."""
     config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
     pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
-    return make_question(images, [{"role": "user", "content": body.question}], pruning, config, default_pruning)
+    return make_question(images, [{"role": "user", "content": body.question}], pruning, config, policy)
 
 
 class AnswerShape:

@@ -20,7 +20,7 @@ from services import request_ids
 from services.gateway import conversations as conv
 from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
 from services.gateway.backends import Overloaded, Unavailable
-from services.gateway.answers import AnswerIn, AnswerShape, answer_images, first_turn, make_question, parse_answer
+from services.gateway.answers import AnswerIn, AnswerShape, Policy, answer_images, first_turn, make_question, parse_answer
 from services.gateway.inputs import ApiError, json_object, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.pipeline import Final, Question, answer
@@ -35,7 +35,7 @@ class Gateway:
     def __init__(self, backend, conversations: conv.Conversations, model_name: str, settings, batches=None) -> None:
         self.backend, self.conversations, self.model_name = backend, conversations, model_name
         self.batches = batches  # None: this gateway takes no batches
-        self.default_pruning = settings.pruning
+        self.policy = Policy.from_settings(settings)
         self.max_body_bytes, self.max_batch_bytes = settings.max_message_bytes, settings.batch_max_mb << 20
         self.admission = Admission(settings.max_requests)
         self.api_keys = tuple(key.encode() for key in settings.api_keys)  # none: the gateway is open
@@ -44,7 +44,7 @@ class Gateway:
         self.created = int(time.time())
 
     def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
-        return make_question(images, messages, pruning, sampling_config, self.default_pruning)
+        return make_question(images, messages, pruning, sampling_config, self.policy)
 
     async def admitted(self, work, *args):
         """Runs ``work(*args, slot)`` on a thread once admitted; a streamed answer keeps its slot
@@ -251,7 +251,7 @@ def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
     if previous is None:
         if body.conversation_id and not images:
             raise ApiError(404, f"conversation {body.conversation_id!r} is unknown or expired", "conversation_id", kind="not_found")
-        question = first_turn(body, images, gateway.default_pruning)
+        question = first_turn(body, images, gateway.policy)
     else:
         if images:
             raise ApiError(400, "images belong to a conversation's first turn; this conversation already has its images", "image")

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from services.gateway.answers import answer_images, first_turn, parse_answer
+from services.gateway.answers import Policy, answer_images, first_turn, parse_answer
 from services.gateway.backends import Unavailable, store_errors
 from services.gateway.inputs import ApiError, json_object
 from services.worker.app import queue_items
@@ -26,9 +26,9 @@ MAX_REPORTED = 50  # bad lines listed in one error
 class Batches:
     """The gateway's side of batches: checking, storing and queueing them, and reading them back."""
 
-    def __init__(self, store, celery, model_name: str, default_pruning: dict, max_requests: int) -> None:
+    def __init__(self, store, celery, model_name: str, policy: Policy, max_requests: int) -> None:
         self.store, self.celery, self.model_name, self.max_requests = store, celery, model_name, max_requests
-        self.default_pruning = default_pruning
+        self.policy = policy
 
     def submit(self, requests: list[tuple[int, object]]) -> dict:
         """``requests`` are (line number, parsed JSON) pairs."""
@@ -39,7 +39,7 @@ class Batches:
         items, images, errors, seen = [], {}, [], set()
         for line, request in requests:
             try:
-                items.append(_item(request, seen, images, self.default_pruning))
+                items.append(_item(request, seen, images, self.policy))
             except ApiError as error:
                 errors.append({"line": line, "message": error.message, "param": error.param})
         if errors:
@@ -69,7 +69,7 @@ class Batches:
             return self.store.status(batch_id)
 
 
-def _item(request, seen: set, images: dict, default_pruning: dict) -> dict:
+def _item(request, seen: set, images: dict, policy: Policy) -> dict:
     if not isinstance(request, dict):
         raise ApiError(400, "a request must be a JSON object")
     try:
@@ -95,7 +95,7 @@ def _item(request, seen: set, images: dict, default_pruning: dict) -> dict:
     if body.conversation_id is not None:
         raise ApiError(400, "conversation_id is not supported in a batch", "conversation_id")
     images_of_item = answer_images(body, [])
-    first_turn(body, images_of_item, default_pruning)  # checks the pruning and sampling settings
+    first_turn(body, images_of_item, policy)  # checks the settings and the limits
     hashes = []
     for data in images_of_item:
         digest = hashlib.sha256(data).hexdigest()

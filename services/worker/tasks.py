@@ -12,7 +12,7 @@ import logging
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
 from services import request_ids
-from services.gateway.answers import AnswerShape, first_turn, parse_answer
+from services.gateway.answers import AnswerShape, Policy, first_turn, parse_answer
 from services.gateway.backends import Unavailable
 from services.gateway.inputs import ApiError
 from services.gateway.pipeline import Final, answer
@@ -29,6 +29,7 @@ class Worker:
 
     def __init__(self, settings, backend, model_name: str) -> None:
         self.settings, self.backend, self.model_name = settings, backend, model_name
+        self.policy = Policy.from_settings(settings)
         self.batches = BatchStore.from_url(settings.redis_url, settings.batch_ttl_s)
 
     def run(self, task, batch_id: str, index: int) -> None:
@@ -62,7 +63,7 @@ class Worker:
 
     def answer(self, custom_id: str, fields: dict, images: list[bytes]) -> dict:
         try:
-            question = first_turn(parse_answer(fields), images, self.settings.pruning)
+            question = first_turn(parse_answer(fields), images, self.policy)
             final = next(e for e in answer(self.backend, question) if isinstance(e, Final))
         except ApiError as error:
             return _failure(custom_id, error.status, error.kind, error.message, error.param)
