@@ -28,12 +28,19 @@ ENVIRONMENT = {
     "DARTSERVE_TTL_S": f"lifetime of cached prompts, KV caches and conversations (default {DEFAULT_TTL_S})",
     "DARTSERVE_RPC_TIMEOUT_S": "the gateway's deadline for each gRPC call (default 60)",
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
+    "DARTSERVE_IMAGE_URL_HOSTS": "comma-separated hosts (or *.domain) whose http(s) image URLs the gateway fetches (default: none, URLs are refused)",
     "DARTSERVE_MAX_IMAGES": "most images in one request (default 8)",
     "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
     "DARTSERVE_WORKERS": "threads serving a gRPC stage's calls: the calls it works on at once (default 8)",
     "DARTSERVE_DRAIN_S": "on SIGTERM, seconds a gRPC stage reports NOT_SERVING before it refuses new calls (default 2)",
     "DARTSERVE_MAX_QUEUE": "calls a gRPC stage keeps waiting beyond those; more get RESOURCE_EXHAUSTED, which the gateway answers with 429 (default 32)",
     "DARTSERVE_MAX_REQUESTS": "requests the gateway answers at once; more get 429 with Retry-After (default 64)",
+    "DARTSERVE_TLS_CERT": "a gRPC stage's certificate (PEM); with DARTSERVE_TLS_KEY, the stage serves TLS only",
+    "DARTSERVE_TLS_KEY": "the private key (PEM) of DARTSERVE_TLS_CERT",
+    "DARTSERVE_TLS_CLIENT_CA": "a gRPC stage accepts only clients with a certificate from this CA (mutual TLS)",
+    "DARTSERVE_TLS_CA": "the CA (PEM) the gateway and workers trust for the stages' certificates; set, they call the stages over TLS",
+    "DARTSERVE_TLS_CLIENT_CERT": "the gateway's and workers' certificate (PEM) for mutual TLS",
+    "DARTSERVE_TLS_CLIENT_KEY": "the private key (PEM) of DARTSERVE_TLS_CLIENT_CERT",
     "DARTSERVE_API_KEYS": "comma-separated API keys the gateway accepts as 'Authorization: Bearer KEY' (default: none, the gateway is open)",
     "DARTSERVE_API_KEYS_FILE": "a file of API keys, one per line (a mounted secret); adds to DARTSERVE_API_KEYS",
     "DARTSERVE_API_KEY": "the key `dartserve batch` sends to the gateway (client side)",
@@ -45,6 +52,7 @@ ENVIRONMENT = {
     "DARTSERVE_BATCH_VISIBILITY_S": "seconds before a batch item taken by a worker that died is delivered again (default 300)",
 }
 
+TLS_FILES = ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_client_cert", "tls_client_key")
 DEFAULT_PORTS = {"gateway": 8000, "vision": 50051, "pruner": 50052, "generator": 50053}
 DEFAULT_METRICS_PORTS = {"vision": 9101, "pruner": 9102, "generator": 9103}
 
@@ -67,11 +75,18 @@ class Settings:
     max_message_mb: int = 32
     max_image_pixels: int = 4096 * 4096
     max_images: int = 8
+    image_url_hosts: tuple[str, ...] = ()
     workers: int = 8
     max_queue: int = 32
     drain_s: float = 2.0
     max_requests: int = 64
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed or logged
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_ca: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
     open_paths: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
     batch_ttl_s: int = 86400
     batch_max_requests: int = 50_000
@@ -117,11 +132,13 @@ class Settings:
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
             max_images=read("DARTSERVE_MAX_IMAGES", int, cls.max_images),
+            image_url_hosts=read("DARTSERVE_IMAGE_URL_HOSTS", lambda raw: tuple(h.strip() for h in raw.split(",") if h.strip()), ()),
             workers=read("DARTSERVE_WORKERS", int, 8),
             max_queue=read("DARTSERVE_MAX_QUEUE", int, cls.max_queue, least=0),
             drain_s=read("DARTSERVE_DRAIN_S", float, cls.drain_s, least=0),
             max_requests=read("DARTSERVE_MAX_REQUESTS", int, cls.max_requests),
             api_keys=_api_keys(env),
+            **{name: read(f"DARTSERVE_{name.upper()}", str, None) for name in TLS_FILES},
             open_paths=read("DARTSERVE_OPEN_PATHS", _paths, cls.open_paths),
             batch_ttl_s=read("DARTSERVE_BATCH_TTL_S", int, cls.batch_ttl_s),
             batch_max_requests=read("DARTSERVE_BATCH_MAX_REQUESTS", int, cls.batch_max_requests),

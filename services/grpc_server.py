@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
+from services import tls
 from services.stage_calls import StageCalls
 
 GRACE_S = 10.0
@@ -60,7 +61,9 @@ class Server:
         reflection.enable_server_reflection(
             (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{port}")
+        credentials = tls.server_credentials(settings)
+        address = f"{settings.host}:{port}"
+        self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {settings.host}:{port}")
         self.service_name, self.drain_s = service_name, settings.drain_s

@@ -9,6 +9,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import tls
+
 HTTP_SERVICES = ("serve", "gateway")
 GRPC_SERVICES = ("vision", "pruner", "generator")
 SERVICES = (*HTTP_SERVICES, *GRPC_SERVICES, "worker")
@@ -25,7 +27,7 @@ def probe(service: str, settings, timeout_s: float = 3.0) -> bool:
         except OSError:
             return False
     if service in GRPC_SERVICES:
-        with grpc.insecure_channel(f"127.0.0.1:{settings.port_for(service)}") as channel:
+        with tls.channel(f"127.0.0.1:{settings.port_for(service)}", settings, []) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
             except grpc.RpcError:

@@ -432,3 +432,123 @@ def test_a_stage_told_to_stop_says_not_serving_then_refuses_new_calls_and_finish
         assert chunks[-1].done and [t for c in chunks for t in c.token_ids] == expected  # every token, as undisturbed
     finally:
         stopping.join(timeout=60)
+
+
+def _certificates(folder):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(name, issuer_name, issuer_key, ca=False, san=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        return key
+
+    import ipaddress
+
+    ca_key = issue("ca", "ca", None, ca=True)
+    issue("server", "ca", ca_key, san=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    issue("client", "ca", ca_key)
+    other_key = issue("other-ca", "other-ca", None, ca=True)
+    issue("stranger", "other-ca", other_key)
+    return {name: str(folder / f"{name}.pem") for name in ("ca", "server", "client", "stranger")} | {
+        f"{name}_key": str(folder / f"{name}.key") for name in ("server", "client", "stranger")
+    }
+
+
+def test_stages_serve_tls_and_mutual_tls_by_configuration(engines, tmp_path):
+    from services.gateway.backends import GrpcBackend, Unavailable
+    from services.vision.server import serve
+
+    pem = _certificates(tmp_path)
+    engine = engines["llava"]
+    server_tls = {"tls_cert": pem["server"], "tls_key": pem["server_key"], "tls_client_ca": pem["ca"]}
+    server = serve(VisionStep(engine, MemoryStore()), Settings(metrics_port=0, drain_s=0, **server_tls), 0)
+    address = f"127.0.0.1:{server.port}"
+    conversation = [{"role": "user", "content": PROMPT}]
+    try:
+        trusted = GrpcBackend(Settings(vision_addr=address, tls_ca=pem["ca"], tls_client_cert=pem["client"], tls_client_key=pem["client_key"], rpc_timeout_s=5))
+        assert trusted.encode([png(make_image(4))], conversation).vision_tokens > 0
+        strangers = [
+            Settings(vision_addr=address, rpc_timeout_s=5),  # plaintext
+            Settings(vision_addr=address, tls_ca=pem["ca"], rpc_timeout_s=5),  # no client certificate
+            Settings(vision_addr=address, tls_ca=pem["ca"], tls_client_cert=pem["stranger"], tls_client_key=pem["stranger_key"], rpc_timeout_s=5),
+        ]
+        for settings in strangers:
+            with pytest.raises(Unavailable):
+                GrpcBackend(settings).encode([png(make_image(4))], conversation)
+    finally:
+        server.stop(grace_s=1)
+    with pytest.raises(ValueError, match="go together"):
+        serve(VisionStep(engine, MemoryStore()), Settings(metrics_port=0, tls_cert=pem["server"]), 0)
+
+
+def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path):
+    import http.server
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from dartserve.demo.data import example
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    item = example("test", 5)
+    (tmp_path / "picture.png").write_bytes(png(item.image))
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"0" * (2 << 20))
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_port}"
+    try:
+        client = TestClient(create_app(embedded_gateway(Settings(image_url_hosts=("127.0.0.1",), max_message_mb=1))))
+        by_url = client.post("/v1/answer", json={"image": f"{base}/picture.png", "question": item.question})
+        inline = client.post("/v1/answer", json={"image": base64.b64encode(png(item.image)).decode(), "question": item.question})
+        assert by_url.status_code == 200 and by_url.json()["answer"] == inline.json()["answer"]
+        chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{base}/picture.png"}}, {"type": "text", "text": item.question}]}]
+        assert client.post("/v1/chat/completions", json={"model": "dartserve-demo", "messages": chat}).status_code == 200
+        for url, says in [
+            (f"http://localhost:{files.server_port}/picture.png", "not fetched"),  # a host not on the list
+            (f"{base}/moved", "HTTP 302"),  # redirects are not followed
+            (f"{base}/missing.png", "HTTP 404"),
+            (f"{base}/big.png", "over"),
+            ("http://127.0.0.1:1/picture.png", "could not be fetched"),
+        ]:
+            reply = client.post("/v1/answer", json={"image": url, "question": "x"})
+            assert reply.status_code == 400 and says in reply.json()["error"]["message"], (url, reply.text)
+        closed = TestClient(create_app(embedded_gateway(Settings())))
+        assert closed.post("/v1/answer", json={"image": f"{base}/picture.png", "question": "x"}).status_code == 400
+    finally:
+        files.shutdown()

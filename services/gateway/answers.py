@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from services.convert import merge_pruning
+from services.gateway.image_urls import ImageUrls
 from services.gateway.inputs import ApiError, image_bytes, sampling
 from services.gateway.pipeline import Delta, Final, Question
 
@@ -37,24 +38,24 @@ class AnswerIn(BaseModel):
     conversation_id: str | None = None
 
 
-def parse_answer(fields: dict, where: str = "") -> AnswerIn:
-    """The request's fields, checked; ``where`` prefixes the offending parameter's name."""
+def parse_answer(fields: dict) -> AnswerIn:
+    """The request's fields, checked."""
     try:
         body = AnswerIn.model_validate(fields)
     except ValidationError as error:
         first = error.errors()[0]
-        param = where + ".".join(str(p) for p in first["loc"])
+        param = ".".join(str(p) for p in first["loc"])
         raise ApiError(400, f"{param or 'body'}: {first['msg']}", param or None) from None
     if not body.question.strip():
-        raise ApiError(400, "question must not be empty", where + "question")
+        raise ApiError(400, "question must not be empty", "question")
     return body
 
 
-def answer_images(body: AnswerIn, uploads: list[bytes], where: str = "") -> list[bytes]:
+def answer_images(body: AnswerIn, uploads: list[bytes], policy: Policy) -> list[bytes]:
     images = list(uploads)
     if body.image is not None:
-        images.append(image_bytes(body.image, where + "image"))
-    return images + [image_bytes(image, f"{where}images.{i}") for i, image in enumerate(body.images or [])]
+        images.append(image_bytes(body.image, "image", policy.image_urls))
+    return images + [image_bytes(image, f"images.{i}", policy.image_urls) for i, image in enumerate(body.images or [])]
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,12 @@ class Policy:
 
     default_pruning: dict
     max_images: int
+    image_urls: ImageUrls | None = None  # None: no image is fetched by URL
 
     @classmethod
     def from_settings(cls, settings) -> Policy:
-        return cls(settings.pruning, settings.max_images)
+        urls = ImageUrls(settings.image_url_hosts, settings.max_message_bytes) if settings.image_url_hosts else None
+        return cls(settings.pruning, settings.max_images, urls)
 
 
 def make_question(images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, policy: Policy) -> Question:

@@ -246,7 +246,7 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
 
 
 def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
-    images = answer_images(body, uploads)
+    images = answer_images(body, uploads, gateway.policy)
     previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
     if previous is None:
         if body.conversation_id and not images:

@@ -18,7 +18,7 @@ from dartserve.kv.store import StoreUnavailable
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
-from services import request_ids
+from services import request_ids, tls
 from services.convert import pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
@@ -80,7 +80,7 @@ class GrpcBackend:
         ]
         self.timeout_s = settings.rpc_timeout_s
         self.channels = {
-            name: grpc.insecure_channel(address, options=options)
+            name: tls.channel(address, settings, options)
             for name, address in (("vision", settings.vision_addr), ("pruner", settings.pruner_addr), ("generator", settings.generator_addr))
         }
         self.vision = vision_pb2_grpc.VisionServiceStub(self.channels["vision"])

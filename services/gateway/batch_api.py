@@ -94,7 +94,7 @@ def _item(request, seen: set, images: dict, policy: Policy) -> dict:
         raise ApiError(400, "stream is not supported in a batch", "stream")
     if body.conversation_id is not None:
         raise ApiError(400, "conversation_id is not supported in a batch", "conversation_id")
-    images_of_item = answer_images(body, [])
+    images_of_item = answer_images(body, [], policy)
     first_turn(body, images_of_item, policy)  # checks the settings and the limits
     hashes = []
     for data in images_of_item:

@@ -34,12 +34,15 @@ async def json_object(request) -> dict:
     return body
 
 
-def image_bytes(value, param: str) -> bytes:
-    """An image given as base64 or as a base64 ``data:`` URL."""
+def image_bytes(value, param: str, urls=None) -> bytes:
+    """An image given as base64, as a base64 ``data:`` URL, or as an http(s) URL that ``urls``
+    (an ``ImageUrls``) may fetch."""
     if not isinstance(value, str) or not value:
         raise ApiError(400, "an image must be a non-empty base64 string or data URL", param)
     if value.startswith(("http://", "https://")):
-        raise ApiError(400, "image URLs are not fetched; send the image as base64 or a data URL", param)
+        if urls is None:
+            raise ApiError(400, "image URLs are not fetched; send the image as base64 or a data URL", param)
+        return urls.fetch(value, param)
     if value.startswith("data:"):
         match = _DATA_URL.match(value)
         if not match or not match.group("b64"):

@@ -84,7 +84,7 @@ def _usage(final: Final) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def parse_messages(messages: list[dict]) -> tuple[list[bytes], list[dict]]:
+def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], list[dict]]:
     """Images (in order) and text turns from OpenAI-style messages; images only in the first user turn."""
     images: list[bytes] = []
     turns: list[dict] = []
@@ -106,7 +106,7 @@ def parse_messages(messages: list[dict]) -> tuple[list[bytes], list[dict]]:
                 elif kind == "image_url" and isinstance(part.get("image_url"), dict):
                     if turns:
                         raise ApiError(400, "images must be in the first user message", where)
-                    images.append(image_bytes(part["image_url"].get("url"), where))
+                    images.append(image_bytes(part["image_url"].get("url"), where, image_urls))
                 else:
                     raise ApiError(400, "a content part is {type: text, text} or {type: image_url, image_url: {url}}", where)
             text = " ".join(texts)
@@ -132,7 +132,7 @@ def _chat(gateway: Gateway, body: ChatIn, slot):
         raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", "n")
-    images, turns = parse_messages(body.messages)
+    images, turns = parse_messages(body.messages, gateway.policy.image_urls)
     limit = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), 64)
     config = sampling(limit, 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0)
     hashes = [hashlib.sha256(image).hexdigest() for image in images]

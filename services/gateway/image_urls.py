@@ -1,0 +1,49 @@
+"""Images given by URL. The gateway fetches none unless the URL's host is on the allow-list
+(``DARTSERVE_IMAGE_URL_HOSTS``), so a client cannot make it reach into the network behind it.
+Redirects are not followed, and a download stops at the size limit."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from services.gateway.inputs import ApiError
+
+TIMEOUT_S = 10.0
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect could lead off the allow-list
+
+
+class ImageUrls:
+    def __init__(self, hosts: tuple[str, ...], max_bytes: int) -> None:
+        self.hosts, self.max_bytes = tuple(h.lower() for h in hosts), max_bytes
+        self._opener = urllib.request.build_opener(_NoRedirects)
+
+    def allowed(self, host: str) -> bool:
+        host = host.lower()
+        return any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
+
+    def fetch(self, url: str, param: str) -> bytes:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ApiError(400, "an image URL must be http(s)://host/...", param)
+        if not self.allowed(parsed.hostname):
+            raise ApiError(400, f"image URLs from {parsed.hostname!r} are not fetched; send the image as base64 or a data URL", param)
+        try:
+            with self._opener.open(url, timeout=TIMEOUT_S) as reply:
+                if reply.status != 200:
+                    raise ApiError(400, f"fetching the image gave HTTP {reply.status}", param)
+                data = reply.read(self.max_bytes + 1)
+        except urllib.error.HTTPError as error:
+            raise ApiError(400, f"fetching the image gave HTTP {error.code}", param) from None
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise ApiError(400, f"the image could not be fetched: {getattr(error, 'reason', error)}", param) from None
+        if len(data) > self.max_bytes:
+            raise ApiError(400, f"the image at the URL is over {self.max_bytes} bytes", param)
+        if not data:
+            raise ApiError(400, "the image at the URL is empty", param)
+        return data
