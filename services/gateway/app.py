@@ -171,7 +171,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         return api_error(request, ApiError(400, f"{param or 'body'}: {first['msg']}", param))
 
-    @app.post("/v1/answer")
+    @app.post("/v1/answer", openapi_extra=json_body(AnswerIn.model_json_schema()))
     async def answer_endpoint(request: Request):
         fields, uploads = await _answer_fields(request)
         return await gateway.admitted(_answer, gateway, parse_answer(fields), uploads)
@@ -209,6 +209,23 @@ def create_app(gateway: Gateway) -> FastAPI:
     if gateway.batches is not None:
         register_batches(app, gateway.batches)
     return app
+
+
+def json_body(schema: dict) -> dict:
+    """An OpenAPI request body for an endpoint that reads its own body, so that clients and
+    schema-driven tests see its fields; ``$defs`` are inlined, as OpenAPI cannot point at them."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if set(node) == {"$ref"}:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:

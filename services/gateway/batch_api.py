@@ -167,7 +167,11 @@ async def _requests(request: Request) -> list[tuple[int, object]]:
 
 
 def register_batches(app: FastAPI, batches: Batches) -> None:
-    @app.post("/v1/batches")
+    from services.gateway.app import json_body
+
+    batch_schema = {"type": "object", "required": ["requests"], "additionalProperties": False, "properties": {"requests": {"type": "array", "items": {"type": "object"}}}}
+
+    @app.post("/v1/batches", status_code=202, openapi_extra=json_body(batch_schema))
     async def create(request: Request):
         try:
             created = await run_in_threadpool(batches.submit, await _requests(request))
