@@ -7,11 +7,16 @@ import json
 import os
 import sys
 
-import torch
-
 from dartserve.demo import default_model
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# torch is imported where a command needs it: `dartserve probe` and `batch` start in a blink.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
 
 
 def _csv_ints(text: str) -> tuple[int, ...]:
@@ -36,7 +41,7 @@ def _bench_prefill(args: argparse.Namespace) -> int:
         methods=tuple(args.methods.split(",")),
         runs=args.runs,
         device=args.device,
-        dtype=DTYPES[args.dtype],
+        dtype=_dtype(args.dtype),
     )
     print(f"{'method':<12} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'ideal':>6} {'% ideal':>8} {'select %':>9} {'KV MiB':>8}")
     for row in rows:
@@ -66,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
         images = [Image.open(path) for path in args.image]
     except OSError as error:  # missing, unreadable or not an image
         raise ValueError(f"cannot read image: {error}") from None
-    engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    engine = Engine.load(args.model, device=args.device, dtype=_dtype(args.dtype))
     result = engine.generate(images, args.prompt, pruning=pruning, sampling=sampling)
     print(result.text)
     if args.stats:
@@ -83,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     settings = settings_grid(args.methods.split(","), list(args.budgets), list(args.layers))
     items = jsonl_items(Path(args.dataset), args.limit) if args.dataset else synthetic_items(args.split, args.limit)
-    engine = Engine.load(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    engine = Engine.load(args.model, device=args.device, dtype=_dtype(args.dtype))
     rows = evaluate(engine, items, settings, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
     title = f"{Path(args.model).name}: {args.dataset or 'synthetic ' + args.split}"
     for kind, path in write_reports(rows, Path(args.out), title).items():
@@ -104,6 +109,8 @@ def _train_demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file")
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
     train(
         out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -227,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    generate.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
     generate.add_argument("--stats", action="store_true", help="print the request's statistics as JSON on stderr")
     generate.set_defaults(run=_generate)
 
@@ -255,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-new-tokens", type=_positive_int, default=8)
     evaluation.add_argument("--out", default="eval-out", help="folder for eval.json, eval.md and eval.png")
     evaluation.add_argument("--device", default="cpu")
-    evaluation.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    evaluation.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
     evaluation.set_defaults(run=_eval)
 
     train = commands.add_parser("train-demo", help="train the demo model on the synthetic task")
@@ -314,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.add_argument("--methods", default="dart", help="comma-separated pruning methods")
     prefill.add_argument("--runs", type=_positive_int, default=5)
     prefill.add_argument("--device", default="cpu")
-    prefill.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    prefill.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     prefill.set_defaults(run=_bench_prefill)
     service = suites.add_parser("service", help="embedded vs distributed latency, KV bytes, Redis KV throughput")
     service.add_argument("--json", help="write the result to this file")

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass, field
 
 from dartserve.kv.store import DEFAULT_TTL_S
-from dartserve.pruning.config import PruningConfig
 
 # The server's pruning when a request names none: DART at layer 2 keeping 64 of 576 vision
 # tokens, scaled to the image's token count.
@@ -114,7 +113,10 @@ class Settings:
             return value
 
         pruning = read("DARTSERVE_PRUNING", json.loads, dict(DEFAULT_PRUNING))
-        PruningConfig.from_dict(pruning)  # fail at start-up, not on the first request
+        if "DARTSERVE_PRUNING" in env:  # fail at start-up, not on the first request
+            from dartserve.pruning.config import PruningConfig  # loads torch, which a probe does without
+
+            PruningConfig.from_dict(pruning)
         return cls(
             model=read("DARTSERVE_MODEL", str, None),
             device=read("DARTSERVE_DEVICE", str, "cpu"),

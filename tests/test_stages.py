@@ -350,7 +350,7 @@ def test_api_keys_guard_the_gateway_but_not_its_open_paths(tmp_path):
 
     (tmp_path / "keys").write_text("second-key\n\n")
     settings = Settings.from_env({"DARTSERVE_API_KEYS": "first-key", "DARTSERVE_API_KEYS_FILE": str(tmp_path / "keys"), "DARTSERVE_OPEN_PATHS": "/healthz"})
-    assert settings.api_keys == ("first-key", "second-key") and "key" not in repr(settings)
+    assert settings.api_keys == ("first-key", "second-key") and "first-key" not in repr(settings) and "second-key" not in repr(settings)
     client = TestClient(create_app(embedded_gateway(settings)))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "first-key"}, {"Authorization": "Basic first-key"}):
         reply = client.get("/v1/models", headers=headers)

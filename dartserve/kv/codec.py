@@ -12,11 +12,11 @@ import hashlib
 import json
 import struct
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from dartserve.kv.cache import RaggedKVCache
+from dartserve.kv.store import EncodedCache
 
 MAGIC = b"DSKV"
 VERSION = 1
@@ -25,16 +25,6 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float1
 
 class CacheMiss(Exception):
     """Cached bytes that are missing, stale, foreign or damaged."""
-
-
-@dataclass(frozen=True)
-class EncodedCache:
-    manifest: bytes
-    layers: list[bytes]
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.manifest) + sum(len(layer) for layer in self.layers)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

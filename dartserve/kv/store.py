@@ -11,10 +11,21 @@ import hashlib
 import json
 import threading
 import time
-
-from dartserve.kv.codec import EncodedCache
+from dataclasses import dataclass
 
 DEFAULT_TTL_S = 600
+
+
+@dataclass(frozen=True)
+class EncodedCache:
+    """A KV cache as the store holds it (``codec`` makes and reads it): a manifest and one value per layer."""
+
+    manifest: bytes
+    layers: list[bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.manifest) + sum(len(layer) for layer in self.layers)
 
 
 class StoreUnavailable(Exception):
