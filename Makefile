@@ -11,6 +11,7 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	PYTHON=$(BIN)/python tools/install-deploy-tools $(BIN)
 
 test: install
 	$(BIN)/pytest -q

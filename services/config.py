@@ -173,7 +173,10 @@ def _api_keys(env) -> tuple[str, ...]:
                 keys += [line.strip() for line in lines]
         except OSError as error:
             raise ValueError(f"DARTSERVE_API_KEYS_FILE: cannot read {path}: {error.strerror}") from None
-    return tuple(k for k in keys if k)
+    keys = tuple(k for k in keys if k)
+    if any(k.startswith("replace-me") for k in keys):  # k8s/base/api-keys.txt, never to be served as is
+        raise ValueError("an API key is still the placeholder; put real keys in DARTSERVE_API_KEYS(_FILE)")
+    return keys
 
 
 def _paths(raw: str) -> tuple[str, ...]:

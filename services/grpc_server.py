@@ -19,6 +19,7 @@ from services import tls
 from services.stage_calls import StageCalls
 
 GRACE_S = 10.0
+MAX_CONNECTION_AGE_MS = 120_000
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +54,14 @@ class Server:
             interceptors=[self.metrics],
             # Calls beyond those served and queued are refused at once (RESOURCE_EXHAUSTED).
             maximum_concurrent_rpcs=settings.workers + settings.max_queue,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Clients reconnect every few minutes, so new replicas behind one Service
+                # address get their share; a call in flight keeps its connection to the end.
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.max_connection_age_grace_ms", int(settings.rpc_timeout_s * 1000)),
+            ],
         )
         register(self.server)
         self.health = health.HealthServicer()

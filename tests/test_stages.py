@@ -362,6 +362,8 @@ def test_api_keys_guard_the_gateway_but_not_its_open_paths(tmp_path):
     assert client.get("/metrics").status_code == 401  # open only when listed
     with pytest.raises(ValueError, match="cannot read"):
         Settings.from_env({"DARTSERVE_API_KEYS_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="placeholder"):  # the one in k8s/base/api-keys.txt
+        Settings.from_env({"DARTSERVE_API_KEYS_FILE": "k8s/base/api-keys.txt"})
 
 
 class SlowDecode(DecodeStep):

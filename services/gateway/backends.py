@@ -77,6 +77,8 @@ class GrpcBackend:
             # Reads a server stream on the calling thread instead of handing each message over
             # from gRPC's own thread: less latency per streamed token.
             (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+            # Every address a stage's name resolves to (a headless Service) takes calls in turn.
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         self.timeout_s = settings.rpc_timeout_s
         self.channels = {
