@@ -112,7 +112,10 @@ def _train_demo(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    train(out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=Path(args.init) if args.init else None)
+    train(
+        out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        init=Path(args.init) if args.init else None, vision_steps=args.vision_steps,
+    )
     print(json.dumps(write_card(out)["test"], indent=2))
     return 0
 
@@ -264,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-demo", help="train the demo model on the synthetic task")
     train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=_positive_int, default=1800)
+    train.add_argument("--steps", type=_positive_int, default=1500, help="steps of phase two (the whole model)")
     train.add_argument("--batch-size", type=_positive_int, default=12)
-    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--vision-steps", type=int, default=1500, help="steps of phase one (the vision tower alone); 0 skips it")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--init", help="train on from this checkpoint")
     train.add_argument("--threads", type=_positive_int, help="torch threads (results differ slightly with the count)")

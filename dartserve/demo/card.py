@@ -10,6 +10,7 @@ import torch
 
 from dartserve.engine import Engine
 from dartserve.evaluation import evaluate, synthetic_items
+from dartserve.demo.train import OBJECT_WEIGHT
 from dartserve.pruning import PruningConfig
 
 FIXED_SAMPLE = 100  # the first test examples; the tests re-check the model on exactly these
@@ -38,6 +39,8 @@ def write_card(checkpoint: Path) -> dict:
         "- projector: LLaVA's two-layer MLP (GELU)",
         f"- language model: Llama, {text_config.num_hidden_layers} layers, width {text_config.hidden_size}, {text_config.num_attention_heads} heads, tied embeddings",
         f"- {parameters / 1e6:.2f} M parameters, float32; word-level tokenizer of {text_config.vocab_size} tokens",
+        "- prompt: `USER: QUESTION <image>\\nQUESTION ASSISTANT:`: the question comes before the image as",
+        "  well as after it, so the vision tokens can see it (attention is causal)",
         "",
         "## Training (`dartserve train-demo`)",
         "",
@@ -46,6 +49,9 @@ def write_card(checkpoint: Path) -> dict:
         f"gradient clip 1.0; loss: the answer word and `</s>`, plus {training['aux_weight']} x auxiliary probes (dropped",
         "after training) that name the shape and colour under each projected vision token and the",
         "object count from their mean. Validation accuracy is next-token accuracy on 200 validation questions.",
+        "A run from scratch starts with phase one: the vision tower alone learns, through the same",
+        f"probes on its own tokens (object patches weigh {OBJECT_WEIGHT:g} times the background), to name",
+        "the shape and colour under each patch.",
         "",
         "## Accuracy (unpruned, greedy, exact match)",
         "",
@@ -66,6 +72,11 @@ def write_card(checkpoint: Path) -> dict:
 def _run_lines(number: int, run: dict) -> list[str]:
     validation = [h for h in run["history"] if "validation_accuracy" in h]
     start = f"from the previous run's checkpoint, seed {run['seed']}" if run.get("init") else f"from scratch, seed {run['seed']}"
+    vision = run.get("vision_pretraining")
+    if vision:
+        start = f"from scratch, seed {run['seed']}: phase one, {vision['steps']} steps of {vision['batch_size']} examples for the vision tower alone"
+        start += f" (peak lr {vision['lr']}, {vision['train_seconds'] / 60:.0f} minutes, shape accuracy on object patches"
+        start += f" {vision['history'][-1]['object_shape_accuracy']:.1%} over its last 25 steps); then phase two"
     return [
         f"{number}. {start}: {run['steps']} steps of {run['batch_size']} fresh train examples, peak lr {run['lr']},",
         f"   {run['warmup']} warm-up steps, {run['train_seconds'] / 60:.0f} minutes on {run.get('machine', 'a 2-core CPU')};",

@@ -17,11 +17,17 @@ from transformers import (
 from dartserve.demo.data import COLOURS, NUMBERS, SHAPES, SIZE
 
 PATCH = 14
+# A turn with an image states its question before the image as well as after it. The vision
+# tokens can then look at the question (attention is causal) and mark the object it names,
+# which a small model trained from scratch learns sooner than finding the object from the
+# answer's position alone. The question after the image is the one pruning methods read.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "{% for text in message['content'] %}{% if text['type'] == 'text' %}{{ text['text'] }} {% endif %}{% endfor %}"
+    "<image>\n{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% endif %}"
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
