@@ -217,6 +217,17 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_bench(suites, name: str, text: str, run, requests: int) -> argparse.ArgumentParser:
+    """A benchmark that starts dartserve's processes: the arguments they all take."""
+    bench = suites.add_parser(name, help=text)
+    bench.add_argument("--json", help="write the result to this file")
+    bench.add_argument("--requests", type=_positive_int, default=requests)
+    bench.add_argument("--model", help="default: the bundled demo model")
+    bench.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
+    bench.set_defaults(run=run)
+    return bench
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dartserve", description="Multimodal LLM serving with DART visual-token pruning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -323,31 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.add_argument("--device", default="cpu")
     prefill.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     prefill.set_defaults(run=_bench_prefill)
-    service = suites.add_parser("service", help="embedded vs distributed latency, KV bytes, Redis KV throughput")
-    service.add_argument("--json", help="write the result to this file")
-    service.add_argument("--requests", type=_positive_int, default=30)
+    service = _service_bench(suites, "service", "embedded vs distributed latency, KV bytes, Redis KV throughput", _bench_service, 30)
     service.add_argument("--kv-rounds", type=_positive_int, default=30)
     service.add_argument("--redis-url", help="default: a private, empty redis-server the bench starts")
-    service.add_argument("--model", help="default: the bundled demo model")
-    service.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
-    service.set_defaults(run=_bench_service)
-    batch_bench = suites.add_parser("batch", help="a batch on one Celery worker against the same requests one by one to /v1/answer")
-    batch_bench.add_argument("--json", help="write the result to this file")
-    batch_bench.add_argument("--requests", type=_positive_int, default=200)
+    batch_bench = _service_bench(suites, "batch", "a batch on one Celery worker against the same requests one by one to /v1/answer", _bench_batch, 200)
     batch_bench.add_argument("--runs", type=_positive_int, default=3)
-    batch_bench.add_argument("--model", help="default: the bundled demo model")
-    batch_bench.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
-    batch_bench.set_defaults(run=_bench_batch)
-    load = suites.add_parser("load", help="bounded load on a gateway: throughput, latency percentiles, errors, peak memory")
-    load.add_argument("--json", help="write the result to this file")
+    load = _service_bench(suites, "load", "bounded load on a gateway: throughput, latency percentiles, errors, peak memory", _bench_load, 1000)
     load.add_argument("--url", help="a running gateway (default: start distributed mode with the bench's own Redis)")
-    load.add_argument("--requests", type=_positive_int, default=1000)
     load.add_argument("--concurrency", type=_positive_int, default=16)
     load.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
     load.add_argument("--metrics", nargs="*", metavar="NAME=URL", help="with --url: /metrics URLs of the services whose peak memory to report")
-    load.add_argument("--model", help="default: the bundled demo model")
-    load.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
-    load.set_defaults(run=_bench_load)
     return parser
 
 
