@@ -554,3 +554,16 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path):
         assert closed.post("/v1/answer", json={"image": f"{base}/picture.png", "question": "x"}).status_code == 400
     finally:
         files.shutdown()
+
+
+def test_embedded_mode_without_redis_answers_batches_with_503():
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    client = TestClient(create_app(embedded_gateway(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))))
+    reply = client.post("/v1/batches", json={"requests": [{"custom_id": "a", "question": "how many objects are there ?"}]})
+    assert reply.status_code == 503 and reply.headers["retry-after"] and reply.json()["error"]["type"] == "service_unavailable"
+    assert client.get("/v1/batches/batch_x").status_code == 503
+    assert client.get("/healthz").status_code == 200  # answering questions needs no Redis
