@@ -126,10 +126,10 @@ def run_service_bench(
             embedded = start_dartserve("serve", base | {"DARTSERVE_PORT": str(embedded_port)}, logs / "serve.log")
             processes.append(embedded)
             distributed = start_distributed(base, logs)
-            processes += distributed.processes
+            processes += distributed.processes.values()
             urls = {"embedded": f"http://127.0.0.1:{embedded_port}", "distributed": distributed.url}
             wait_ready(urls["embedded"], embedded)
-            wait_ready(urls["distributed"], distributed.processes[-1])
+            wait_ready(urls["distributed"], distributed.processes["gateway"])
             bodies = demo_requests(requests)
             samples = {mode: {"ttft_ms": [], "e2e_ms": [], "kv_ms": [], "answers": []} for mode in urls}
             kv_bytes = {"pruned": [], "unpruned": []}

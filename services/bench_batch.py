@@ -57,9 +57,9 @@ def run_batch_bench(requests: int = 200, runs: int = 3, model: str | None = None
         try:
             distributed = start_distributed(base, logs)
             url = distributed.url
-            processes += distributed.processes
+            processes += distributed.processes.values()
             processes.append(start_dartserve("worker", distributed.env, logs / "worker.log"))
-            wait_ready(url, distributed.processes[-1])
+            wait_ready(url, distributed.processes["gateway"])
             client = redis.Redis.from_url(redis_url)
             with httpx.Client(base_url=url, timeout=300) as http:
                 _one_by_one(http, bodies[:4])  # warm-up, not measured

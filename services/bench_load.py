@@ -45,8 +45,8 @@ def run_load_bench(
     with tempfile.TemporaryDirectory() as logs:
         try:
             distributed = start_distributed(env, Path(logs))
-            processes += distributed.processes
-            wait_ready(distributed.url, distributed.processes[-1])
+            processes += distributed.processes.values()
+            wait_ready(distributed.url, distributed.processes["gateway"])
             result = asyncio.run(_load(distributed.url, bodies, requests, concurrency, duration_s))
             return _report(result, distributed.metrics, "distributed mode started by the bench", requests, concurrency, threads)
         finally:

@@ -57,22 +57,31 @@ STAGES = ("vision", "pruner", "generator")
 
 @dataclass
 class Distributed:
-    processes: list[subprocess.Popen]  # the stages, then the gateway
-    url: str  # the gateway's
+    processes: dict[str, subprocess.Popen]  # the stages and the gateway, by name
+    ports: dict[str, int]  # their service ports
+    metrics_ports: dict[str, int]  # the stages' Prometheus ports
     env: dict  # what a further process (a worker) needs to reach the stages
-    metrics: dict[str, str]  # each service's Prometheus /metrics URL
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Each service's Prometheus /metrics URL."""
+        stages = {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()}
+        return stages | {"gateway": f"{self.url}/metrics"}
+
+
+def stage_env(env: dict, port: int, metrics_port: int) -> dict:
+    return env | {"DARTSERVE_PORT": str(port), "DARTSERVE_METRICS_PORT": str(metrics_port)}
 
 
 def start_distributed(env: dict, logs: Path) -> Distributed:
     """The three stages and the gateway, each its own process."""
     ports = {name: free_port() for name in (*STAGES, "gateway")}
     metrics_ports = {name: free_port() for name in STAGES}
-    processes = [
-        start_dartserve(name, env | {"DARTSERVE_PORT": str(ports[name]), "DARTSERVE_METRICS_PORT": str(metrics_ports[name])}, logs / f"{name}.log")
-        for name in STAGES
-    ]
+    processes = {name: start_dartserve(name, stage_env(env, ports[name], metrics_ports[name]), logs / f"{name}.log") for name in STAGES}
     addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
-    processes.append(start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log"))
-    url = f"http://127.0.0.1:{ports['gateway']}"
-    metrics = {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()} | {"gateway": f"{url}/metrics"}
-    return Distributed(processes, url, env | addresses, metrics)
+    processes["gateway"] = start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
+    return Distributed(processes, ports, metrics_ports, env | addresses)

@@ -33,8 +33,11 @@ class RedisServer:
         self.process.wait(timeout=10)
 
 
+TEST_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # offline, and light on a small machine
+
+
 def dartserve_process(command: str, env: dict, log: Path, args: tuple[str, ...] = ()) -> subprocess.Popen:
-    return start_dartserve(command, {**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, log, args)
+    return start_dartserve(command, {**env, **TEST_ENV}, log, args)
 
 
 def wait_until(check, what: str, process: subprocess.Popen | None = None, log: Path | None = None, timeout_s: float = 120) -> None:

@@ -21,7 +21,7 @@ from services.gateway import conversations as conv
 from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
 from services.gateway.backends import Overloaded, Unavailable
 from services.gateway.answers import AnswerIn, AnswerShape, Policy, answer_images, first_turn, make_question, parse_answer
-from services.gateway.inputs import ApiError, json_object, sampling
+from services.gateway.inputs import ApiError, json_body, json_object, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.pipeline import Final, Question, answer
 
@@ -41,6 +41,7 @@ class Gateway:
         self.api_keys = tuple(key.encode() for key in settings.api_keys)  # none: the gateway is open
         self.open_paths = settings.open_paths
         self.metrics = Metrics()
+        self.metrics.in_flight.set_function(lambda: self.admission.active)  # admitted requests are the ones in flight
         self.created = int(time.time())
 
     def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
@@ -63,21 +64,13 @@ class Gateway:
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
         started = time.monotonic()
         events = answer(self.backend, question, previous)
-        self.metrics.in_flight.inc()
         if previous is not None:
             self.metrics.cache_hits.labels("conversation").inc()
         if not stream:
-            try:
-                final = next(e for e in events if isinstance(e, Final))
-            finally:
-                self.metrics.in_flight.dec()
+            final = next(e for e in events if isinstance(e, Final))
             self._finish(final, record_key, endpoint, started)
             return JSONResponse(shape.body(final))
-        try:
-            first = next(events)  # errors before the first token still get a proper status
-        except BaseException:
-            self.metrics.in_flight.dec()
-            raise
+        first = next(events)  # errors before the first token still get a proper status
 
         def stream_events():
             try:
@@ -89,7 +82,6 @@ class Gateway:
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
                 yield f"data: {json.dumps(_error_body(error))}\n\n"
             finally:
-                self.metrics.in_flight.dec()
                 slot.release()
 
         # The background task releases the slot too, should the stream never start.
@@ -209,23 +201,6 @@ def create_app(gateway: Gateway) -> FastAPI:
     if gateway.batches is not None:
         register_batches(app, gateway.batches)
     return app
-
-
-def json_body(schema: dict) -> dict:
-    """An OpenAPI request body for an endpoint that reads its own body, so that clients and
-    schema-driven tests see its fields; ``$defs`` are inlined, as OpenAPI cannot point at them."""
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            if set(node) == {"$ref"}:
-                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:

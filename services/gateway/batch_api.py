@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.gateway.answers import Policy, answer_images, first_turn, parse_answer
 from services.gateway.backends import Unavailable, store_errors
-from services.gateway.inputs import ApiError, json_object
+from services.gateway.inputs import ApiError, json_body, json_object
 from services.worker.app import queue_items
 from services.worker.batches import FINISHED, UnknownBatch
 
@@ -167,8 +167,6 @@ async def _requests(request: Request) -> list[tuple[int, object]]:
 
 
 def register_batches(app: FastAPI, batches: Batches) -> None:
-    from services.gateway.app import json_body
-
     batch_schema = {"type": "object", "required": ["requests"], "additionalProperties": False, "properties": {"requests": {"type": "array", "items": {"type": "object"}}}}
 
     @app.post("/v1/batches", status_code=202, openapi_extra=json_body(batch_schema))

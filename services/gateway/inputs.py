@@ -34,6 +34,23 @@ async def json_object(request) -> dict:
     return body
 
 
+def json_body(schema: dict) -> dict:
+    """An OpenAPI request body for an endpoint that reads its own body, so that clients and
+    schema-driven tests see its fields; ``$defs`` are inlined, as OpenAPI cannot point at them."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if set(node) == {"$ref"}:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def image_bytes(value, param: str, urls=None) -> bytes:
     """An image given as base64, as a base64 ``data:`` URL, or as an http(s) URL that ``urls``
     (an ``ImageUrls``) may fetch."""

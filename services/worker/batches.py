@@ -14,7 +14,6 @@ import uuid
 
 from dartserve.kv.store import StoreUnavailable
 
-STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed", "cancelled")
 
 # Every script that changes a batch restarts the TTL of all its keys and moves ``expires_at``:
