@@ -54,6 +54,25 @@ def demo_requests(count: int) -> list[dict]:
     return bodies
 
 
+def loopback_round_trips(address: str, rounds: int = 100, idle_s: float = 0.02) -> dict:
+    """A health check to a stage, back to back and after ``idle_s`` of silence: how much a
+    process that has gone idle adds to a call on this machine before any work is done."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        times = {"back_to_back": [], "after_idle": []}
+        for _ in range(rounds):
+            for regime, samples in times.items():
+                if regime == "after_idle":
+                    time.sleep(idle_s)
+                started = time.perf_counter()
+                check(health_pb2.HealthCheckRequest(), timeout=5)
+                samples.append((time.perf_counter() - started) * 1e3)
+    return {"idle_s": idle_s, **{f"{regime}_ms_p50": statistics.median(samples) for regime, samples in times.items()}}
+
+
 def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
     """Store plus load of the same encoded cache through ``RedisStore`` and a plain pipeline."""
     import redis
@@ -150,6 +169,7 @@ def run_service_bench(
                     kv_bytes["pruned"].append(reply.json()["usage"]["kv_bytes"])
                     unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
                     kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
+            round_trips = loopback_round_trips(f"127.0.0.1:{distributed.ports['vision']}")
             for process in processes[-5:]:  # the model services: the Redis measurement runs alone
                 process.terminate()
                 process.wait(timeout=30)
@@ -180,5 +200,6 @@ def run_service_bench(
         "kv_transfer_p50_ms": kv_transfer,
         "distributed_added_p50_ms_excluding_kv": without_kv["distributed"] - without_kv["embedded"],
         "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
+        "grpc_round_trip": round_trips,
         "redis_kv": redis_kv,
     }

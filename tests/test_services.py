@@ -223,6 +223,16 @@ def test_bench_load_reports_answers_errors_and_peak_memory(cluster):
     assert all(mb > 50 for mb in result["peak_memory_mb"].values())  # each holds torch, at least
 
 
+def test_bench_round_trips_reach_a_stage_in_both_regimes(cluster):
+    from services.bench import loopback_round_trips
+
+    result = loopback_round_trips(f"127.0.0.1:{cluster['ports']['vision']}", rounds=5, idle_s=0.005)
+    assert result["idle_s"] == 0.005
+    assert 0 < result["back_to_back_ms_p50"] < 1000 and 0 < result["after_idle_ms_p50"] < 1000
+    with pytest.raises(grpc.RpcError):  # a stage that is not there is an error, not a figure
+        loopback_round_trips(f"127.0.0.1:{free_port()}", rounds=1)
+
+
 def test_a_request_id_is_echoed_and_reaches_every_stage_log_as_json(cluster):
     import json
 
