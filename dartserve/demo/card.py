@@ -10,6 +10,7 @@ import torch
 
 from dartserve.engine import Engine
 from dartserve.evaluation import evaluate, synthetic_items
+from dartserve.demo.guidance import GUIDED_LAYER
 from dartserve.demo.train import OBJECT_WEIGHT
 from dartserve.pruning import PruningConfig
 
@@ -45,13 +46,17 @@ def write_card(checkpoint: Path) -> dict:
         "## Training (`dartserve train-demo`)",
         "",
         *[line for number, run in enumerate(training.get("earlier", []) + [training], start=1) for line in _run_lines(number, run)],
-        "Every run: AdamW (betas 0.9, 0.98), warm-up then cosine decay to 10% of the peak, weight decay 0.01,",
-        f"gradient clip 1.0; loss: the answer word and `</s>`, plus {training['aux_weight']} x auxiliary probes (dropped",
-        "after training) that name the shape and colour under each projected vision token and the",
-        "object count from their mean. Validation accuracy is next-token accuracy on 200 validation questions.",
-        "A run from scratch starts with phase one: the vision tower alone learns, through the same",
-        f"probes on its own tokens (object patches weigh {OBJECT_WEIGHT:g} times the background), to name",
-        "the shape and colour under each patch.",
+        "Every phase: AdamW (betas 0.9, 0.98), warm-up then cosine decay to 10% of the peak, weight decay 0.01,",
+        "gradient clip 1.0, fresh examples at every step. Phase one trains the vision tower alone through",
+        f"probes that name the shape and colour under each patch (object patches weigh {OBJECT_WEIGHT:g} times",
+        "the background) and where it lies. Phases two and three keep the vision tower fixed and train the",
+        f"projector and the language model on the answer word and `</s>`, plus {training['aux_weight']} x: the same probes on the",
+        "projected tokens and the object count from their mean; a probe on the asking token that names the",
+        f"question's shapes and colours; and the attention of two heads of layer {GUIDED_LAYER}, from the asking token, pulled",
+        "to the objects the question names (`dartserve/demo/guidance.py`). Each phase starts its probes anew. Phase two shows every object patch",
+        "but only a random sample of the background, each at its place in the whole sequence, as after",
+        "pruning; phase three shows every patch. The probes are dropped after training. Validation",
+        "accuracy is next-token accuracy on 200 validation questions, with every patch.",
         "",
         "## Accuracy (unpruned, greedy, exact match)",
         "",
@@ -70,15 +75,24 @@ def write_card(checkpoint: Path) -> dict:
 
 
 def _run_lines(number: int, run: dict) -> list[str]:
-    validation = [h for h in run["history"] if "validation_accuracy" in h]
-    start = f"from the previous run's checkpoint, seed {run['seed']}" if run.get("init") else f"from scratch, seed {run['seed']}"
+    origin = "on from the previous run's checkpoint" if run.get("init") else "from scratch"
+    lines = [f"{number}. {origin}, seed {run['seed']}, on {run.get('machine', 'a 2-core CPU')}:"]
     vision = run.get("vision_pretraining")
     if vision:
-        start = f"from scratch, seed {run['seed']}: phase one, {vision['steps']} steps of {vision['batch_size']} examples for the vision tower alone"
-        start += f" (peak lr {vision['lr']}, {vision['train_seconds'] / 60:.0f} minutes, shape accuracy on object patches"
-        start += f" {vision['history'][-1]['object_shape_accuracy']:.1%} over its last 25 steps); then phase two"
-    return [
-        f"{number}. {start}: {run['steps']} steps of {run['batch_size']} fresh train examples, peak lr {run['lr']},",
-        f"   {run['warmup']} warm-up steps, {run['train_seconds'] / 60:.0f} minutes on {run.get('machine', 'a 2-core CPU')};",
-        "   validation accuracy " + ", ".join(f"{h['validation_accuracy']:.1%} at step {h['step']}" for h in validation) + ".",
-    ]
+        lines.append(
+            f"   - phase one (vision tower): {vision['steps']} steps of {vision['batch_size']} examples, peak lr {vision['lr']},"
+            f" {vision['train_seconds'] / 60:.0f} minutes; shape accuracy on object patches"
+            f" {vision['history'][-1]['object_shape_accuracy']:.1%} over its last 25 steps"
+        )
+    for name, title in (("sampled", "phase two (objects and sampled background)"), ("whole", "phase three (every patch)")):
+        phase = run.get(name)
+        if not phase:
+            continue
+        background = f", up to {phase['background_patches']} background patches" if phase["background_patches"] is not None else ""
+        validation = [h for h in phase["history"] if "validation_accuracy" in h]
+        lines.append(
+            f"   - {title}: {phase['steps']} steps of {phase['batch_size']} examples{background}, peak lr {phase['lr']},"
+            f" {phase['warmup']} warm-up steps, {phase['train_seconds'] / 60:.0f} minutes; validation accuracy "
+            + ", ".join(f"{h['validation_accuracy']:.1%} at step {h['step']}" for h in validation)
+        )
+    return lines

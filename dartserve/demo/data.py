@@ -134,6 +134,23 @@ def _render(rng: random.Random, objects: tuple[Shape, ...]) -> Image.Image:
     return image
 
 
+def named_roles(e: Example) -> tuple[int, ...]:
+    """Per object, which object the question names: 1 the first, 2 the second, 0 none.
+
+    A counting question names every object. An existence question names an object only where
+    both its colour and its shape match, so a "no" names none.
+    """
+    words = e.question.split()
+    if e.question_type == "count":
+        return tuple(1 for _ in e.objects)
+    if e.question_type == "position":
+        first, second = (w for w in words if w in SHAPES)
+        return tuple(1 if o.shape == first else 2 if o.shape == second else 0 for o in e.objects)
+    shapes = {w for w in words if w in SHAPES}
+    colours = {w for w in words if w in COLOURS}
+    return tuple(int((not shapes or o.shape in shapes) and (not colours or o.colour in colours)) for o in e.objects)
+
+
 def patch_objects(objects: tuple[Shape, ...], grid: int = 24) -> list[Shape | None]:
     """The object visible at the centre of each patch of a grid x grid tiling, row-major (None: background)."""
     mask = Image.new("L", (SIZE, SIZE), 0)
