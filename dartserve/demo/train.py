@@ -232,8 +232,9 @@ def language_step(model, processor, examples, heads: LanguageHeads, background: 
 
 
 def train_language(model, processor, log: dict, name: str, steps: int, batch_size: int, lr: float, warmup: int, seed: int, first: int,
-                   background: int | None, out: Path, log_every: int, eval_every: int, eval_size: int) -> dict:
-    """Phase two (``background``: how many background patches at most) or three (None: all)."""
+                   background: int | None, out: Path, log_every: int, eval_every: int, eval_size: int) -> None:
+    """Phase two (``background``: how many background patches at most) or three (None: all),
+    recorded in ``log[name]``."""
     model.model.vision_tower.requires_grad_(False)
     heads = LanguageHeads(model.config.text_config.hidden_size)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
@@ -279,7 +280,6 @@ def train_language(model, processor, log: dict, name: str, steps: int, batch_siz
             phase["train_seconds"] = time.time() - started
             _save(out, model, processor, log)
     phase["train_seconds"] = time.time() - started
-    return phase
 
 
 def train(
