@@ -73,6 +73,32 @@ def loopback_round_trips(address: str, rounds: int = 100, idle_s: float = 0.02) 
     return {"idle_s": idle_s, **{f"{regime}_ms_p50": statistics.median(samples) for regime, samples in times.items()}}
 
 
+def generator_calls(ports: dict[str, int], body: dict, rounds: int = 50) -> dict:
+    """One answer's decode through the generator stage, streamed (``Generate``) and as one reply
+    (``Complete``, what the gateway uses when the client does not stream), taking turns."""
+    from dartserve.models.decode import SamplingConfig
+    from dartserve.pruning import PruningConfig
+    from services.config import Settings
+    from services.gateway.backends import GrpcBackend
+
+    backend = GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")}))
+    try:
+        encoded = backend.encode([base64.b64decode(body["image"])], [{"role": "user", "content": body["question"]}])
+        sampling = SamplingConfig(max_new_tokens=body["max_new_tokens"])
+        prefilled = backend.prefill(encoded.prompt_ref, PruningConfig(ratio=64 / 576), sampling)
+        times = {"streamed": [], "complete": []}
+        for _ in range(rounds):
+            for regime, samples in times.items():
+                started = time.perf_counter()
+                chunks = list(backend.generate(prefilled.kv_handle, sampling, prefilled.first_token, stream=regime == "streamed"))
+                samples.append((time.perf_counter() - started) * 1e3)
+                if regime == "streamed":
+                    messages = len(chunks)
+    finally:
+        backend.close()
+    return {"streamed_messages": messages, **{f"{regime}_ms_p50": statistics.median(samples) for regime, samples in times.items()}}
+
+
 def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
     """Store plus load of the same encoded cache through ``RedisStore`` and a plain pipeline."""
     import redis
@@ -170,6 +196,7 @@ def run_service_bench(
                     unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
                     kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
             round_trips = loopback_round_trips(f"127.0.0.1:{distributed.ports['vision']}")
+            generator = generator_calls(distributed.ports, bodies[0])
             for process in processes[-5:]:  # the model services: the Redis measurement runs alone
                 process.terminate()
                 process.wait(timeout=30)
@@ -201,5 +228,6 @@ def run_service_bench(
         "distributed_added_p50_ms_excluding_kv": without_kv["distributed"] - without_kv["embedded"],
         "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
         "grpc_round_trip": round_trips,
+        "generator_call": generator,
         "redis_kv": redis_kv,
     }

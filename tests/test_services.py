@@ -233,6 +233,15 @@ def test_bench_round_trips_reach_a_stage_in_both_regimes(cluster):
         loopback_round_trips(f"127.0.0.1:{free_port()}", rounds=1)
 
 
+def test_bench_generator_calls_time_both_paths_through_a_live_stage(cluster):
+    from services.bench import generator_calls
+
+    data, item = png(3)
+    result = generator_calls(cluster["ports"], {"image": b64(data), "question": item.question, "max_new_tokens": 8}, rounds=3)
+    assert result["streamed_messages"] >= 2  # at least one token, then the closing chunk
+    assert 0 < result["streamed_ms_p50"] < 10_000 and 0 < result["complete_ms_p50"] < 10_000
+
+
 def test_a_request_id_is_echoed_and_reaches_every_stage_log_as_json(cluster):
     import json
 

@@ -271,31 +271,73 @@ def test_readme_documents_every_setting():
     assert all(f"`{name}`" in readme for name in ENVIRONMENT)
 
 
-def test_a_cancelled_stream_stops_decoding(engines):
-    import time
+def prefilled_request(engine, store, sampling):
+    """The test image's prompt prefilled into ``store``, and a generator request that decodes from it."""
+    from services.convert import sampling_to_proto
+    from services.rpc.dartserve.v1 import generator_pb2
 
+    done = PrefillStep(engine, store).prefill(VisionStep(engine, store).encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
+    return done, generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
+
+
+def generator_stub(server):
     import grpc
 
-    from services.convert import sampling_to_proto
+    from services.rpc.dartserve.v1 import generator_pb2_grpc
+
+    return generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+
+
+def stored_handles(store) -> set[str]:
+    """The KV handles in ``store``: a finished answer adds its longer cache under a second one."""
+    return {key.removesuffix(":manifest") for key in store._values if key.endswith(":manifest")}
+
+
+def test_a_cancelled_stream_stops_decoding(engines):
     from services.generator.server import serve
-    from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
 
     engine = engines["llava"]
     store = MemoryStore()
-    vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
-    sampling = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=())
-    done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
+    done, request = prefilled_request(engine, store, SamplingConfig(max_new_tokens=400, temperature=1.0, seed=1, stop_token_ids=()))
     server = serve(DecodeStep(engine, store), Settings(metrics_port=0, drain_s=0), 0)
     try:
-        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
-        stream = stub.Generate(request, timeout=60)
+        stream = generator_stub(server).Generate(request, timeout=60)
         next(stream)
         stream.cancel()
         time.sleep(1.0)
-        # A finished answer would have stored its longer cache under a second handle.
-        handles = {key.removesuffix(":manifest") for key in store._values if key.endswith(":manifest")}
-        assert handles == {done.kv_handle}
+        assert stored_handles(store) == {done.kv_handle}
+    finally:
+        server.stop(grace_s=1)
+
+
+def test_complete_sends_the_streamed_answer_in_one_message_and_stops_past_its_deadline(engines):
+    import grpc
+
+    from services.generator.server import serve
+
+    engine = engines["llava"]
+    sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=3, stop_token_ids=())
+    store = MemoryStore()
+    _, request = prefilled_request(engine, store, sampling)
+    server = serve(DecodeStep(engine, store), Settings(metrics_port=0, drain_s=0), 0)
+    try:
+        stub = generator_stub(server)
+        chunks = list(stub.Generate(request, timeout=60))
+        whole = stub.Complete(request, timeout=60)
+        assert list(whole.token_ids) == [t for c in chunks for t in c.token_ids] and len(whole.token_ids) == 39  # the prefill picked the first
+        assert whole.text == "".join(c.text for c in chunks) and whole.done
+        assert (whole.kv_handle, whole.pending_token, whole.finish_reason) == (chunks[-1].kv_handle, chunks[-1].pending_token, chunks[-1].finish_reason)
+    finally:
+        server.stop(grace_s=1)
+    slow_store = MemoryStore()
+    done, request = prefilled_request(engine, slow_store, sampling)
+    server = serve(SlowDecode(engine, slow_store), Settings(metrics_port=0, drain_s=0), 0)
+    try:
+        with pytest.raises(grpc.RpcError) as late:
+            generator_stub(server).Complete(request, timeout=0.2)  # 39 tokens at 20 ms each take 0.8 s
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.0)
+        assert stored_handles(slow_store) == {done.kv_handle}
     finally:
         server.stop(grace_s=1)
 
@@ -379,20 +421,17 @@ def held_stream(engines, **settings):
     """A generator service (slow decode) and a long answer it has started streaming."""
     import grpc
 
-    from services.convert import sampling_to_proto
     from services.generator.server import serve
-    from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
+    from services.rpc.dartserve.v1 import generator_pb2_grpc
 
     engine = engines["llava"]
     store = MemoryStore()
-    vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
     sampling = SamplingConfig(max_new_tokens=300, temperature=1.0, seed=1)
-    done = pruner.prefill(vision.encode([png(make_image(8))], PROMPT).prompt_ref, PruningConfig(budget=12), sampling)
+    done, request = prefilled_request(engine, store, sampling)
     expected = [t for chunk in DecodeStep(engine, store).generate(done.kv_handle, sampling, done.first_token) for t in chunk.token_ids]
     server = serve(SlowDecode(engine, store), Settings(metrics_port=0, **settings), 0)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-    request = generator_pb2.GenerateRequest(kv_handle=done.kv_handle, sampling=sampling_to_proto(sampling), pending_token=done.first_token)
     stream = stub.Generate(request, timeout=60)
     first = next(stream)
     return server, channel, stub, request, stream, first, expected

@@ -63,7 +63,7 @@ class Gateway:
     def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot):
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
         started = time.monotonic()
-        events = answer(self.backend, question, previous)
+        events = answer(self.backend, question, previous, stream)
         if previous is not None:
             self.metrics.cache_hits.labels("conversation").inc()
         if not stream:

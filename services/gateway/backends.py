@@ -43,7 +43,8 @@ class LocalBackend:
         with store_errors():
             return self.prefill_step.prefill(prompt_ref, pruning, sampling)
 
-    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
+    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, stream: bool = True) -> Iterator[Chunk]:
+        """The answer's chunks; without ``stream`` they may come all at once, in the last."""
         with store_errors():
             yield from self.decode.generate(kv_handle, sampling, pending, question)
 
@@ -104,18 +105,17 @@ class GrpcBackend:
             r.kept_vision_tokens, r.kv_bytes, r.prefill_ms, r.selection_ms, json.loads(r.pruning_json), r.kv_store_ms,
         )
 
-    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
+    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, stream: bool = True) -> Iterator[Chunk]:
         request = generator_pb2.GenerateRequest(kv_handle=kv_handle, sampling=sampling_to_proto(sampling), pending_token=pending, question=question)
         with _rpc_errors():
-            stream = self.generator.Generate(request, timeout=self.timeout_s, metadata=request_ids.metadata())
+            if not stream:
+                yield _chunk(self.generator.Complete(request, timeout=self.timeout_s, metadata=request_ids.metadata()))
+                return
+            chunks = self.generator.Generate(request, timeout=self.timeout_s, metadata=request_ids.metadata())
             try:
-                for c in stream:
-                    yield Chunk(
-                        list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason,
-                        c.prefill_tokens, c.prefill_ms, c.decode_ms, c.kv_store_ms,
-                    )
+                yield from (_chunk(c) for c in chunks)
             finally:
-                stream.cancel()  # a client that went away stops the decode
+                chunks.cancel()  # a client that went away stops the decode
 
     def readiness(self) -> dict[str, bool]:
         status = {}
@@ -130,6 +130,10 @@ class GrpcBackend:
     def close(self) -> None:
         for channel in self.channels.values():
             channel.close()
+
+
+def _chunk(c: generator_pb2.GenerateChunk) -> Chunk:
+    return Chunk(list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason, c.prefill_tokens, c.prefill_ms, c.decode_ms, c.kv_store_ms)
 
 
 class _rpc_errors:

@@ -36,24 +36,25 @@ class Final:
     pruning: dict
 
 
-def answer(backend, question: Question, previous: dict | None = None) -> Iterator[Delta | Final]:
+def answer(backend, question: Question, previous: dict | None = None, stream: bool = True) -> Iterator[Delta | Final]:
     """Streams the answer's text, then a ``Final``. With ``previous`` (a conversation record),
-    only the new turn is prefilled, on top of the cached conversation."""
+    only the new turn is prefilled, on top of the cached conversation. Without ``stream``, the
+    decoded text may come in one delta, just before the ``Final``."""
     started = time.perf_counter()
     if previous is not None:
-        yield from _follow_up(backend, question, previous, started)
+        yield from _follow_up(backend, question, previous, started, stream)
         return
     encoded, prefilled = _encode_and_prefill(backend, question)
     ttft_ms = (time.perf_counter() - started) * 1e3
     yield Delta(prefilled.first_text)
     tokens, texts, last = [prefilled.first_token], [prefilled.first_text], None
     if not prefilled.finish_reason:
-        chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token)
+        chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token, stream=stream)
         try:
             first = next(chunks)
         except StageMiss:  # the KV cache went between prefill and decode: prefill again, once
             encoded, prefilled = _encode_and_prefill(backend, question)
-            chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token)
+            chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token, stream=stream)
             first = next(chunks)
         last = yield from _deltas(_chain(first, chunks), tokens, texts)
     text = "".join(texts)
@@ -93,13 +94,13 @@ def answer(backend, question: Question, previous: dict | None = None) -> Iterato
     )
 
 
-def _follow_up(backend, question: Question, previous: dict, started: float) -> Iterator[Delta | Final]:
-    chunks = backend.generate(previous["kv_handle"], question.sampling, previous["pending_token"], question.messages[-1]["content"])
+def _follow_up(backend, question: Question, previous: dict, started: float, stream: bool) -> Iterator[Delta | Final]:
+    chunks = backend.generate(previous["kv_handle"], question.sampling, previous["pending_token"], question.messages[-1]["content"], stream)
     try:
         first = next(chunks)
     except StageMiss:
         if question.images:  # the client sent the whole conversation (chat API): recompute it
-            yield from answer(backend, question)
+            yield from answer(backend, question, stream=stream)
             return
         raise Unavailable("the conversation's cache has expired; start a new conversation with the image") from None
     ttft_ms = (time.perf_counter() - started) * 1e3
@@ -142,14 +143,15 @@ def _encode_and_prefill(backend, question: Question):
 
 
 def _deltas(chunks, tokens: list[int], texts: list[str]):
-    """Yields the chunks' text as deltas, collecting their tokens and text; returns the last chunk."""
+    """Yields the chunks' text as deltas, collecting their tokens and text; returns the last
+    chunk, which carries the whole answer when it was not streamed."""
     for chunk in chunks:
-        if chunk.done:
-            return chunk
         tokens += chunk.token_ids
         texts.append(chunk.text)
         if chunk.text:
             yield Delta(chunk.text)
+        if chunk.done:
+            return chunk
     raise Unavailable("the generator's stream ended before its last chunk")
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dartserve.stages import DecodeStep
+from dataclasses import replace
+
+import grpc
+
+from dartserve.stages import Chunk, DecodeStep
 from services.convert import sampling_from_proto
 from services.grpc_server import Server, check_deadline, status_codes
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
@@ -16,27 +20,49 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     def Generate(self, request, context):
         check_deadline(context)
-        question = request.question if request.HasField("question") else None
         with status_codes(context):
-            chunks = self.step.generate(request.kv_handle, sampling_from_proto(request.sampling), request.pending_token, question)
+            chunks = self._decode(request)
             # gRPC stops pulling from this generator when the call is cancelled or past its
             # deadline, and closing ``chunks`` then ends the decode: no token more is computed.
             try:
                 for chunk in chunks:
-                    yield generator_pb2.GenerateChunk(
-                        token_ids=chunk.token_ids,
-                        text=chunk.text,
-                        done=chunk.done,
-                        kv_handle=chunk.kv_handle,
-                        pending_token=chunk.pending_token,
-                        finish_reason=chunk.finish_reason,
-                        prefill_tokens=chunk.prefill_tokens,
-                        prefill_ms=chunk.prefill_ms,
-                        decode_ms=chunk.decode_ms,
-                        kv_store_ms=chunk.kv_store_ms,
-                    )
+                    yield _message(chunk)
             finally:
                 chunks.close()
+
+    def Complete(self, request, context):
+        check_deadline(context)
+        tokens, texts = [], []
+        with status_codes(context):
+            chunks = self._decode(request)
+            try:
+                for chunk in chunks:
+                    if not context.is_active():  # the caller went away or its deadline passed: stop decoding
+                        context.abort(grpc.StatusCode.CANCELLED, "the caller is gone")
+                    tokens += chunk.token_ids
+                    texts.append(chunk.text)
+            finally:
+                chunks.close()
+        return _message(replace(chunk, token_ids=tokens, text="".join(texts)))
+
+    def _decode(self, request):
+        question = request.question if request.HasField("question") else None
+        return self.step.generate(request.kv_handle, sampling_from_proto(request.sampling), request.pending_token, question)
+
+
+def _message(chunk: Chunk) -> generator_pb2.GenerateChunk:
+    return generator_pb2.GenerateChunk(
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        done=chunk.done,
+        kv_handle=chunk.kv_handle,
+        pending_token=chunk.pending_token,
+        finish_reason=chunk.finish_reason,
+        prefill_tokens=chunk.prefill_tokens,
+        prefill_ms=chunk.prefill_ms,
+        decode_ms=chunk.decode_ms,
+        kv_store_ms=chunk.kv_store_ms,
+    )
 
 
 def serve(step: DecodeStep, settings, port: int) -> Server:

@@ -64,7 +64,7 @@ class Worker:
     def answer(self, custom_id: str, fields: dict, images: list[bytes]) -> dict:
         try:
             question = first_turn(parse_answer(fields), images, self.policy)
-            final = next(e for e in answer(self.backend, question) if isinstance(e, Final))
+            final = next(e for e in answer(self.backend, question, stream=False) if isinstance(e, Final))
         except ApiError as error:
             return _failure(custom_id, error.status, error.kind, error.message, error.param)
         except ValueError as error:  # what a stage found wrong with the input, e.g. not an image

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.rpc.dartserve.v1 import common_pb2 as dartserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x61rtserve/v1/generator.proto\x12\x0c\x64\x61rtserve.v1\x1a\x19\x64\x61rtserve/v1/common.proto\"\x89\x01\n\x0fGenerateRequest\x12\x11\n\tkv_handle\x18\x01 \x01(\t\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.dartserve.v1.Sampling\x12\x15\n\rpending_token\x18\x03 \x01(\x05\x12\x15\n\x08question\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_question\"\xd3\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x11\n\tkv_handle\x18\x04 \x01(\t\x12\x15\n\rpending_token\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x16\n\x0eprefill_tokens\x18\x07 \x01(\x05\x12\x11\n\tdecode_ms\x18\x08 \x01(\x01\x12\x12\n\nprefill_ms\x18\t \x01(\x01\x12\x13\n\x0bkv_store_ms\x18\n \x01(\x01\x32\\\n\x10GeneratorService\x12H\n\x08Generate\x12\x1d.dartserve.v1.GenerateRequest\x1a\x1b.dartserve.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x61rtserve/v1/generator.proto\x12\x0c\x64\x61rtserve.v1\x1a\x19\x64\x61rtserve/v1/common.proto\"\x89\x01\n\x0fGenerateRequest\x12\x11\n\tkv_handle\x18\x01 \x01(\t\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.dartserve.v1.Sampling\x12\x15\n\rpending_token\x18\x03 \x01(\x05\x12\x15\n\x08question\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_question\"\xd3\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x11\n\tkv_handle\x18\x04 \x01(\t\x12\x15\n\rpending_token\x18\x05 \x01(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x16\n\x0eprefill_tokens\x18\x07 \x01(\x05\x12\x11\n\tdecode_ms\x18\x08 \x01(\x01\x12\x12\n\nprefill_ms\x18\t \x01(\x01\x12\x13\n\x0bkv_store_ms\x18\n \x01(\x01\x32\xa4\x01\n\x10GeneratorService\x12H\n\x08Generate\x12\x1d.dartserve.v1.GenerateRequest\x1a\x1b.dartserve.v1.GenerateChunk0\x01\x12\x46\n\x08\x43omplete\x12\x1d.dartserve.v1.GenerateRequest\x1a\x1b.dartserve.v1.GenerateChunkb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=211
   _globals['_GENERATECHUNK']._serialized_start=214
   _globals['_GENERATECHUNK']._serialized_end=425
-  _globals['_GENERATORSERVICE']._serialized_start=427
-  _globals['_GENERATORSERVICE']._serialized_end=519
+  _globals['_GENERATORSERVICE']._serialized_start=428
+  _globals['_GENERATORSERVICE']._serialized_end=592
 # @@protoc_insertion_point(module_scope)

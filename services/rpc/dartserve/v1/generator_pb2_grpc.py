@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class GeneratorServiceStub:
-    """Decodes from a KV handle and streams the tokens.
+    """Decodes from a KV handle.
     """
 
     def __init__(self, channel):
@@ -40,14 +40,28 @@ class GeneratorServiceStub:
                 request_serializer=dartserve_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=dartserve_dot_v1_dot_generator__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/dartserve.v1.GeneratorService/Complete',
+                request_serializer=dartserve_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=dartserve_dot_v1_dot_generator__pb2.GenerateChunk.FromString,
+                _registered_method=True)
 
 
 class GeneratorServiceServicer:
-    """Decodes from a KV handle and streams the tokens.
+    """Decodes from a KV handle.
     """
 
     def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Streams the tokens; the last chunk has `done` set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Complete(self, request, context):
+        """The whole answer in one chunk with `done` set, for a caller that does not stream: one
+        reply instead of one message per token.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +74,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     request_deserializer=dartserve_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
                     response_serializer=dartserve_dot_v1_dot_generator__pb2.GenerateChunk.SerializeToString,
             ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=dartserve_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
+                    response_serializer=dartserve_dot_v1_dot_generator__pb2.GenerateChunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'dartserve.v1.GeneratorService', rpc_method_handlers)
@@ -69,7 +88,7 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GeneratorService:
-    """Decodes from a KV handle and streams the tokens.
+    """Decodes from a KV handle.
     """
 
     @staticmethod
@@ -87,6 +106,33 @@ class GeneratorService:
             request,
             target,
             '/dartserve.v1.GeneratorService/Generate',
+            dartserve_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+            dartserve_dot_v1_dot_generator__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dartserve.v1.GeneratorService/Complete',
             dartserve_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
             dartserve_dot_v1_dot_generator__pb2.GenerateChunk.FromString,
             options,
