@@ -115,7 +115,7 @@ def _train_demo(args: argparse.Namespace) -> int:
     train(
         out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         init=Path(args.init) if args.init else None, vision_steps=args.vision_steps,
-        sampled_steps=args.sampled_steps, sampled_background=args.background,
+        sampled_steps=args.sampled_steps, sampled_background=args.background, place_steps=args.place_steps,
     )
     print(json.dumps(write_card(out)["test"], indent=2))
     return 0
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=300, help="steps of phase three (every patch); 0 skips it")
     train.add_argument("--sampled-steps", type=int, default=5000, help="steps of phase two (objects and sampled background); 0 skips it")
     train.add_argument("--background", type=int, default=64, help="phase two's most background patches per image")
+    train.add_argument("--place-steps", type=int, default=2000, help="steps of phase four (where the named objects lie); 0 skips it")
     train.add_argument("--batch-size", type=_positive_int, default=12)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--vision-steps", type=int, default=1500, help="steps of phase one (the vision tower alone); 0 skips it")

@@ -44,14 +44,14 @@ def test_answers_the_fixed_sample_as_well_as_the_card_says(demo):
 
 
 def test_ask_answers_from_the_command_line(demo, tmp_path, capsys):
-    e = next(example("test", i) for i in SAMPLE if example("test", i).question_type == "count")
+    e = next(example("test", i) for i in SAMPLE if example("test", i).question_type == "colour")
     path = tmp_path / "image.png"
     e.image.save(path)
     question = e.question.replace(" ?", "?").capitalize()  # as a person types it
     assert main(["ask", str(path), question]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer == demo.generate([e.image], e.question, sampling=SamplingConfig(max_new_tokens=16)).text
-    assert answer == e.answer  # the card: 98% of counting questions are right
+    assert answer == e.answer  # the card: 98% of colour questions are right
 
 
 def test_eval_limit_on_the_bundled_model(tmp_path):

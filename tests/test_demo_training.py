@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dartserve.demo.data import example, named_roles
-from dartserve.demo.guidance import GUIDED_LAYER, QuestionProbe, WORDS, guided_attention_loss
+from dartserve.demo.guidance import GUIDED_LAYER, PlaceProbe, QuestionProbe, WORDS, guided_attention_loss
 from dartserve.demo.model import build_model, build_processor
-from dartserve.demo.train import PatchTargets, _kept_patches, _sequences, batch_inputs, train
+from dartserve.demo.train import PatchTargets, _kept_patches, _sequences, _with_positions, batch_inputs, train
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,37 @@ def test_the_question_probe_targets_the_named_words():
         probe.words.bias.copy_(torch.tensor([10.0 if w in ("red", "cross") else -10.0 for w in WORDS]))
         assert probe.loss(hidden, ["is there a red cross ?"]) < 1e-3
         assert probe.loss(hidden, ["is there a blue cross ?"]) > 0.5
+
+
+def test_the_place_probe_reads_the_guided_values_and_the_named_objects_centres():
+    probe = PlaceProbe(head_dim=4, width=8)
+    places = torch.tensor([[-1.0, 0.5], [0.25, -0.75], [0.0, 1.0]])
+    with torch.no_grad():
+        probe.marks.copy_(torch.eye(4)[:2].expand(2, 2, 4) * 3.0)  # read along unit directions, whatever their length
+        torch.nn.init.zeros_(probe.named.weight)
+    values = torch.cat([places, torch.ones(3, 2)], dim=-1)[:, None].repeat(1, 2, 1)  # both heads show the place
+    hidden = torch.zeros(1, 8)
+    count = next(e for e in (example("test", i) for i in range(5)) if e.question_type == "count")
+    assert probe.loss(values, places, hidden, [count]) == 0  # a count names no one place
+    shifted = values.clone()
+    shifted[:, 1, 0] += 0.5  # head 1 reads every column half a unit off
+    assert torch.allclose(probe.loss(shifted, places, hidden, [count]), torch.tensor(0.25 / 4))
+    position = next(e for e in (example("test", i) for i in range(5, 10)) if e.question_type == "position")
+    first, second = (next(o for o in position.objects if o.shape == w) for w in position.question.split() if w in ("circle", "square", "triangle", "cross"))
+    centres = torch.tensor([first.x, first.y, second.x, second.y]) / 336 * 2 - 1
+    with torch.no_grad():
+        probe.named.bias.copy_(centres)
+    assert torch.allclose(probe.loss(values, places, hidden, [position]), torch.tensor(0.0))
+    with torch.no_grad():
+        probe.named.bias.copy_(centres + 0.1)
+    assert torch.allclose(probe.loss(values, places, hidden, [position]), torch.tensor(0.01))
+
+
+def test_phase_four_makes_every_other_example_a_position_question():
+    examples = [_with_positions(7_500_000 + i) for i in range(10)]
+    assert [e.question_type for e in examples[1::2]] == ["position"] * 5
+    assert [e.question for e in examples[::2]] == [example("train", 7_500_000 + i).question for i in range(0, 10, 2)]  # the rest as drawn
+    assert len({e.objects for e in examples[1::2]}) == 5  # distinct examples, not one repeated
 
 
 def test_negative_steps_are_refused():

@@ -49,13 +49,16 @@ def write_card(checkpoint: Path) -> dict:
         "Every phase: AdamW (betas 0.9, 0.98), warm-up then cosine decay to 10% of the peak, weight decay 0.01,",
         "gradient clip 1.0, fresh examples at every step. Phase one trains the vision tower alone through",
         f"probes that name the shape and colour under each patch (object patches weigh {OBJECT_WEIGHT:g} times",
-        "the background) and where it lies. Phases two and three keep the vision tower fixed and train the",
+        "the background) and where it lies. Phases two to four keep the vision tower fixed and train the",
         f"projector and the language model on the answer word and `</s>`, plus {training['aux_weight']} x: the same probes on the",
         "projected tokens and the object count from their mean; a probe on the asking token that names the",
         f"question's shapes and colours; and the attention of two heads of layer {GUIDED_LAYER}, from the asking token, pulled",
         "to the objects the question names (`dartserve/demo/guidance.py`). Each phase starts its probes anew. Phase two shows every object patch",
         "but only a random sample of the background, each at its place in the whole sequence, as after",
-        "pruning; phase three shows every patch. The probes are dropped after training. Validation",
+        "pruning; phase three shows every patch. Phase four is phase two again, at a lower rate, with",
+        f"every other example a position question and a signal for where things lie: the values heads 0 and 1 of layer {GUIDED_LAYER}",
+        "take from each vision token show its place, and the asking token after that layer names where the",
+        "named objects lie (`PlaceProbe`). The probes are dropped after training. Validation",
         "accuracy is next-token accuracy on 200 validation questions, with every patch.",
         "",
         "## Accuracy (unpruned, greedy, exact match)",
@@ -84,7 +87,12 @@ def _run_lines(number: int, run: dict) -> list[str]:
             f" {vision['train_seconds'] / 60:.0f} minutes; shape accuracy on object patches"
             f" {vision['history'][-1]['object_shape_accuracy']:.1%} over its last 25 steps"
         )
-    for name, title in (("sampled", "phase two (objects and sampled background)"), ("whole", "phase three (every patch)")):
+    titles = (
+        ("sampled", "phase two (objects and sampled background)"),
+        ("whole", "phase three (every patch)"),
+        ("place", "phase four (where the named objects lie; every other example a position question)"),
+    )
+    for name, title in titles:
         phase = run.get(name)
         if not phase:
             continue

@@ -15,6 +15,9 @@ overfitting to a fixed set. A run from scratch has three phases:
    on the projected vision tokens (and the object count from their mean), plus the two
    signals of ``dartserve.demo.guidance`` that teach the language model where to look.
 3. The same on every patch, so the model answers from the whole image as served.
+4. Phase two again, at a lower rate, with the place signals of ``PlaceProbe`` and every other
+   example a position question: the heads that find the named objects learn to carry where
+   they lie, which position questions need and the first three phases did not teach.
 
 The probes are dropped after training.
 """
@@ -33,7 +36,7 @@ from transformers import LlavaForConditionalGeneration
 
 from dartserve.bench import cpu_name
 from dartserve.demo.data import COLOURS, QUESTION_TYPES, SHAPES, SIZE, SPLIT_SIZE, example, named_roles, patch_objects
-from dartserve.demo.guidance import GUIDED_LAYER, QuestionProbe, guided_attention_loss
+from dartserve.demo.guidance import GUIDED_LAYER, PlaceProbe, QuestionProbe, guided_attention_loss, guided_values
 from dartserve.demo.model import PATCH, build_model, build_processor
 
 AUX_WEIGHT = 0.5
@@ -198,12 +201,13 @@ def _kept_patches(targets: PatchTargets, background: int | None, generator: torc
 
 
 class LanguageHeads(torch.nn.Module):
-    """Everything phases two and three train beside the model; dropped after training."""
+    """Everything phases two to four train beside the model; dropped after training."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, head_dim: int, place: bool) -> None:
         super().__init__()
         self.probes = AuxiliaryHeads(width)
         self.question = QuestionProbe(width)
+        self.place = PlaceProbe(head_dim, width) if place else None
 
 
 def language_step(model, processor, examples, heads: LanguageHeads, background: int | None, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -228,27 +232,38 @@ def language_step(model, processor, examples, heads: LanguageHeads, background: 
     for row, (start, kept) in enumerate(zip(starts, keep)):
         roles[row, start : start + len(kept)] = targets.roles[row, kept]
     guided, share = guided_attention_loss(model, hidden, positions, asking, roles)
-    return answer, probes + question + guided, share
+    aux = probes + question + guided
+    if heads.place is not None:
+        vision = roles.new_zeros(roles.shape, dtype=torch.bool)
+        for row, (start, kept) in enumerate(zip(starts, keep)):
+            vision[row, start : start + len(kept)] = True
+        places = torch.cat([PATCH_GRID[0, kept] for kept in keep])
+        asked = outputs.hidden_states[GUIDED_LAYER + 1][torch.arange(len(examples)), asking]
+        aux = aux + heads.place.loss(guided_values(model, hidden)[vision], places, asked, examples)
+    return answer, aux, share
 
 
 def train_language(model, processor, log: dict, name: str, steps: int, batch_size: int, lr: float, warmup: int, seed: int, first: int,
-                   background: int | None, out: Path, log_every: int, eval_every: int, eval_size: int) -> None:
-    """Phase two (``background``: how many background patches at most) or three (None: all),
-    recorded in ``log[name]``."""
+                   background: int | None, out: Path, log_every: int, eval_every: int, eval_size: int, place: bool = False) -> None:
+    """Phase two (``background``: how many background patches at most), three (None: all) or,
+    with ``place``, four; recorded in ``log[name]``."""
     model.model.vision_tower.requires_grad_(False)
-    heads = LanguageHeads(model.config.text_config.hidden_size)
+    text = model.config.text_config
+    heads = LanguageHeads(text.hidden_size, text.hidden_size // text.num_attention_heads, place)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps, warmup))
     generator = torch.Generator().manual_seed(seed)
     phase = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "background_patches": background, "history": []}
+    if place:
+        phase["position_share"] = 0.5
     log[name] = phase
     started = time.time()
     running = running_aux = running_share = 0.0
     for step in range(steps):
         model.train()
         start = seed * SEED_STRIDE + first + step * batch_size  # a new seed, as when training on, sees new examples
-        examples = [example("train", start + i) for i in range(batch_size)]
+        examples = [_with_positions(start + i) if place else example("train", start + i) for i in range(batch_size)]
         answer, aux, share = language_step(model, processor, examples, heads, background, generator)
         optimizer.zero_grad(set_to_none=True)
         (answer + AUX_WEIGHT * aux).backward()
@@ -282,6 +297,11 @@ def train_language(model, processor, log: dict, name: str, steps: int, batch_siz
     phase["train_seconds"] = time.time() - started
 
 
+def _with_positions(index: int):
+    """Train examples where every odd index gives a position question (the split's indices 4 mod 5)."""
+    return example("train", (5 * index + 4) % SPLIT_SIZE if index % 2 else index)
+
+
 def train(
     out: Path,
     steps: int = 300,
@@ -298,12 +318,15 @@ def train(
     vision_lr: float = 1e-3,
     sampled_steps: int = 5000,
     sampled_background: int = 64,
+    place_steps: int = 2000,
+    place_lr: float = 5e-4,
+    place_warmup: int = 50,
 ) -> dict:
-    """Trains from scratch (phases one, two and three), or on from the checkpoint ``init``
-    (phases two and three); saves to ``out`` at every evaluation."""
-    if min(steps, sampled_steps, vision_steps, sampled_background) < 0:
+    """Trains from scratch (phases one to four), or on from the checkpoint ``init`` (phases two
+    to four); saves to ``out`` at every evaluation."""
+    if min(steps, sampled_steps, vision_steps, sampled_background, place_steps) < 0:
         raise ValueError("step counts and the background sample must not be negative")
-    if not 0 <= seed < SEEDS or max(steps, sampled_steps) * batch_size > SEED_STRIDE // 4:
+    if not 0 <= seed < SEEDS or max(steps, sampled_steps, place_steps) * batch_size > SEED_STRIDE // 4:
         raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size at most {SEED_STRIDE // 4}")
     torch.manual_seed(seed)
     processor = build_processor()
@@ -324,6 +347,9 @@ def train(
         train_language(model, processor, log, "sampled", sampled_steps, first=0, background=sampled_background, **common)
     if steps:
         train_language(model, processor, log, "whole", steps, first=SEED_STRIDE // 4, background=None, **common)
+    if place_steps:
+        common.update(lr=place_lr, warmup=place_warmup)
+        train_language(model, processor, log, "place", place_steps, first=3 * SEED_STRIDE // 4, background=sampled_background, place=True, **common)
     return log
 
 
