@@ -10,11 +10,12 @@ Each step gets a signal of its own here:
   question mentions;
 - at layer ``GUIDED_LAYER`` the asking token's attention is pulled to the objects the question
   names: head 0 to the first (every object, for a count), head 1 to the second;
-- a probe on the asking token after that layer reads where the named objects lie. The vision
-  tokens know their place, yet with the first two signals alone the heads that find the
-  objects carried only what the objects are, and position questions stayed at chance.
+- in phase four, the values those two heads take from each vision token show its place, and
+  the asking token after that layer names where the named objects lie (``PlaceProbe``). The
+  vision tokens knew their place, yet with the first two signals alone the heads carried what
+  the objects are, not where, and position questions stayed at chance.
 
-All three are used in training only.
+All are used in training only.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class PlaceProbe(torch.nn.Module):
 
     - the values that heads 0 and 1 of layer ``GUIDED_LAYER`` take from each vision token show
       its place, read along two directions of unit length. The vision tokens knew their place
-      all along, but in directions the layer's norm all but hid, and a probe on the asking
-      token alone did not teach the heads to carry it;
+      all along, but those values carried little of it, and a probe on the asking token alone
+      did not teach the heads to carry it;
     - the asking token after that layer names where the objects the question names lie: what
       the two heads gathered.
     """
