@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
-from services.rpc.dartserve.v1 import common_pb2
+from dartserve.stages import Chunk
+from services.rpc.dartserve.v1 import common_pb2, generator_pb2
 
 _OPTIONAL_PRUNING = ("budget", "ratio", "layer", "pivot_image", "pivot_text", "seed")
 
@@ -55,3 +56,22 @@ def sampling_from_proto(message: common_pb2.Sampling) -> SamplingConfig:
         seed=message.seed,
         stop_token_ids=tuple(message.stop_token_ids),
     )
+
+
+def chunk_to_proto(chunk: Chunk) -> generator_pb2.GenerateChunk:
+    return generator_pb2.GenerateChunk(
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        done=chunk.done,
+        kv_handle=chunk.kv_handle,
+        pending_token=chunk.pending_token,
+        finish_reason=chunk.finish_reason,
+        prefill_tokens=chunk.prefill_tokens,
+        prefill_ms=chunk.prefill_ms,
+        decode_ms=chunk.decode_ms,
+        kv_store_ms=chunk.kv_store_ms,
+    )
+
+
+def chunk_from_proto(c: generator_pb2.GenerateChunk) -> Chunk:
+    return Chunk(list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason, c.prefill_tokens, c.prefill_ms, c.decode_ms, c.kv_store_ms)

@@ -228,15 +228,13 @@ def language_step(model, processor, examples, heads: LanguageHeads, background: 
     asking = mask.sum(dim=1) - 3  # the last prompt token, before the answer word and </s>
     hidden = outputs.hidden_states[GUIDED_LAYER]  # the guided layer's input
     question = heads.question.loss(hidden[torch.arange(len(examples)), asking], [e.question for e in examples])
-    roles = torch.zeros_like(mask)
+    roles, vision = torch.zeros_like(mask), torch.zeros_like(mask, dtype=torch.bool)
     for row, (start, kept) in enumerate(zip(starts, keep)):
         roles[row, start : start + len(kept)] = targets.roles[row, kept]
+        vision[row, start : start + len(kept)] = True
     guided, share = guided_attention_loss(model, hidden, positions, asking, roles)
     aux = probes + question + guided
     if heads.place is not None:
-        vision = roles.new_zeros(roles.shape, dtype=torch.bool)
-        for row, (start, kept) in enumerate(zip(starts, keep)):
-            vision[row, start : start + len(kept)] = True
         places = torch.cat([PATCH_GRID[0, kept] for kept in keep])
         asked = outputs.hidden_states[GUIDED_LAYER + 1][torch.arange(len(examples)), asking]
         aux = aux + heads.place.loss(guided_values(model, hidden)[vision], places, asked, examples)

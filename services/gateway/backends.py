@@ -19,7 +19,7 @@ from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
 from services import request_ids, tls
-from services.convert import pruning_to_proto, sampling_to_proto
+from services.convert import chunk_from_proto, pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
 
@@ -109,11 +109,11 @@ class GrpcBackend:
         request = generator_pb2.GenerateRequest(kv_handle=kv_handle, sampling=sampling_to_proto(sampling), pending_token=pending, question=question)
         with _rpc_errors():
             if not stream:
-                yield _chunk(self.generator.Complete(request, timeout=self.timeout_s, metadata=request_ids.metadata()))
+                yield chunk_from_proto(self.generator.Complete(request, timeout=self.timeout_s, metadata=request_ids.metadata()))
                 return
             chunks = self.generator.Generate(request, timeout=self.timeout_s, metadata=request_ids.metadata())
             try:
-                yield from (_chunk(c) for c in chunks)
+                yield from (chunk_from_proto(c) for c in chunks)
             finally:
                 chunks.cancel()  # a client that went away stops the decode
 
@@ -130,10 +130,6 @@ class GrpcBackend:
     def close(self) -> None:
         for channel in self.channels.values():
             channel.close()
-
-
-def _chunk(c: generator_pb2.GenerateChunk) -> Chunk:
-    return Chunk(list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason, c.prefill_tokens, c.prefill_ms, c.decode_ms, c.kv_store_ms)
 
 
 class _rpc_errors:

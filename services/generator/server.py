@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import grpc
 
-from dartserve.stages import Chunk, DecodeStep
-from services.convert import sampling_from_proto
+from dartserve.stages import DecodeStep
+from services.convert import chunk_to_proto, sampling_from_proto
 from services.grpc_server import Server, check_deadline, status_codes
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
 
@@ -26,7 +26,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # deadline, and closing ``chunks`` then ends the decode: no token more is computed.
             try:
                 for chunk in chunks:
-                    yield _message(chunk)
+                    yield chunk_to_proto(chunk)
             finally:
                 chunks.close()
 
@@ -43,26 +43,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     texts.append(chunk.text)
             finally:
                 chunks.close()
-        return _message(replace(chunk, token_ids=tokens, text="".join(texts)))
+        return chunk_to_proto(replace(chunk, token_ids=tokens, text="".join(texts)))
 
     def _decode(self, request):
         question = request.question if request.HasField("question") else None
         return self.step.generate(request.kv_handle, sampling_from_proto(request.sampling), request.pending_token, question)
-
-
-def _message(chunk: Chunk) -> generator_pb2.GenerateChunk:
-    return generator_pb2.GenerateChunk(
-        token_ids=chunk.token_ids,
-        text=chunk.text,
-        done=chunk.done,
-        kv_handle=chunk.kv_handle,
-        pending_token=chunk.pending_token,
-        finish_reason=chunk.finish_reason,
-        prefill_tokens=chunk.prefill_tokens,
-        prefill_ms=chunk.prefill_ms,
-        decode_ms=chunk.decode_ms,
-        kv_store_ms=chunk.kv_store_ms,
-    )
 
 
 def serve(step: DecodeStep, settings, port: int) -> Server:
