@@ -127,7 +127,7 @@ class VisionStep(_Step):
         messages = chat_messages(prompt)
         decoded = [open_image(data, self.max_pixels) for data in images]  # checks them first
         hashes = [hashlib.sha256(data).hexdigest() for data in images]
-        feature_keys = [f"dartserve:vision:{self.fingerprint}:{h}" for h in hashes]
+        feature_keys = [feature_key(self.fingerprint, h) for h in hashes]
         # Image tokens found live on with the prompt that names them.
         known = [self._features(data) for data in self.store.get_values(feature_keys, refresh_ttl_s=self.ttl_s)]
         with self.lock:
@@ -163,12 +163,15 @@ class VisionStep(_Step):
 
 
 class PrefillStep(_Step):
-    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
-        data = self.store.get_value(prompt_ref)
+    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
+        """``image_hashes``, the vision step's, let the prompt and its image tokens come in one
+        read of the store; without them, or if they are not the prompt's, it takes two."""
+        keys = [feature_key(self.fingerprint, h) for h in image_hashes]
+        data, *values = self.store.get_values([prompt_ref, *keys])
         if data is None:
             raise StageMiss(f"encoded prompt {prompt_ref} is not in the store (expired or evicted)")
         try:
-            request, hashes = unpack_prompt(data, self.store, self.adapter, self.fingerprint)
+            request, hashes = unpack_prompt(data, self.store, self.adapter, self.fingerprint, dict(zip(keys, values)))
         except CacheMiss as error:
             raise StageMiss(f"encoded prompt {prompt_ref} is unusable: {error}") from None
         check_room(self.adapter, int(request.positions.max()) + 1, sampling)
@@ -292,12 +295,19 @@ def pack_prompt(request: EncodedPrompt, image_hashes: list[str], feature_keys: l
     return blob.pack("prompt", fingerprint, tensors, {"spans": spans, "image_hashes": image_hashes, "feature_keys": feature_keys})
 
 
-def unpack_prompt(data: bytes, store, adapter, fingerprint: str) -> tuple[EncodedPrompt, list[str]]:
-    """The encoded prompt with its image tokens read back; ``CacheMiss`` if any part is gone or damaged."""
+def feature_key(fingerprint: str, image_hash: str) -> str:
+    return f"dartserve:vision:{fingerprint}:{image_hash}"
+
+
+def unpack_prompt(data: bytes, store, adapter, fingerprint: str, read: dict[str, bytes | None]) -> tuple[EncodedPrompt, list[str]]:
+    """The encoded prompt with its image tokens, taken from ``read`` (image tokens already read
+    with it) when it holds all of them, else read from ``store``; ``CacheMiss`` if any part is
+    gone or damaged."""
     tensors, meta = blob.unpack(data, "prompt", fingerprint, adapter.device)
     try:
         spans = [ImageSpan(s["start"], s["length"], tuple(Grid(*g) for g in s["grids"])) for s in meta["spans"]]
-        values = store.get_values(list(meta["feature_keys"]))
+        keys = list(meta["feature_keys"])
+        values = [read[k] for k in keys] if set(keys) <= read.keys() else store.get_values(keys)
         hashes = list(meta["image_hashes"])
     except (KeyError, TypeError) as error:
         raise CacheMiss(f"malformed prompt value: {error}") from None

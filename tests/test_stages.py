@@ -103,6 +103,32 @@ def test_a_value_evicted_between_stages_is_recomputed(engines, prefix):
     assert final.token_ids == engine.generate([image], PROMPT, pruning, sampling).token_ids
 
 
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get_values(self, keys, refresh_ttl_s=None):
+        self.reads += 1
+        return super().get_values(keys, refresh_ttl_s)
+
+
+def test_the_image_hashes_make_the_prefill_read_the_store_once(engines):
+    engine = engines["llava"]
+    store = CountingStore()
+    vision, pruner = VisionStep(engine, store), PrefillStep(engine, store)
+    encoded = vision.encode([png(make_image(7)), png(make_image(8))], PROMPT)
+    sampling = SamplingConfig()
+    hints = {"given": encoded.image_hashes, "none": [], "wrong": ["0" * 64, encoded.image_hashes[1]]}
+    results, reads = {}, {}
+    for name, hashes in hints.items():
+        store.reads = 0
+        results[name] = pruner.prefill(encoded.prompt_ref, PruningConfig(budget=12), sampling, hashes)
+        reads[name] = store.reads
+    assert reads == {"given": 1, "none": 2, "wrong": 2}
+    assert len({(r.kv_handle, r.first_token) for r in results.values()}) == 1
+
+
 def test_missing_and_damaged_values_are_misses_never_used(engines):
     engine = engines["llava"]
     store = MemoryStore()

@@ -39,9 +39,9 @@ class LocalBackend:
         with store_errors():
             return self.vision.encode(images, conversation)
 
-    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
+    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
         with store_errors():
-            return self.prefill_step.prefill(prompt_ref, pruning, sampling)
+            return self.prefill_step.prefill(prompt_ref, pruning, sampling, image_hashes)
 
     def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, stream: bool = True) -> Iterator[Chunk]:
         """The answer's chunks; without ``stream`` they may come all at once, in the last."""
@@ -96,8 +96,10 @@ class GrpcBackend:
             reply = self.vision.Encode(request, timeout=self.timeout_s, metadata=request_ids.metadata())
         return Encoded(reply.prompt_ref, list(reply.image_hashes), reply.prompt_tokens, reply.vision_tokens, reply.images_cached, reply.encode_ms)
 
-    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig) -> Prefilled:
-        request = pruner_pb2.PrefillRequest(prompt_ref=prompt_ref, pruning=pruning_to_proto(pruning), sampling=sampling_to_proto(sampling))
+    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
+        request = pruner_pb2.PrefillRequest(
+            prompt_ref=prompt_ref, pruning=pruning_to_proto(pruning), sampling=sampling_to_proto(sampling), image_hashes=image_hashes
+        )
         with _rpc_errors():
             r = self.pruner.Prefill(request, timeout=self.timeout_s, metadata=request_ids.metadata())
         return Prefilled(

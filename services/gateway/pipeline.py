@@ -136,10 +136,10 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
 def _encode_and_prefill(backend, question: Question):
     encoded = backend.encode(question.images, question.messages)
     try:
-        return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling)
+        return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling, encoded.image_hashes)
     except StageMiss:  # the claim check went before the pruner read it: encode again, once
         encoded = backend.encode(question.images, question.messages)
-        return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling)
+        return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling, encoded.image_hashes)
 
 
 def _deltas(chunks, tokens: list[int], texts: list[str]):

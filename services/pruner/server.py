@@ -19,7 +19,9 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
     def Prefill(self, request, context):
         check_deadline(context)
         with status_codes(context):
-            done = self.step.prefill(request.prompt_ref, pruning_from_proto(request.pruning), sampling_from_proto(request.sampling))
+            done = self.step.prefill(
+                request.prompt_ref, pruning_from_proto(request.pruning), sampling_from_proto(request.sampling), list(request.image_hashes)
+            )
         return pruner_pb2.PrefillResponse(
             kv_handle=done.kv_handle,
             first_token=done.first_token,

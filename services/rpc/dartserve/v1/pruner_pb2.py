@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from services.rpc.dartserve.v1 import common_pb2 as dartserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61rtserve/v1/pruner.proto\x12\x0c\x64\x61rtserve.v1\x1a\x19\x64\x61rtserve/v1/common.proto\"v\n\x0ePrefillRequest\x12\x12\n\nprompt_ref\x18\x01 \x01(\t\x12&\n\x07pruning\x18\x02 \x01(\x0b\x32\x15.dartserve.v1.Pruning\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.dartserve.v1.Sampling\"\x95\x02\n\x0fPrefillResponse\x12\x11\n\tkv_handle\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x12\n\nfirst_text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rvision_tokens\x18\x06 \x01(\x05\x12\x1a\n\x12kept_vision_tokens\x18\x07 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x03\x12\x12\n\nprefill_ms\x18\t \x01(\x01\x12\x14\n\x0cselection_ms\x18\n \x01(\x01\x12\x14\n\x0cpruning_json\x18\x0b \x01(\t\x12\x13\n\x0bkv_store_ms\x18\x0c \x01(\x01\x32W\n\rPrunerService\x12\x46\n\x07Prefill\x12\x1c.dartserve.v1.PrefillRequest\x1a\x1d.dartserve.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61rtserve/v1/pruner.proto\x12\x0c\x64\x61rtserve.v1\x1a\x19\x64\x61rtserve/v1/common.proto\"\x8c\x01\n\x0ePrefillRequest\x12\x12\n\nprompt_ref\x18\x01 \x01(\t\x12&\n\x07pruning\x18\x02 \x01(\x0b\x32\x15.dartserve.v1.Pruning\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.dartserve.v1.Sampling\x12\x14\n\x0cimage_hashes\x18\x04 \x03(\t\"\x95\x02\n\x0fPrefillResponse\x12\x11\n\tkv_handle\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x12\n\nfirst_text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rvision_tokens\x18\x06 \x01(\x05\x12\x1a\n\x12kept_vision_tokens\x18\x07 \x01(\x05\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x03\x12\x12\n\nprefill_ms\x18\t \x01(\x01\x12\x14\n\x0cselection_ms\x18\n \x01(\x01\x12\x14\n\x0cpruning_json\x18\x0b \x01(\t\x12\x13\n\x0bkv_store_ms\x18\x0c \x01(\x01\x32W\n\rPrunerService\x12\x46\n\x07Prefill\x12\x1c.dartserve.v1.PrefillRequest\x1a\x1d.dartserve.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dartserve.v1.pruner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLREQUEST']._serialized_start=70
-  _globals['_PREFILLREQUEST']._serialized_end=188
-  _globals['_PREFILLRESPONSE']._serialized_start=191
-  _globals['_PREFILLRESPONSE']._serialized_end=468
-  _globals['_PRUNERSERVICE']._serialized_start=470
-  _globals['_PRUNERSERVICE']._serialized_end=557
+  _globals['_PREFILLREQUEST']._serialized_start=71
+  _globals['_PREFILLREQUEST']._serialized_end=211
+  _globals['_PREFILLRESPONSE']._serialized_start=214
+  _globals['_PREFILLRESPONSE']._serialized_end=491
+  _globals['_PRUNERSERVICE']._serialized_start=493
+  _globals['_PRUNERSERVICE']._serialized_end=580
 # @@protoc_insertion_point(module_scope)

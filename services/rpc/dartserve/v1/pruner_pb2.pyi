@@ -1,20 +1,23 @@
 from services.rpc.dartserve.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("prompt_ref", "pruning", "sampling")
+    __slots__ = ("prompt_ref", "pruning", "sampling", "image_hashes")
     PROMPT_REF_FIELD_NUMBER: _ClassVar[int]
     PRUNING_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HASHES_FIELD_NUMBER: _ClassVar[int]
     prompt_ref: str
     pruning: _common_pb2.Pruning
     sampling: _common_pb2.Sampling
-    def __init__(self, prompt_ref: _Optional[str] = ..., pruning: _Optional[_Union[_common_pb2.Pruning, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ...) -> None: ...
+    image_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt_ref: _Optional[str] = ..., pruning: _Optional[_Union[_common_pb2.Pruning, _Mapping]] = ..., sampling: _Optional[_Union[_common_pb2.Sampling, _Mapping]] = ..., image_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("kv_handle", "first_token", "first_text", "finish_reason", "prompt_tokens", "vision_tokens", "kept_vision_tokens", "kv_bytes", "prefill_ms", "selection_ms", "pruning_json", "kv_store_ms")
