@@ -33,6 +33,7 @@ from dartserve.pruning.config import PruningConfig
 
 
 MAX_ASPECT = 20
+HEX_DIGITS = set("0123456789abcdef")
 
 
 class StageMiss(Exception):
@@ -166,6 +167,8 @@ class PrefillStep(_Step):
     def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
         """``image_hashes``, the vision step's, let the prompt and its image tokens come in one
         read of the store; without them, or if they are not the prompt's, it takes two."""
+        if not all(isinstance(h, str) and len(h) == 64 and set(h) <= HEX_DIGITS for h in image_hashes):
+            raise ValueError("image_hashes must be the SHA-256 hex digests the vision step returned")
         keys = [feature_key(self.fingerprint, h) for h in image_hashes]
         data, *values = self.store.get_values([prompt_ref, *keys])
         if data is None:

@@ -127,6 +127,8 @@ def test_the_image_hashes_make_the_prefill_read_the_store_once(engines):
         reads[name] = store.reads
     assert reads == {"given": 1, "none": 2, "wrong": 2}
     assert len({(r.kv_handle, r.first_token) for r in results.values()}) == 1
+    with pytest.raises(ValueError, match="SHA-256"):
+        pruner.prefill(encoded.prompt_ref, PruningConfig(budget=12), sampling, ["dartserve:kv:*"])
 
 
 def test_missing_and_damaged_values_are_misses_never_used(engines):
