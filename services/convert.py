@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
-from dartserve.stages import Chunk
-from services.rpc.dartserve.v1 import common_pb2, generator_pb2
+from services.rpc.dartserve.v1 import common_pb2
 
 _OPTIONAL_PRUNING = ("budget", "ratio", "layer", "pivot_image", "pivot_text", "seed")
 
@@ -58,20 +60,15 @@ def sampling_from_proto(message: common_pb2.Sampling) -> SamplingConfig:
     )
 
 
-def chunk_to_proto(chunk: Chunk) -> generator_pb2.GenerateChunk:
-    return generator_pb2.GenerateChunk(
-        token_ids=chunk.token_ids,
-        text=chunk.text,
-        done=chunk.done,
-        kv_handle=chunk.kv_handle,
-        pending_token=chunk.pending_token,
-        finish_reason=chunk.finish_reason,
-        prefill_tokens=chunk.prefill_tokens,
-        prefill_ms=chunk.prefill_ms,
-        decode_ms=chunk.decode_ms,
-        kv_store_ms=chunk.kv_store_ms,
-    )
+def to_message(record, message_type, drop: tuple[str, ...] = (), **extra):
+    """A stage's result (a dataclass) as the reply that carries it, field for field; ``drop``
+    names fields that travel in another form, given in ``extra``."""
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name not in drop}
+    return message_type(**fields, **extra)
 
 
-def chunk_from_proto(c: generator_pb2.GenerateChunk) -> Chunk:
-    return Chunk(list(c.token_ids), c.text, c.done, c.kv_handle, c.pending_token, c.finish_reason, c.prefill_tokens, c.prefill_ms, c.decode_ms, c.kv_store_ms)
+def from_message(message, record_type, **extra):
+    """The inverse of ``to_message``: ``extra`` gives the fields that travel in another form."""
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(record_type) if f.name not in extra}
+    lists = {name: list(value) for name, value in fields.items() if isinstance(value, Sequence) and not isinstance(value, str)}
+    return record_type(**(fields | lists), **extra)

@@ -19,7 +19,7 @@ from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
 from services import request_ids, tls
-from services.convert import chunk_from_proto, pruning_to_proto, sampling_to_proto
+from services.convert import from_message, pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
 
@@ -94,7 +94,7 @@ class GrpcBackend:
         request = vision_pb2.EncodeRequest(images=images, conversation=[vision_pb2.Turn(role=t["role"], content=t["content"]) for t in conversation])
         with _rpc_errors():
             reply = self.vision.Encode(request, timeout=self.timeout_s, metadata=request_ids.metadata())
-        return Encoded(reply.prompt_ref, list(reply.image_hashes), reply.prompt_tokens, reply.vision_tokens, reply.images_cached, reply.encode_ms)
+        return from_message(reply, Encoded)
 
     def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
         request = pruner_pb2.PrefillRequest(
@@ -102,20 +102,17 @@ class GrpcBackend:
         )
         with _rpc_errors():
             r = self.pruner.Prefill(request, timeout=self.timeout_s, metadata=request_ids.metadata())
-        return Prefilled(
-            r.kv_handle, r.first_token, r.first_text, r.finish_reason, r.prompt_tokens, r.vision_tokens,
-            r.kept_vision_tokens, r.kv_bytes, r.prefill_ms, r.selection_ms, json.loads(r.pruning_json), r.kv_store_ms,
-        )
+        return from_message(r, Prefilled, pruning=json.loads(r.pruning_json))
 
     def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, stream: bool = True) -> Iterator[Chunk]:
         request = generator_pb2.GenerateRequest(kv_handle=kv_handle, sampling=sampling_to_proto(sampling), pending_token=pending, question=question)
         with _rpc_errors():
             if not stream:
-                yield chunk_from_proto(self.generator.Complete(request, timeout=self.timeout_s, metadata=request_ids.metadata()))
+                yield from_message(self.generator.Complete(request, timeout=self.timeout_s, metadata=request_ids.metadata()), Chunk)
                 return
             chunks = self.generator.Generate(request, timeout=self.timeout_s, metadata=request_ids.metadata())
             try:
-                yield from (chunk_from_proto(c) for c in chunks)
+                yield from (from_message(c, Chunk) for c in chunks)
             finally:
                 chunks.cancel()  # a client that went away stops the decode
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import grpc
 
 from dartserve.stages import DecodeStep
-from services.convert import chunk_to_proto, sampling_from_proto
+from services.convert import sampling_from_proto, to_message
 from services.grpc_server import Server, check_deadline, status_codes
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
 
@@ -26,7 +26,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             # deadline, and closing ``chunks`` then ends the decode: no token more is computed.
             try:
                 for chunk in chunks:
-                    yield chunk_to_proto(chunk)
+                    yield to_message(chunk, generator_pb2.GenerateChunk)
             finally:
                 chunks.close()
 
@@ -43,7 +43,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                     texts.append(chunk.text)
             finally:
                 chunks.close()
-        return chunk_to_proto(replace(chunk, token_ids=tokens, text="".join(texts)))
+        return to_message(replace(chunk, token_ids=tokens, text="".join(texts)), generator_pb2.GenerateChunk)
 
     def _decode(self, request):
         question = request.question if request.HasField("question") else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from dartserve.stages import PrefillStep
-from services.convert import pruning_from_proto, sampling_from_proto
+from services.convert import pruning_from_proto, sampling_from_proto, to_message
 from services.grpc_server import Server, check_deadline, status_codes
 from services.rpc.dartserve.v1 import pruner_pb2, pruner_pb2_grpc
 
@@ -22,20 +22,7 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
             done = self.step.prefill(
                 request.prompt_ref, pruning_from_proto(request.pruning), sampling_from_proto(request.sampling), list(request.image_hashes)
             )
-        return pruner_pb2.PrefillResponse(
-            kv_handle=done.kv_handle,
-            first_token=done.first_token,
-            first_text=done.first_text,
-            finish_reason=done.finish_reason,
-            prompt_tokens=done.prompt_tokens,
-            vision_tokens=done.vision_tokens,
-            kept_vision_tokens=done.kept_vision_tokens,
-            kv_bytes=done.kv_bytes,
-            prefill_ms=done.prefill_ms,
-            selection_ms=done.selection_ms,
-            pruning_json=json.dumps(done.pruning),
-            kv_store_ms=done.kv_store_ms,
-        )
+        return to_message(done, pruner_pb2.PrefillResponse, drop=("pruning",), pruning_json=json.dumps(done.pruning))
 
 
 def serve(step: PrefillStep, settings, port: int) -> Server:

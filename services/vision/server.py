@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dartserve.stages import VisionStep
+from services.convert import to_message
 from services.grpc_server import Server, check_deadline, status_codes
 from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
 
@@ -18,14 +19,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         with status_codes(context):
             conversation = [{"role": t.role, "content": t.content} for t in request.conversation]
             encoded = self.step.encode(list(request.images), conversation)
-        return vision_pb2.EncodeResponse(
-            prompt_ref=encoded.prompt_ref,
-            image_hashes=encoded.image_hashes,
-            prompt_tokens=encoded.prompt_tokens,
-            vision_tokens=encoded.vision_tokens,
-            images_cached=encoded.images_cached,
-            encode_ms=encoded.encode_ms,
-        )
+        return to_message(encoded, vision_pb2.EncodeResponse)
 
 
 def serve(step: VisionStep, settings, port: int) -> Server:
