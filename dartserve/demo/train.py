@@ -314,9 +314,9 @@ def train(
     vision_steps: int = 1500,
     vision_batch_size: int = 16,
     vision_lr: float = 1e-3,
-    sampled_steps: int = 5000,
+    sampled_steps: int = 6500,
     sampled_background: int = 64,
-    place_steps: int = 2000,
+    place_steps: int = 2500,
     place_lr: float = 5e-4,
     place_warmup: int = 50,
 ) -> dict:
