@@ -99,6 +99,49 @@ def generator_calls(ports: dict[str, int], body: dict, rounds: int = 50) -> dict
     return {"streamed_messages": messages, **{f"{regime}_ms_p50": statistics.median(samples) for regime, samples in times.items()}}
 
 
+def stage_overheads(ports: dict[str, int], engine, bodies: list[dict], warmup: int = 3) -> dict:
+    """What each stage call costs beyond the stage's own work: its time at the caller less the
+    time the stage reports for its step and its KV store calls, p50 in ms, through gRPC and in
+    this process (the embedded mode's backend on an in-memory store), taking turns."""
+    from dartserve.kv.store import MemoryStore
+    from dartserve.models.decode import SamplingConfig
+    from dartserve.pruning import PruningConfig
+    from dartserve.stages import DecodeStep, PrefillStep, VisionStep
+    from services.config import Settings
+    from services.gateway.backends import GrpcBackend, LocalBackend
+
+    store = MemoryStore()
+    backends = {
+        "distributed": GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")})),
+        "embedded": LocalBackend(VisionStep(engine, store), PrefillStep(engine, store), DecodeStep(engine, store)),
+    }
+    added = {mode: {"encode": [], "prefill": [], "generate": []} for mode in backends}
+    try:
+        for index, body in enumerate(bodies):
+            images, conversation = [base64.b64decode(body["image"])], [{"role": "user", "content": body["question"]}]
+            sampling = SamplingConfig(max_new_tokens=body["max_new_tokens"])
+            for mode, backend in backends.items():
+                started = time.perf_counter()
+                encoded = backend.encode(images, conversation)
+                encoded_at = time.perf_counter()
+                prefilled = backend.prefill(encoded.prompt_ref, PruningConfig(ratio=64 / 576), sampling, encoded.image_hashes)
+                prefilled_at = time.perf_counter()
+                last = None
+                if not prefilled.finish_reason:  # an answer of one token has nothing to decode
+                    *_, last = backend.generate(prefilled.kv_handle, sampling, prefilled.first_token, stream=False)
+                if index < warmup:
+                    continue
+                calls = added[mode]
+                calls["encode"].append((encoded_at - started) * 1e3 - encoded.encode_ms)
+                calls["prefill"].append((prefilled_at - encoded_at) * 1e3 - prefilled.prefill_ms - prefilled.kv_store_ms)
+                if last is not None:
+                    calls["generate"].append((time.perf_counter() - prefilled_at) * 1e3 - last.decode_ms - last.kv_store_ms)
+    finally:
+        backends["distributed"].close()
+    # None where no answer had a token to decode.
+    return {call: {mode: statistics.median(added[mode][call]) if added[mode][call] else None for mode in backends} for call in ("encode", "prefill", "generate")}
+
+
 def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
     """Store plus load of the same encoded cache through ``RedisStore`` and a plain pipeline."""
     import redis
@@ -149,6 +192,8 @@ def run_service_bench(
     """``redis_url``: by default a private, empty redis-server. ``threads``: torch threads in
     every process (``OMP_NUM_THREADS``); by default each process takes all cores, which
     oversubscribes a small machine running five of them."""
+    import torch
+
     from dartserve.demo import default_model
     from dartserve.engine import Engine
     from dartserve.kv.codec import encode
@@ -197,10 +242,13 @@ def run_service_bench(
                     kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
             round_trips = loopback_round_trips(f"127.0.0.1:{distributed.ports['vision']}")
             generator = generator_calls(distributed.ports, bodies[0])
+            if threads:  # this process's calls, like the services', on that many threads
+                torch.set_num_threads(threads)
+            engine = Engine.load(model)
+            overheads = stage_overheads(distributed.ports, engine, bodies)
             for process in processes[-5:]:  # the model services: the Redis measurement runs alone
                 process.terminate()
                 process.wait(timeout=30)
-            engine = Engine.load(model)
             request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
             pruned_cache = prefill(engine.adapter, [request], PruningConfig(ratio=64 / 576)).cache
             redis_kv = _kv_store_throughput(redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
@@ -229,5 +277,6 @@ def run_service_bench(
         "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
         "grpc_round_trip": round_trips,
         "generator_call": generator,
+        "stage_call_overhead_ms": overheads,
         "redis_kv": redis_kv,
     }

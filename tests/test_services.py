@@ -242,6 +242,21 @@ def test_bench_generator_calls_time_both_paths_through_a_live_stage(cluster):
     assert 0 < result["streamed_ms_p50"] < 10_000 and 0 < result["complete_ms_p50"] < 10_000
 
 
+def test_bench_stage_overheads_are_what_each_call_adds_to_the_stages_own_work(cluster, demo_engine):
+    from services.bench import stage_overheads
+
+    bodies = []
+    for index in range(3):
+        data, item = png(20 + index)
+        bodies.append({"image": b64(data), "question": item.question, "max_new_tokens": 8})
+    result = stage_overheads(cluster["ports"], demo_engine, bodies, warmup=1)
+    assert set(result) == {"encode", "prefill", "generate"}
+    # A caller waits at least as long as the stage works, in either mode.
+    assert all(0 <= ms < 10_000 for call in result.values() for ms in (call["distributed"], call["embedded"])), result
+    # In process, the vision step is the whole call; over gRPC the call also crosses processes.
+    assert result["encode"]["embedded"] < result["encode"]["distributed"]
+
+
 def test_a_request_id_is_echoed_and_reaches_every_stage_log_as_json(cluster):
     import json
 
