@@ -73,15 +73,21 @@ def loopback_round_trips(address: str, rounds: int = 100, idle_s: float = 0.02) 
     return {"idle_s": idle_s, **{f"{regime}_ms_p50": statistics.median(samples) for regime, samples in times.items()}}
 
 
+def _grpc_backend(ports: dict[str, int]):
+    """The gateway's backend to the stages listening on ``ports`` on loopback."""
+    from services.config import Settings
+    from services.gateway.backends import GrpcBackend
+
+    return GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")}))
+
+
 def generator_calls(ports: dict[str, int], body: dict, rounds: int = 50) -> dict:
     """One answer's decode through the generator stage, streamed (``Generate``) and as one reply
     (``Complete``, what the gateway uses when the client does not stream), taking turns."""
     from dartserve.models.decode import SamplingConfig
     from dartserve.pruning import PruningConfig
-    from services.config import Settings
-    from services.gateway.backends import GrpcBackend
 
-    backend = GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")}))
+    backend = _grpc_backend(ports)
     try:
         encoded = backend.encode([base64.b64decode(body["image"])], [{"role": "user", "content": body["question"]}])
         sampling = SamplingConfig(max_new_tokens=body["max_new_tokens"])
@@ -107,12 +113,11 @@ def stage_overheads(ports: dict[str, int], engine, bodies: list[dict], warmup: i
     from dartserve.models.decode import SamplingConfig
     from dartserve.pruning import PruningConfig
     from dartserve.stages import DecodeStep, PrefillStep, VisionStep
-    from services.config import Settings
-    from services.gateway.backends import GrpcBackend, LocalBackend
+    from services.gateway.backends import LocalBackend
 
     store = MemoryStore()
     backends = {
-        "distributed": GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")})),
+        "distributed": _grpc_backend(ports),
         "embedded": LocalBackend(VisionStep(engine, store), PrefillStep(engine, store), DecodeStep(engine, store)),
     }
     added = {mode: {"encode": [], "prefill": [], "generate": []} for mode in backends}
