@@ -20,6 +20,7 @@ import httpx
 from PIL import Image
 
 from dartserve.bench import cpu_name
+from services.config import DEFAULT_PRUNING
 from services.processes import free_port, start_dartserve, start_distributed, start_redis
 
 
@@ -81,17 +82,23 @@ def _grpc_backend(ports: dict[str, int]):
     return GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")}))
 
 
+def _call_arguments(body: dict):
+    """A ``/v1/answer`` body as a backend's arguments: the images, the conversation, the sampling."""
+    from dartserve.models.decode import SamplingConfig
+
+    return [base64.b64decode(body["image"])], [{"role": "user", "content": body["question"]}], SamplingConfig(max_new_tokens=body["max_new_tokens"])
+
+
 def generator_calls(ports: dict[str, int], body: dict, rounds: int = 50) -> dict:
     """One answer's decode through the generator stage, streamed (``Generate``) and as one reply
     (``Complete``, what the gateway uses when the client does not stream), taking turns."""
-    from dartserve.models.decode import SamplingConfig
     from dartserve.pruning import PruningConfig
 
     backend = _grpc_backend(ports)
     try:
-        encoded = backend.encode([base64.b64decode(body["image"])], [{"role": "user", "content": body["question"]}])
-        sampling = SamplingConfig(max_new_tokens=body["max_new_tokens"])
-        prefilled = backend.prefill(encoded.prompt_ref, PruningConfig(ratio=64 / 576), sampling)
+        images, conversation, sampling = _call_arguments(body)
+        encoded = backend.encode(images, conversation)
+        prefilled = backend.prefill(encoded.prompt_ref, PruningConfig(**DEFAULT_PRUNING), sampling)
         times = {"streamed": [], "complete": []}
         for _ in range(rounds):
             for regime, samples in times.items():
@@ -110,7 +117,6 @@ def stage_overheads(ports: dict[str, int], engine, bodies: list[dict], warmup: i
     time the stage reports for its step and its KV store calls, p50 in ms, through gRPC and in
     this process (the embedded mode's backend on an in-memory store), taking turns."""
     from dartserve.kv.store import MemoryStore
-    from dartserve.models.decode import SamplingConfig
     from dartserve.pruning import PruningConfig
     from dartserve.stages import DecodeStep, PrefillStep, VisionStep
     from services.gateway.backends import LocalBackend
@@ -123,13 +129,12 @@ def stage_overheads(ports: dict[str, int], engine, bodies: list[dict], warmup: i
     added = {mode: {"encode": [], "prefill": [], "generate": []} for mode in backends}
     try:
         for index, body in enumerate(bodies):
-            images, conversation = [base64.b64decode(body["image"])], [{"role": "user", "content": body["question"]}]
-            sampling = SamplingConfig(max_new_tokens=body["max_new_tokens"])
+            images, conversation, sampling = _call_arguments(body)
             for mode, backend in backends.items():
                 started = time.perf_counter()
                 encoded = backend.encode(images, conversation)
                 encoded_at = time.perf_counter()
-                prefilled = backend.prefill(encoded.prompt_ref, PruningConfig(ratio=64 / 576), sampling, encoded.image_hashes)
+                prefilled = backend.prefill(encoded.prompt_ref, PruningConfig(**DEFAULT_PRUNING), sampling, encoded.image_hashes)
                 prefilled_at = time.perf_counter()
                 last = None
                 if not prefilled.finish_reason:  # an answer of one token has nothing to decode
@@ -255,7 +260,7 @@ def run_service_bench(
                 process.terminate()
                 process.wait(timeout=30)
             request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
-            pruned_cache = prefill(engine.adapter, [request], PruningConfig(ratio=64 / 576)).cache
+            pruned_cache = prefill(engine.adapter, [request], PruningConfig(**DEFAULT_PRUNING)).cache
             redis_kv = _kv_store_throughput(redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
         finally:
             for process in processes:
