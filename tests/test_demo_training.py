@@ -9,7 +9,7 @@ import torch
 from dartserve.demo.data import example, named_roles
 from dartserve.demo.guidance import GUIDED_LAYER, PlaceProbe, QuestionProbe, WORDS, guided_attention_loss
 from dartserve.demo.model import build_model, build_processor
-from dartserve.demo.train import PatchTargets, _kept_patches, _sequences, _with_positions, batch_inputs, train
+from dartserve.demo.train import AS_DRAWN, PatchTargets, _kept_patches, _sequences, _with_positions, batch_inputs, train
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,13 @@ def test_named_roles_pick_the_objects_the_question_names():
             (second,) = [o for o, r in zip(e.objects, roles) if r == 2]
             before = first.x < second.x if "left" in e.question else first.y < second.y
             assert e.answer == ("yes" if before else "no")
+
+
+def test_training_reads_the_images_as_the_processor_serves_them():
+    processor = build_processor()
+    images = [example("train", i).image for i in range(4)]
+    served = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor.image_processor(images, return_tensors="pt", **AS_DRAWN)["pixel_values"], served)
 
 
 def test_every_patch_kept_gives_the_models_own_logits(tiny):
