@@ -155,11 +155,13 @@ def _print_json(result: dict, path: str | None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from services.allocator import keep_freed_memory
     from services.config import Settings
     from services.launch import distributed_gateway, embedded_gateway, serve_http, start_stage
     from services.request_ids import configure_logging
 
     configure_logging(args.command)
+    keep_freed_memory()
     settings = Settings.from_env()
     if args.command == "serve":
         serve_http(embedded_gateway(settings), settings)
@@ -171,11 +173,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from services.allocator import keep_freed_memory
     from services.config import Settings
     from services.launch import run_worker
     from services.request_ids import configure_logging
 
     configure_logging("worker")
+    keep_freed_memory()
     run_worker(Settings.from_env(), local=args.local, concurrency=args.concurrency)
     return 0
 

@@ -43,6 +43,20 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], "n": len(ordered)}
 
 
+def minor_faults(pid: int) -> int | None:
+    """The page faults a process has taken that needed no disk read (fresh or reclaimed memory);
+    None where there is no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[7])  # after the command name, which may hold spaces
+    except OSError:
+        return None
+
+
+def _per_answer(after: int | None, before: int | None, answers: int) -> float | None:
+    return None if after is None or before is None else (after - before) / answers
+
+
 def demo_requests(count: int) -> list[dict]:
     from dartserve.demo.data import example
 
@@ -237,6 +251,8 @@ def run_service_bench(
                 for body in bodies[:3]:  # warm-up, not measured
                     for url in urls.values():
                         client.post(f"{url}/v1/answer", json=body).raise_for_status()
+                named = {"embedded": embedded, **distributed.processes}
+                faults = {name: minor_faults(process.pid) for name, process in named.items()}
                 for body in bodies:
                     for mode, url in urls.items():
                         started = time.perf_counter()
@@ -248,6 +264,8 @@ def run_service_bench(
                         samples[mode]["kv_ms"].append(reply.json()["timings"]["kv_store_ms"])
                         samples[mode]["answers"].append(reply.json()["answer"])
                     kv_bytes["pruned"].append(reply.json()["usage"]["kv_bytes"])
+                faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults.items()}
+                for body in bodies:
                     unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
                     kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
             round_trips = loopback_round_trips(f"127.0.0.1:{distributed.ports['vision']}")
@@ -285,6 +303,7 @@ def run_service_bench(
         "kv_transfer_p50_ms": kv_transfer,
         "distributed_added_p50_ms_excluding_kv": without_kv["distributed"] - without_kv["embedded"],
         "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
+        "minor_page_faults_per_answer": faults,
         "grpc_round_trip": round_trips,
         "generator_call": generator,
         "stage_call_overhead_ms": overheads,
