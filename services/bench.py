@@ -57,6 +57,14 @@ def _per_answer(after: int | None, before: int | None, answers: int) -> float | 
     return None if after is None or before is None else (after - before) / answers
 
 
+STAGE_TIMINGS = ("encode", "prefill", "decode", "kv_store")
+
+
+def _stage_work(stages: list[dict], e2e_ms: list[float]) -> dict:
+    beyond = [e2e - sum(work.values()) for work, e2e in zip(stages, e2e_ms)]
+    return {stage: statistics.median(work[stage] for work in stages) for stage in STAGE_TIMINGS} | {"beyond_stages": statistics.median(beyond)}
+
+
 def demo_requests(count: int) -> list[dict]:
     from dartserve.demo.data import example
 
@@ -245,7 +253,7 @@ def run_service_bench(
             wait_ready(urls["embedded"], embedded)
             wait_ready(urls["distributed"], distributed.processes["gateway"])
             bodies = demo_requests(requests)
-            samples = {mode: {"ttft_ms": [], "e2e_ms": [], "kv_ms": [], "answers": []} for mode in urls}
+            samples = {mode: {"ttft_ms": [], "e2e_ms": [], "kv_ms": [], "stages": [], "answers": []} for mode in urls}
             kv_bytes = {"pruned": [], "unpruned": []}
             with httpx.Client(timeout=120) as client:
                 for body in bodies[:3]:  # warm-up, not measured
@@ -259,9 +267,11 @@ def run_service_bench(
                         reply = client.post(f"{url}/v1/answer", json=body)
                         e2e = (time.perf_counter() - started) * 1e3
                         reply.raise_for_status()
+                        timings = reply.json()["timings"]
                         samples[mode]["e2e_ms"].append(e2e)
-                        samples[mode]["ttft_ms"].append(reply.json()["timings"]["ttft_ms"])
-                        samples[mode]["kv_ms"].append(reply.json()["timings"]["kv_store_ms"])
+                        samples[mode]["ttft_ms"].append(timings["ttft_ms"])
+                        samples[mode]["kv_ms"].append(timings["kv_store_ms"])
+                        samples[mode]["stages"].append({stage: timings[f"{stage}_ms"] for stage in STAGE_TIMINGS})
                         samples[mode]["answers"].append(reply.json()["answer"])
                     kv_bytes["pruned"].append(reply.json()["usage"]["kv_bytes"])
                 faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults.items()}
@@ -301,6 +311,8 @@ def run_service_bench(
         "modes": modes,
         "distributed_added_p50_ms": added,
         "kv_transfer_p50_ms": kv_transfer,
+        # Each stage's own work as it reports it, and what the answer took beyond it: where the gap is.
+        "stage_work_p50_ms": {mode: _stage_work(s["stages"], s["e2e_ms"]) for mode, s in samples.items()},
         "distributed_added_p50_ms_excluding_kv": without_kv["distributed"] - without_kv["embedded"],
         "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
         "minor_page_faults_per_answer": faults,
