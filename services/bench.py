@@ -267,13 +267,14 @@ def run_service_bench(
                         reply = client.post(f"{url}/v1/answer", json=body)
                         e2e = (time.perf_counter() - started) * 1e3
                         reply.raise_for_status()
-                        timings = reply.json()["timings"]
+                        answer = reply.json()
+                        timings = answer["timings"]
                         samples[mode]["e2e_ms"].append(e2e)
                         samples[mode]["ttft_ms"].append(timings["ttft_ms"])
                         samples[mode]["kv_ms"].append(timings["kv_store_ms"])
                         samples[mode]["stages"].append({stage: timings[f"{stage}_ms"] for stage in STAGE_TIMINGS})
-                        samples[mode]["answers"].append(reply.json()["answer"])
-                    kv_bytes["pruned"].append(reply.json()["usage"]["kv_bytes"])
+                        samples[mode]["answers"].append(answer["answer"])
+                    kv_bytes["pruned"].append(answer["usage"]["kv_bytes"])
                 faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults.items()}
                 for body in bodies:
                     unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
