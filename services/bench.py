@@ -260,7 +260,7 @@ def run_service_bench(
                     for url in urls.values():
                         client.post(f"{url}/v1/answer", json=body).raise_for_status()
                 named = {"embedded": embedded, **distributed.processes}
-                faults = {name: minor_faults(process.pid) for name, process in named.items()}
+                faults_before = {name: minor_faults(process.pid) for name, process in named.items()}
                 for body in bodies:
                     for mode, url in urls.items():
                         started = time.perf_counter()
@@ -275,7 +275,7 @@ def run_service_bench(
                         samples[mode]["stages"].append({stage: timings[f"{stage}_ms"] for stage in STAGE_TIMINGS})
                         samples[mode]["answers"].append(answer["answer"])
                     kv_bytes["pruned"].append(answer["usage"]["kv_bytes"])
-                faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults.items()}
+                faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults_before.items()}
                 for body in bodies:
                     unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
                     kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
