@@ -25,7 +25,7 @@ from dartserve.engine import Engine
 from dartserve.kv import blob
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.kv.codec import CacheMiss, decode, encode, read_header
-from dartserve.kv.store import DEFAULT_TTL_S, cache_key
+from dartserve.kv.store import DEFAULT_TTL_S, KV_PREFIX, cache_key
 from dartserve.models.base import EncodedPrompt, chat_messages
 from dartserve.models.decode import SamplingConfig, check_room, decode_after, extend, finish_reason, pick_token
 from dartserve.pruning.base import Grid, ImageSpan
@@ -114,7 +114,7 @@ class _Step:
         self.store = store
         self.ttl_s = ttl_s
         self.fingerprint = engine.adapter.fingerprint
-        # One request at a time on the model: torch already spreads one request over the cores.
+        # One request at a time per step: torch already spreads one request over the cores.
         self.lock = threading.Lock()
 
 
@@ -217,6 +217,11 @@ class DecodeStep(_Step):
         """
         if question is not None and (not isinstance(question, str) or not question.strip()):
             raise ValueError("a follow-up question must be a non-empty string")
+        if not isinstance(kv_handle, str) or not kv_handle.startswith(KV_PREFIX):
+            raise ValueError(f"a KV handle starts with {KV_PREFIX!r}: use one a prefill or an answer returned")
+        vocabulary = self.adapter.lm_head.out_features
+        if not isinstance(pending, int) or not 0 <= pending < vocabulary:
+            raise ValueError(f"the pending token must be a token id from 0 to {vocabulary - 1}, got {pending!r}")
         cache, kv_store_ms = self._load(kv_handle)
         started = time.perf_counter()
         prefill_tokens, prefill_ms, turn = 0, 0.0, []
@@ -252,7 +257,7 @@ class DecodeStep(_Step):
         added = turn + answer[:-1]
         new_handle = kv_handle
         if added:
-            new_handle = "dartserve:kv:" + hashlib.sha256(json.dumps([kv_handle, added]).encode()).hexdigest()
+            new_handle = KV_PREFIX + hashlib.sha256(json.dumps([kv_handle, added]).encode()).hexdigest()
             tail = encode(cache.tail(len(added)), self.fingerprint, meta={"parent": kv_handle})
             stored = time.perf_counter()
             self.store.put(new_handle, tail, self.ttl_s)

@@ -286,3 +286,20 @@ def test_an_item_that_raises_unexpectedly_is_recorded_as_500_not_dropped(redis_s
     # Backoff doubles, but stays under the visibility timeout, past which an item held back comes again.
     assert [worker.backoff_s(n) for n in range(4)] == [1, 1, 1, 1]
     assert [Worker(Settings(redis_url=settings.redis_url), None, "demo").backoff_s(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
+    from types import SimpleNamespace
+
+    from services.config import Settings
+    from services.worker.tasks import Worker
+
+    class NoStages:  # an item of a failed batch must never reach them
+        def encode(self, images, conversation):
+            raise AssertionError("an item of a failed batch was run")
+
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), NoStages(), "demo")
+    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    worker.batches.fail(batch_id, "the queue went away after the first item")
+    worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
+    assert worker.batches.results(batch_id) == [] and worker.batches.status(batch_id)["status"] == "failed"

@@ -55,6 +55,17 @@ def flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :]
 
 
+def resealed(encoded: EncodedCache, **changes) -> EncodedCache:
+    """The manifest with fields changed (None: removed) under a checksum that holds."""
+    import hashlib
+    import json
+
+    header = json.loads(encoded.manifest[6:-32])
+    header.update(changes)
+    body = json.dumps({k: v for k, v in header.items() if v is not None}).encode()
+    return EncodedCache(encoded.manifest[:6] + body + hashlib.sha256(body).digest(), encoded.layers)
+
+
 def test_anything_stale_or_damaged_is_a_miss():
     good = encode(small_cache(), "model-a")
     bad = {
@@ -66,6 +77,9 @@ def test_anything_stale_or_damaged_is_a_miss():
         "other version": (EncodedCache(good.manifest[:4] + (VERSION + 1).to_bytes(2, "little") + good.manifest[6:], good.layers), "model-a"),
         "garbage": (EncodedCache(b"\x00" * 64, good.layers), "model-a"),
         "empty": (EncodedCache(b"", []), "model-a"),
+        "no checksums": (resealed(good, checksums=None), "model-a"),
+        "a checksum short": (resealed(good, checksums=["0" * 64]), "model-a"),
+        "no positions": (resealed(good, token_index=None), "model-a"),
     }
     for name, (encoded, fingerprint) in bad.items():
         with pytest.raises(CacheMiss):

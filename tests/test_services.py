@@ -171,6 +171,8 @@ def test_redis_down_gives_503_never_a_wrong_answer_and_recovers(cluster, redis_s
         assert reply.status_code == 503 or reply.json()["answer"] == expected
         if reply.status_code == 503:
             assert reply.json()["error"]["type"] == "service_unavailable" and reply.headers["retry-after"]
+        ready = httpx.get(f"{cluster['url']}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["stages"]["store"] is False
     finally:
         redis_server.start()
     reply = httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60)

@@ -3,6 +3,7 @@ KV handles that go missing or arrive damaged, settings, and ``dartserve serve`` 
 
 import base64
 import io
+import json
 import time
 
 import httpx
@@ -200,6 +201,26 @@ def test_shown_text_never_splits_a_character(engines):
     assert visible_text(engine, ids[:1]) == "" and visible_text(engine, ids) == "é"
 
 
+def test_the_generator_rejects_handles_and_tokens_it_never_gave(engines):
+    engine = engines["llava"]
+    decoder = DecodeStep(engine, MemoryStore())
+    vocabulary = engine.adapter.lm_head.out_features
+    for handle, pending in (("", 1), ("dartserve:prompt:abc", 1), ("dartserve:kv:abc", -1), ("dartserve:kv:abc", vocabulary)):
+        with pytest.raises(ValueError):
+            list(decoder.generate(handle, SamplingConfig(), pending))
+
+
+def test_damaged_or_foreign_conversation_records_are_unknown():
+    from services.gateway.conversations import FIELDS, Conversations
+
+    conversations = Conversations(MemoryStore(), ttl_s=100)
+    whole = dict.fromkeys(FIELDS, 1)
+    for key, record in (("list", [1, 2]), ("partial", {"kv_handle": "dartserve:kv:x"}), ("whole", whole)):
+        conversations.put(key, record)
+    assert conversations.get("list") is None and conversations.get("partial") is None
+    assert conversations.get("whole") == whole
+
+
 def test_conversation_records_expire_before_their_cache():
     from services.gateway.conversations import Conversations
 
@@ -256,6 +277,58 @@ def test_gateway_edge_inputs_get_json_4xx(demo_client):
         reply = demo_client.post(path, **kwargs)
         assert reply.status_code == status, (kwargs.get("json"), reply.text[:200])
         assert set(reply.json()["error"]) == {"type", "message", "param"}
+
+
+def test_an_answer_follow_up_whose_cache_expired_is_a_404_not_a_503(demo_client):
+    from dartserve.demo.data import example
+
+    def conversation_hits():
+        text = demo_client.get("/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith('dartserve_cache_hits_total{cache="conversation"}'))
+
+    item = example("test", 7)
+    first = demo_client.post("/v1/answer", json={"image": base64.b64encode(png(item.image)).decode(), "question": item.question}).json()
+    before = conversation_hits()
+    follow_up = {"conversation_id": first["conversation_id"], "question": "how many objects are there ?"}
+    assert demo_client.post("/v1/answer", json=follow_up).status_code == 200
+    assert conversation_hits() == before + 1
+    store = demo_client.app.state.gateway.backend.decode.store
+    for key in [k for k in store._values if k.startswith("dartserve:kv:")]:
+        del store._values[key]  # evicted, as Redis may
+    gone = demo_client.post("/v1/answer", json=follow_up)
+    assert gone.status_code == 404 and "retry-after" not in gone.headers
+    assert gone.json()["error"]["type"] == "not_found" and gone.json()["error"]["param"] == "conversation_id"
+    assert conversation_hits() == before + 1  # a turn that was not served from the cache is no hit
+
+
+def test_gateway_limits_bodies_without_a_length_and_keeps_threads_for_health(tmp_path):
+    import anyio.to_thread
+    from fastapi.testclient import TestClient
+
+    from dartserve.demo.data import example
+    from services.gateway.app import SPARE_THREADS, create_app
+    from services.launch import embedded_gateway
+
+    item = example("test", 8)
+    body = json.dumps({"image": base64.b64encode(png(item.image)).decode(), "question": item.question, "max_new_tokens": 2}).encode()
+
+    def chunked(data: bytes, size: int = 4096):
+        yield from (data[i : i + size] for i in range(0, len(data), size))
+
+    with TestClient(create_app(embedded_gateway(Settings(max_message_mb=1, max_requests=5)))) as client:
+        # Every admitted answer holds a thread; more are left for readiness and batch calls.
+        assert client.portal.call(lambda: anyio.to_thread.current_default_thread_limiter().total_tokens) == 5 + SPARE_THREADS
+        for path in ("/v1/answer", "/v1/chat/completions"):
+            reply = client.post(path, content=chunked(b"x" * (2 << 20)), headers={"content-type": "application/json"})
+            assert reply.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in reply.request.headers
+            assert reply.status_code == 413 and reply.json()["error"]["type"] == "request_too_large"
+        sent = client.post("/v1/answer", content=chunked(body), headers={"content-type": "application/json"})
+        assert sent.status_code == 200 and sent.json()["usage"]["completion_tokens"] == 2
+        # Paths no route serves share one metrics series, however many a client makes up.
+        assert all(client.get(f"/made-up/{n}").status_code == 404 for n in range(3))
+        lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("dartserve_requests_total{")]
+        assert [line for line in lines if "made-up" in line] == []
+        assert 'dartserve_requests_total{endpoint="unmatched",status="404"} 3.0' in lines
 
 
 def test_chat_history_with_other_pruning_starts_afresh(demo_client):
@@ -569,7 +642,7 @@ def test_stages_serve_tls_and_mutual_tls_by_configuration(engines, tmp_path):
         serve(VisionStep(engine, MemoryStore()), Settings(metrics_port=0, tls_cert=pem["server"]), 0)
 
 
-def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path):
+def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path, monkeypatch):
     import http.server
     import threading
 
@@ -588,6 +661,14 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path):
             super().__init__(*args, directory=str(tmp_path), **kwargs)
 
         def do_GET(self):
+            if self.path == "/slow.png":  # a byte at a time: each read is quick, the whole is not
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(40):
+                    self.wfile.write(b"0")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                return
             if self.path == "/moved":
                 self.send_response(302)
                 self.send_header("Location", "http://169.254.169.254/latest/meta-data")
@@ -601,6 +682,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path):
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_port}"
+    monkeypatch.setattr("services.gateway.image_urls.TIMEOUT_S", 1.0)
     try:
         client = TestClient(create_app(embedded_gateway(Settings(image_url_hosts=("127.0.0.1",), max_message_mb=1))))
         by_url = client.post("/v1/answer", json={"image": f"{base}/picture.png", "question": item.question})
@@ -614,6 +696,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path):
             (f"{base}/missing.png", "HTTP 404"),
             (f"{base}/big.png", "over"),
             ("http://127.0.0.1:1/picture.png", "could not be fetched"),
+            (f"{base}/slow.png", "took over 1 s"),
         ]:
             reply = client.post("/v1/answer", json={"image": url, "question": "x"})
             assert reply.status_code == 400 and says in reply.json()["error"]["message"], (url, reply.text)

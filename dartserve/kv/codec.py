@@ -79,11 +79,16 @@ def read_header(manifest: bytes, fingerprint: str) -> dict:
 
 def decode(encoded: EncodedCache, fingerprint: str, device: str | torch.device = "cpu") -> RaggedKVCache:
     header = read_header(encoded.manifest, fingerprint)
-    if len(encoded.layers) != len(header["shapes"]):
+    try:
+        shapes, checksums = list(header["shapes"]), list(header["checksums"])
+        layer_group, token_index, next_position = tuple(header["layer_group"]), list(header["token_index"]), int(header["next_position"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CacheMiss(f"malformed KV manifest: {error}") from None
+    if not len(encoded.layers) == len(shapes) == len(checksums):
         raise CacheMiss("KV cache has the wrong number of layers")
     dtype = DTYPES[header["dtype"]]
     keys, values = [], []
-    for layer, shape, checksum in zip(encoded.layers, header["shapes"], header["checksums"]):
+    for layer, shape, checksum in zip(encoded.layers, shapes, checksums):
         if hashlib.sha256(layer).hexdigest() != checksum:
             raise CacheMiss("KV layer checksum mismatch")
         try:
@@ -95,7 +100,7 @@ def decode(encoded: EncodedCache, fingerprint: str, device: str | torch.device =
     return RaggedKVCache(
         keys=keys,
         values=values,
-        layer_group=tuple(header["layer_group"]),
-        token_index=[torch.tensor([t], dtype=torch.long, device=device) for t in header["token_index"]],
-        next_position=torch.tensor([header["next_position"]], dtype=torch.long, device=device),
+        layer_group=layer_group,
+        token_index=[torch.tensor([t], dtype=torch.long, device=device) for t in token_index],
+        next_position=torch.tensor([next_position], dtype=torch.long, device=device),
     )

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 DEFAULT_TTL_S = 600
+KV_PREFIX = "dartserve:kv:"  # every KV handle, a prefill's or a turn's tail
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def cache_key(fingerprint: str, image_hashes: list[str], prompt_ids: list[int], 
         sort_keys=True,
         separators=(",", ":"),
     )
-    return "dartserve:kv:" + hashlib.sha256(identity.encode()).hexdigest()
+    return KV_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
 
 
 def _layer_key(key: str, layer: int) -> str:

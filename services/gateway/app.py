@@ -7,7 +7,9 @@ import json
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +29,7 @@ from services.gateway.pipeline import Final, Question, answer
 
 
 log = logging.getLogger(__name__)
+SPARE_THREADS = 8
 
 
 class Gateway:
@@ -64,8 +67,6 @@ class Gateway:
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
         started = time.monotonic()
         events = answer(self.backend, question, previous, stream)
-        if previous is not None:
-            self.metrics.cache_hits.labels("conversation").inc()
         if not stream:
             final = next(e for e in events if isinstance(e, Final))
             self._finish(final, record_key, endpoint, started)
@@ -112,12 +113,19 @@ def create_app(gateway: Gateway) -> FastAPI:
     from services.gateway.batch_api import register_batches
     from services.gateway.openai_api import register_chat
 
-    app = FastAPI(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # An answer holds a worker thread while it runs: beyond every admitted one, threads are
+        # left for readiness checks and batch calls, so the limit answers 429 before they queue.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = gateway.admission.limit + SPARE_THREADS
+        yield
+
+    app = FastAPI(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning", lifespan=lifespan)
     app.state.gateway = gateway
 
     @app.exception_handler(ApiError)
     def api_error(request: Request, error: ApiError):
-        gateway.metrics.requests.labels(request.url.path, str(error.status)).inc()
+        gateway.metrics.requests.labels(_endpoint(request), str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ValueError)
@@ -148,14 +156,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = gateway.max_batch_bytes if request.url.path == "/v1/batches" else gateway.max_body_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            error = ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
-            return JSONResponse(error.body(), status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit_for=lambda path: gateway.max_batch_bytes if path == "/v1/batches" else gateway.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, error: RequestValidationError):
@@ -173,17 +174,17 @@ def create_app(gateway: Gateway) -> FastAPI:
         return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "dartserve"}]}
 
     @app.get("/healthz")
-    def healthz():
+    async def healthz():  # on the event loop: alive even when every worker thread is taken
         return {"status": "ok"}
 
     @app.get("/readyz")
     def readyz():
-        stages = gateway.backend.readiness()
+        stages = gateway.backend.readiness() | {"store": gateway.conversations.reachable()}
         ready = all(stages.values())
         return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    def metrics():
+    async def metrics():
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.middleware("http")  # registered last, so it runs first: even a 401 or a 413 has an id
@@ -201,6 +202,47 @@ def create_app(gateway: Gateway) -> FastAPI:
     if gateway.batches is not None:
         register_batches(app, gateway.batches)
     return app
+
+
+class BodyLimit:
+    """413 for a body over ``limit_for(path)`` bytes: by its Content-Length before it is read;
+    a body sent without one (chunked) is read here up to the limit, then handed on."""
+
+    def __init__(self, app, limit_for) -> None:
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope["path"])
+        too_large = JSONResponse(ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large").body(), status_code=413)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return whole.pop() if whole else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _endpoint(request: Request) -> str:
+    """The route's path template: a label per endpoint, not per path a client made up."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
 
 
 def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:

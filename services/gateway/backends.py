@@ -49,11 +49,7 @@ class LocalBackend:
             yield from self.decode.generate(kv_handle, sampling, pending, question)
 
     def readiness(self) -> dict[str, bool]:
-        try:
-            self.vision.store.ping()
-            return {"vision": True, "pruner": True, "generator": True, "store": True}
-        except StoreUnavailable:
-            return {"vision": True, "pruner": True, "generator": True, "store": False}
+        return {"vision": True, "pruner": True, "generator": True}
 
     def close(self) -> None:
         pass

@@ -155,14 +155,15 @@ async def _requests(request: Request) -> list[tuple[int, object]]:
         if not isinstance(body.get("requests"), list) or set(body) - {"requests"}:
             raise ApiError(400, 'a JSON batch is {"requests": [...]}; upload JSONL for one request per line', "requests")
         return [(i + 1, r) for i, r in enumerate(body["requests"])]
+    # A batch may be hundreds of megabytes: it is parsed on a thread, not on the event loop.
     if kind in JSONL_TYPES:
-        return parse_jsonl(await request.body())
+        return await run_in_threadpool(parse_jsonl, await request.body())
     if kind == "multipart/form-data":
         form = await request.form()
         files = [v for k, v in form.multi_items() if hasattr(v, "read")]
         if len(files) != 1 or set(form.keys()) - {"file", "purpose"}:
             raise ApiError(400, "upload the JSONL as one file field named 'file'", "file")
-        return parse_jsonl(await files[0].read())
+        return await run_in_threadpool(parse_jsonl, await files[0].read())
     raise ApiError(415, "send JSONL (application/jsonl), a JSON object with requests, or a multipart file", kind="unsupported_media_type")
 
 

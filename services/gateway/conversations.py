@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+from dartserve.kv.store import StoreUnavailable
 from services.gateway.backends import store_errors
+
+# What a turn continues from; a record without them (damaged, or from another version) is unknown.
+FIELDS = {"kv_handle", "pending_token", "messages", "context_tokens", "vision_tokens", "kept_vision_tokens", "pruning"}
 
 
 class Conversations:
@@ -19,9 +23,17 @@ class Conversations:
         if raw is None:
             return None
         try:
-            return json.loads(raw)
+            record = json.loads(raw)
         except ValueError:
             return None  # damaged: the conversation is treated as unknown, never guessed at
+        return record if isinstance(record, dict) and FIELDS <= record.keys() else None
+
+    def reachable(self) -> bool:
+        try:
+            self.store.ping()
+            return True
+        except StoreUnavailable:
+            return False
 
     def put(self, key: str, record: dict, age_s: float = 0.0) -> None:
         """``age_s``: how long ago the KV cache the record names was last written or read. The

@@ -4,6 +4,7 @@ Redirects are not followed, and a download stops at the size limit."""
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,11 +34,12 @@ class ImageUrls:
             raise ApiError(400, "an image URL must be http(s)://host/...", param)
         if not self.allowed(parsed.hostname):
             raise ApiError(400, f"image URLs from {parsed.hostname!r} are not fetched; send the image as base64 or a data URL", param)
+        deadline = time.monotonic() + TIMEOUT_S
         try:
             with self._opener.open(url, timeout=TIMEOUT_S) as reply:
                 if reply.status != 200:
                     raise ApiError(400, f"fetching the image gave HTTP {reply.status}", param)
-                data = reply.read(self.max_bytes + 1)
+                data = self._read(reply, deadline, param)
         except urllib.error.HTTPError as error:
             raise ApiError(400, f"fetching the image gave HTTP {error.code}", param) from None
         except (urllib.error.URLError, OSError, ValueError) as error:
@@ -47,3 +49,17 @@ class ImageUrls:
         if not data:
             raise ApiError(400, "the image at the URL is empty", param)
         return data
+
+    def _read(self, reply, deadline: float, param: str) -> bytes:
+        """Up to one byte past the limit, in chunks: the socket's timeout bounds each read, and
+        the deadline the whole download, which a server sending a byte at a time cannot stretch."""
+        chunks, size = [], 0
+        while size <= self.max_bytes:
+            if time.monotonic() > deadline:
+                raise ApiError(400, f"the image took over {TIMEOUT_S:g} s to download", param)
+            chunk = reply.read1(min(1 << 16, self.max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)

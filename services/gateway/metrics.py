@@ -47,8 +47,10 @@ class Metrics:
             self.tokens.labels(kind.removesuffix("_tokens")).inc(usage.get(kind, 0))
         if usage["vision_tokens"]:
             self.kept_ratio.observe(usage["kept_vision_tokens"] / usage["vision_tokens"])
-        if final.usage["cached_images"]:
-            self.cache_hits.labels("vision").inc(final.usage["cached_images"])
+        if usage["cached_images"]:
+            self.cache_hits.labels("vision").inc(usage["cached_images"])
+        if usage["prefill_tokens"] < usage["prompt_tokens"]:  # a turn that continued from the cache
+            self.cache_hits.labels("conversation").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import StageMiss
 from services.gateway.backends import Unavailable
+from services.gateway.inputs import ApiError
 
 
 @dataclass
@@ -102,7 +103,8 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
         if question.images:  # the client sent the whole conversation (chat API): recompute it
             yield from answer(backend, question, stream=stream)
             return
-        raise Unavailable("the conversation's cache has expired; start a new conversation with the image") from None
+        # A retry cannot bring the cache back: the conversation is gone, not the service.
+        raise ApiError(404, "the conversation's cache has expired; start a new conversation with the image", "conversation_id", kind="not_found") from None
     ttft_ms = (time.perf_counter() - started) * 1e3
     tokens, texts = [], []
     last = yield from _deltas(_chain(first, chunks), tokens, texts)

@@ -17,7 +17,7 @@ from services.gateway.backends import Unavailable
 from services.gateway.inputs import ApiError
 from services.gateway.pipeline import Final, answer
 from services.worker.app import TASK, make_celery
-from services.worker.batches import BatchStore
+from services.worker.batches import FINISHED, BatchStore
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30
@@ -57,7 +57,8 @@ class Worker:
         item, images = loaded
         custom_id = item["custom_id"]
         request_ids.current.set(f"{batch_id}/{custom_id}")
-        if self.batches.start(batch_id) in (None, "cancelled") or self.batches.has_result(batch_id, custom_id):
+        status = self.batches.start(batch_id)
+        if status is None or status in FINISHED or self.batches.has_result(batch_id, custom_id):
             return
         self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images))
 
