@@ -74,7 +74,9 @@ def _gateway(backend, store, settings):
     batches = Batches(
         BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), Policy.from_settings(settings), settings.batch_max_requests
     )
-    return Gateway(backend, Conversations(store, settings.ttl_s), model_name(settings), settings, batches)
+    # A turn of a conversation takes at most one call to each stage.
+    conversations = Conversations(store, settings.ttl_s, turn_s=3 * int(settings.rpc_timeout_s) + 10)
+    return Gateway(backend, conversations, model_name(settings), settings, batches)
 
 
 def serve_http(gateway, settings) -> None:

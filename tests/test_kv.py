@@ -119,6 +119,21 @@ def redis_url():
     server.stop()
 
 
+def test_claims_hold_until_released_by_their_holder_or_expired(redis_url):
+    import time
+
+    key = "dartserve:test:claim"
+    for store in (MemoryStore(), RedisStore.from_url(redis_url)):
+        token = store.claim(key, ttl_s=30)
+        assert token and store.claim(key, ttl_s=30) is None
+        store.release(key, "another holder's token")
+        assert store.claim(key, ttl_s=30) is None
+        store.release(key, token)
+        assert store.claim(key, ttl_s=1)
+        time.sleep(1.1)  # a holder that died: its claim lapses
+        assert store.claim(key, ttl_s=30)
+
+
 def test_redis_store_round_trip_with_ttl(redis_url):
     store = RedisStore.from_url(redis_url)
     encoded = encode(small_cache(torch.bfloat16), "m")

@@ -301,6 +301,27 @@ def test_an_answer_follow_up_whose_cache_expired_is_a_404_not_a_503(demo_client)
     assert conversation_hits() == before + 1  # a turn that was not served from the cache is no hit
 
 
+def test_a_conversation_answers_one_turn_at_a_time(demo_client):
+    from dartserve.demo.data import example
+    from services.gateway import conversations as conv
+
+    item = example("test", 9)
+    first = demo_client.post("/v1/answer", json={"image": base64.b64encode(png(item.image)).decode(), "question": item.question}).json()
+    cid, conversations = first["conversation_id"], demo_client.app.state.gateway.conversations
+    follow_up = {"conversation_id": cid, "question": "how many objects are there ?", "max_new_tokens": 3}
+    end_turn = conversations.begin_turn(cid)  # a turn being answered elsewhere
+    busy = demo_client.post("/v1/answer", json=follow_up)
+    assert busy.status_code == 409 and busy.json()["error"]["type"] == "conflict" and busy.json()["error"]["param"] == "conversation_id"
+    end_turn()
+    # However a turn ends (answered, streamed, refused), the conversation is free again.
+    assert demo_client.post("/v1/answer", json=follow_up).status_code == 200
+    streamed = demo_client.post("/v1/answer", json=follow_up | {"stream": True})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    assert demo_client.post("/v1/answer", json=follow_up | {"pruning": {"method": "none"}}).status_code == 400
+    assert demo_client.post("/v1/answer", json=follow_up).status_code == 200
+    assert len(conversations.get(conv.by_id(cid))["messages"]) == 2 * 4  # every answered turn is in it
+
+
 def test_gateway_limits_bodies_without_a_length_and_keeps_threads_for_health(tmp_path):
     import anyio.to_thread
     from fastapi.testclient import TestClient

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ def cache_key(fingerprint: str, image_hashes: list[str], prompt_ids: list[int], 
         separators=(",", ":"),
     )
     return KV_PREFIX + hashlib.sha256(identity.encode()).hexdigest()
+
+
+# Deletes the key only while it holds the caller's token, in one step.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 def _layer_key(key: str, layer: int) -> str:
@@ -89,6 +94,23 @@ class MemoryStore:
 
     def ping(self) -> None:
         pass
+
+    def claim(self, key: str, ttl_s: int) -> str | None:
+        """Takes ``key`` for ``ttl_s`` if no one holds it: the token to release it with, else None."""
+        with self._lock:
+            now, held = time.monotonic(), self._values.get(key)
+            if held is not None and held[0] > now:
+                return None
+            token = secrets.token_hex(16)
+            self._values[key] = (now + ttl_s, token.encode())
+            return token
+
+    def release(self, key: str, token: str) -> None:
+        """Gives ``key`` back, unless its claim expired and someone else holds it now."""
+        with self._lock:
+            held = self._values.get(key)
+            if held is not None and held[1] == token.encode():
+                del self._values[key]
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
@@ -166,6 +188,15 @@ class RedisStore:
 
     def ping(self) -> None:
         self._call(self.client.ping)
+
+    def claim(self, key: str, ttl_s: int) -> str | None:
+        """Takes ``key`` for ``ttl_s`` if no one holds it: the token to release it with, else None."""
+        token = secrets.token_hex(16)
+        return token if self._call(self.client.set, key, token, nx=True, ex=ttl_s) else None
+
+    def release(self, key: str, token: str) -> None:
+        """Gives ``key`` back, unless its claim expired and someone else holds it now."""
+        self._call(self.client.eval, _RELEASE, 1, key, token)
 
     @staticmethod
     def _call(function, *args, **kwargs):

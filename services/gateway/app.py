@@ -63,15 +63,23 @@ class Gateway:
             slot.release()
         return response
 
-    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot):
-        """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE)."""
+    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot, end_turn=lambda: None):
+        """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE).
+        ``end_turn`` is called once the conversation's record is written, or the answer failed."""
         started = time.monotonic()
         events = answer(self.backend, question, previous, stream)
         if not stream:
-            final = next(e for e in events if isinstance(e, Final))
-            self._finish(final, record_key, endpoint, started)
+            try:
+                final = next(e for e in events if isinstance(e, Final))
+                self._finish(final, record_key, endpoint, started)
+            finally:
+                end_turn()
             return JSONResponse(shape.body(final))
-        first = next(events)  # errors before the first token still get a proper status
+        try:
+            first = next(events)  # errors before the first token still get a proper status
+        except BaseException:
+            end_turn()
+            raise
 
         def stream_events():
             try:
@@ -83,11 +91,16 @@ class Gateway:
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
                 yield f"data: {json.dumps(_error_body(error))}\n\n"
             finally:
+                end_turn()
                 slot.release()
 
-        # The background task releases the slot too, should the stream never start.
+        def never_started():
+            end_turn()
+            slot.release()
+
+        # The background task ends the turn and releases the slot too, should the stream never start.
         return StreamingResponse(
-            stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, background=BackgroundTask(slot.release)
+            stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, background=BackgroundTask(never_started)
         )
 
     def _finish(self, final: Final, record_key, endpoint: str, started: float) -> None:
@@ -281,7 +294,18 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
 
 def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
     images = answer_images(body, uploads, gateway.policy)
-    previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
+    if not body.conversation_id:
+        return _turn(gateway, body, images, None, slot, lambda: None)
+    end_turn = gateway.conversations.begin_turn(body.conversation_id)  # before the record is read
+    try:
+        previous = gateway.conversations.get(conv.by_id(body.conversation_id))
+        return _turn(gateway, body, images, previous, slot, end_turn)
+    except BaseException:
+        end_turn()
+        raise
+
+
+def _turn(gateway: Gateway, body: AnswerIn, images: list[bytes], previous: dict | None, slot: Slot, end_turn):
     if previous is None:
         if body.conversation_id and not images:
             raise ApiError(404, f"conversation {body.conversation_id!r} is unknown or expired", "conversation_id", kind="not_found")
@@ -295,4 +319,4 @@ def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
         question = gateway.question(images, previous["messages"] + [{"role": "user", "content": body.question}], None, config)
     conversation_id = body.conversation_id or uuid.uuid4().hex
     shape = AnswerShape(gateway.model_name, conversation_id)
-    return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer", slot)
+    return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer", slot, end_turn)

@@ -5,17 +5,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 from dartserve.kv.store import StoreUnavailable
 from services.gateway.backends import store_errors
+from services.gateway.inputs import ApiError
 
 # What a turn continues from; a record without them (damaged, or from another version) is unknown.
 FIELDS = {"kv_handle", "pending_token", "messages", "context_tokens", "vision_tokens", "kept_vision_tokens", "pruning"}
 
 
 class Conversations:
-    def __init__(self, store, ttl_s: int) -> None:
-        self.store, self.ttl_s = store, ttl_s
+    def __init__(self, store, ttl_s: int, turn_s: int = 180) -> None:
+        """``turn_s``: how long a turn may hold its conversation, should its gateway die mid-turn."""
+        self.store, self.ttl_s, self.turn_s = store, ttl_s, turn_s
+
+    def begin_turn(self, conversation_id: str):
+        """Holds the conversation for one turn; returns what ends the turn (idempotent). Two turns
+        at once would both continue from the same record, and the later one to finish would
+        drop the other from the conversation: the second is refused with a 409 instead."""
+        key = by_id(conversation_id) + ":turn"
+        with store_errors():
+            token = self.store.claim(key, self.turn_s)
+        if token is None:
+            raise ApiError(409, "another turn of this conversation is being answered; send this one when it ends", "conversation_id", kind="conflict")
+        ended = threading.Event()
+
+        def end_turn() -> None:
+            if not ended.is_set():
+                ended.set()
+                with store_errors():
+                    self.store.release(key, token)
+
+        return end_turn
 
     def get(self, key: str) -> dict | None:
         with store_errors():
