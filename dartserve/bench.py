@@ -17,6 +17,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from dartserve.models.base import EncodedPrompt
 from dartserve.models.llava import LlavaAdapter
+from dartserve.models.loading import check_device
 from dartserve.models.prefill import prefill
 from dartserve.pruning.base import ImageSpan
 from dartserve.pruning.config import PruningConfig
@@ -30,7 +31,10 @@ IMAGE_TOKEN = 32000
 
 
 def bench_model(width: int, depth: int, device: str, dtype: torch.dtype) -> LlavaAdapter:
+    check_device(device)
     heads = max(1, width // 128)
+    if width % heads or (width // heads) % 2:  # RoPE rotates pairs of each head's channels
+        raise ValueError(f"width {width} does not split into heads of an even size: use a multiple of 128, or an even width below it")
     text = LlamaConfig(
         hidden_size=width,
         intermediate_size=int(width * 2.6875),  # 11008 / 4096, LLaVA-1.5-7B's ratio

@@ -68,7 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
     pruning = PruningConfig(method=method, budget=args.budget, ratio=args.ratio, layer=args.layer)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
-        images = [Image.open(path) for path in args.image]
+        images = [Image.open(path).convert("RGB") for path in args.image]  # read whole: a damaged file fails here
     except OSError as error:  # missing, unreadable or not an image
         raise ValueError(f"cannot read image: {error}") from None
     engine = Engine.load(args.model, device=args.device, dtype=_dtype(args.dtype))
@@ -86,6 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
     from dartserve.evaluation import evaluate, jsonl_items, settings_grid, synthetic_items
     from dartserve.report import write_reports
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found now, not after the run
+        raise ValueError(f"--out {args.out} is a file")
     settings = settings_grid(args.methods.split(","), list(args.budgets), list(args.layers))
     items = jsonl_items(Path(args.dataset), args.limit) if args.dataset else synthetic_items(args.split, args.limit)
     engine = Engine.load(args.model, device=args.device, dtype=_dtype(args.dtype))
@@ -333,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     suites = bench.add_subparsers(dest="suite", required=True)
     prefill = suites.add_parser("prefill", help="prefill time with and without DART on a LLaVA-1.5-shaped model")
     prefill.add_argument("--json", help="write the rows to this file")
-    prefill.add_argument("--width", type=int, default=1024, help="hidden size (LLaVA-1.5-7B: 4096)")
-    prefill.add_argument("--depth", type=int, default=8, help="decoder layers (LLaVA-1.5-7B: 32)")
+    prefill.add_argument("--width", type=_positive_int, default=1024, help="hidden size: a multiple of 128, or even below 128 (LLaVA-1.5-7B: 4096)")
+    prefill.add_argument("--depth", type=_positive_int, default=8, help="decoder layers (LLaVA-1.5-7B: 32)")
     prefill.add_argument("--layer", type=int, default=2, help="pruning layer K")
     prefill.add_argument("--budgets", type=_csv_ints, default=(192, 128, 64))
     prefill.add_argument("--methods", default="dart", help="comma-separated pruning methods")

@@ -110,11 +110,15 @@ class Engine:
         pruning: PruningConfig | None = None,
         sampling: SamplingConfig | None = None,
     ) -> GenerationResult:
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         request = Request(images, prompt, sampling or SamplingConfig())
         return self.generate_batch([request], pruning)[0]
 
     def generate_batch(self, requests: list[Request], pruning: PruningConfig | None = None) -> list[GenerationResult]:
         """Runs several requests through one prefill and one decode loop; each is pruned on its own."""
+        if pruning is not None and not isinstance(pruning, PruningConfig):
+            raise ValueError(f"pruning must be a PruningConfig, got {type(pruning).__name__}")
         pruning = pruning or PruningConfig(method="none")
         device = self.adapter.device
         vision_s: list[float] = []

@@ -80,6 +80,11 @@ def _jsonl_item(path: Path, number: int, line: str) -> Item:
     image_path = (path.parent / image).resolve()
     if not image_path.is_file():
         raise ValueError(f"{where}: no image at {image_path}")
+    try:
+        with Image.open(image_path) as probe:
+            probe.verify()
+    except (OSError, SyntaxError) as error:  # found before the run, not halfway through it
+        raise ValueError(f"{where}: {image_path} is not a readable image ({error})") from None
     return Item(lambda: Image.open(image_path).convert("RGB"), question, answers, str(record.get("type", "all")))
 
 

@@ -55,10 +55,12 @@ def test_jsonl_dataset(tmp_path):
         ('{"image": "img0.png", "question": "q", "answer": null}', "answer must be"),
         ('{"image": 3, "question": "q", "answer": "a"}', "strings"),
         ("not json", "JSON"),
+        ('{"image": "notes.png", "question": "q", "answer": "cat"}', "not a readable image"),
     ],
 )
 def test_jsonl_dataset_errors(tmp_path, line, message):
     write_dataset(tmp_path, count=1)
+    (tmp_path / "notes.png").write_text("a text file with an image's name")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(line + "\n")
     with pytest.raises(ValueError, match=message):
@@ -84,3 +86,7 @@ def test_eval_writes_json_markdown_and_plot(checkpoints, tmp_path, capsys):
     assert rows[2]["kept_tokens"] == 8
     assert "| dart | 8 | 2 | 8 |" in (out / "eval.md").read_text()
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # An --out that is a file is refused before the model is loaded, not after the run.
+    (tmp_path / "taken").write_text("")
+    assert main(args[:-4] + ["--out", str(tmp_path / "taken")] + args[-2:]) == 2
+    assert "is a file" in capsys.readouterr().err

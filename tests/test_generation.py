@@ -168,6 +168,25 @@ def test_cli_rejects_a_missing_image(checkpoints, tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
 
 
+def test_cli_reports_bad_models_devices_images_and_sizes_as_errors(checkpoints, tmp_path, capsys):
+    image, damaged = tmp_path / "cat.png", tmp_path / "damaged.png"
+    make_image(3).save(image)
+    damaged.write_bytes(image.read_bytes()[:200])  # a PNG cut short: its header reads, its pixels do not
+    generate = ["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "1"]
+    cases = [
+        (["generate", "--model", str(tmp_path / "no-such-model"), "--image", str(image), "--prompt", PROMPT], "cannot load model"),
+        (generate + ["--device", "gpu"], "not a device"),
+        (generate + ["--device", "cuda:7"], "not available"),
+        (["generate", "--model", str(checkpoints["llava"]), "--image", str(damaged), "--prompt", PROMPT], "cannot read image"),
+        (["bench", "prefill", "--width", "255", "--depth", "1", "--runs", "1"], "even size"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["bench", "prefill", "--depth", "0"])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_every_method(checkpoints, dtype):
     from dartserve.engine import Engine

@@ -99,6 +99,8 @@ def test_dart_with_no_text_after_the_image():
         dict(image_start=0, image_len=10, budget=3),  # fewer than the image pivots
         dict(image_start=5, image_len=20, budget=8),  # span past the sequence
         dict(image_start=0, image_len=10, budget=4, pivot_image=0, pivot_text=0),  # no pivots
+        dict(image_start=0, image_len=10, budget=4, pivot_text=-1),  # negative pivots
+        dict(image_start=0, image_len=10, budget=4, pivot_image=-1),
     ],
 )
 def test_dart_rejects_bad_arguments(kwargs):
@@ -140,6 +142,10 @@ def test_config_budget_checks():
     assert PruningConfig(ratio=0.111).total_budget(576) == 64
     assert PruningConfig(method="none", budget=5).total_budget(576) == 576
     assert PruningConfig(budget=64).span_budgets([576, 288]) == [43, 21]
+    for method in ("pooling", "window_fastv"):  # each image keeps at least one token
+        with pytest.raises(ValueError, match="at least one token per image"):
+            PruningConfig(method=method, budget=1).span_budgets([576, 576])
+        assert PruningConfig(method=method, budget=2).span_budgets([576, 576]) == [1, 1]
     assert PruningConfig.from_dict({"method": "fastv", "budget": 9}).budget == 9
     with pytest.raises(ValueError, match="unknown pruning fields"):
         PruningConfig.from_dict({"budjet": 9})
@@ -155,6 +161,10 @@ def test_engine_rejects_bad_pruning(engines):
         engine.generate([make_image(0)], "hi", pruning=PruningConfig(budget=8, layer=4))
     with pytest.raises(ValueError, match="PIL"):
         engine.generate(["not an image"], "hi")
+    with pytest.raises(ValueError, match="PruningConfig"):
+        engine.generate([make_image(0)], "hi", pruning={"method": "dart"})
+    with pytest.raises(ValueError, match="SamplingConfig"):
+        engine.generate([make_image(0)], "hi", sampling={"max_new_tokens": 4})
 
 
 def test_split_proportional():

@@ -37,7 +37,7 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.stop_token_ids, tuple):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be a tuple of token ids, got {self.stop_token_ids!r}")
         for token in self.stop_token_ids:
             require_int("a stop token id", token, minimum=0)
 

@@ -18,13 +18,30 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 
 def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = None) -> ModelAdapter:
     """Loads a Hugging Face checkpoint (hub id or local folder) with its processor."""
-    model_type = AutoConfig.from_pretrained(model).model_type
+    check_device(device)
+    try:
+        model_type = AutoConfig.from_pretrained(model).model_type
+    except OSError as error:  # no such folder, or a hub id that is not cached while offline
+        raise ValueError(f"cannot load model {model!r}: {error}") from None
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}")
     # SDPA: the one attention implementation that takes the per-layer boolean masks a ragged,
     # padded batch needs and still runs fused kernels when there is no padding.
     hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     return ADAPTERS[model_type](hf_model.to(device), load_processor(model, model_type))
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"not a device: {device!r} ({error})") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: dartserve runs on cpu or cuda")
+    return parsed
 
 
 def load_processor(model: str, model_type: str):

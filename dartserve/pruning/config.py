@@ -80,6 +80,8 @@ class PruningConfig:
     def span_budgets(self, span_lengths: list[int]) -> list[int]:
         """Splits the request's budget over its images in proportion to their token counts."""
         shares = split_proportional(self.total_budget(sum(span_lengths)), span_lengths)
+        if self.prunes and self.method in ("pooling", "window_fastv") and 0 in shares:
+            raise ValueError(f"{self.method} keeps at least one token per image; a budget of {sum(shares)} leaves an image none")
         if self.prunes and self.method == "dart":
             for share in shares:
                 if share < self.pivot_image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dartserve.checks import require_int
 from dartserve.pruning.base import ImageSpan, Selection, SelectionContext, stable_top
 from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.registry import register
@@ -33,6 +34,9 @@ def dart_select(
         raise ValueError(f"hidden has {seq} positions but keys have {keys.shape[0]}")
     if image_len < 1 or image_start < 0 or image_start + image_len > seq:
         raise ValueError(f"image span [{image_start}, {image_start + image_len}) is outside the sequence of {seq}")
+    require_int("pivot_image", pivot_image, minimum=0)
+    require_int("pivot_text", pivot_text, minimum=0)
+    require_int("budget", budget, minimum=0)
     if not pivot_image <= budget <= image_len:
         raise ValueError(f"budget must be in [pivot_image={pivot_image}, {image_len}], got {budget}")
     image_end = image_start + image_len
