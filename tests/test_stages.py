@@ -345,6 +345,14 @@ def test_gateway_limits_bodies_without_a_length_and_keeps_threads_for_health(tmp
             assert reply.status_code == 413 and reply.json()["error"]["type"] == "request_too_large"
         sent = client.post("/v1/answer", content=chunked(body), headers={"content-type": "application/json"})
         assert sent.status_code == 200 and sent.json()["usage"]["completion_tokens"] == 2
+        # At the limit a request is refused before its body is read: even a malformed one gets the 429.
+        held = [client.app.state.gateway.admission.enter() for _ in range(5)]
+        for path in ("/v1/answer", "/v1/chat/completions"):
+            assert client.post(path, content=b"{not json", headers={"content-type": "application/json"}).status_code == 429
+        for slot in held:
+            slot.release()
+        for path in ("/v1/answer", "/v1/chat/completions"):
+            assert client.post(path, content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
         # Paths no route serves share one metrics series, however many a client makes up.
         assert all(client.get(f"/made-up/{n}").status_code == 404 for n in range(3))
         lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith("dartserve_requests_total{")]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from services.convert import merge_pruning
 from services.gateway.image_urls import ImageUrls
-from services.gateway.inputs import ApiError, image_bytes, sampling
+from services.gateway.inputs import ApiError, image_bytes, sampling, validated
 from services.gateway.pipeline import Delta, Final, Question
 
 
@@ -40,12 +40,7 @@ class AnswerIn(BaseModel):
 
 def parse_answer(fields: dict) -> AnswerIn:
     """The request's fields, checked."""
-    try:
-        body = AnswerIn.model_validate(fields)
-    except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param or None) from None
+    body = validated(AnswerIn, fields)
     if not body.question.strip():
         raise ApiError(400, "question must not be empty", "question")
     return body

@@ -50,12 +50,13 @@ class Gateway:
     def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
         return make_question(images, messages, pruning, sampling_config, self.policy)
 
-    async def admitted(self, work, *args):
-        """Runs ``work(*args, slot)`` on a thread once admitted; a streamed answer keeps its slot
-        until the stream ends."""
+    async def admitted(self, work, read):
+        """Admits the request, then reads its body (``await read()``: the arguments of ``work``)
+        and runs ``work(*arguments, slot)`` on a thread. Only admitted requests hold a body in
+        memory. A streamed answer keeps its slot until the stream ends."""
         slot = self.admission.enter()
         try:
-            response = await run_in_threadpool(work, *args, slot)
+            response = await run_in_threadpool(work, *await read(), slot)
         except BaseException:
             slot.release()
             raise
@@ -162,6 +163,9 @@ def create_app(gateway: Gateway) -> FastAPI:
         kind = "not_found" if error.status_code == 404 else "invalid_request_error"
         return api_error(request, ApiError(error.status_code, str(error.detail), kind=kind))
 
+    # Added first, so it is the innermost middleware (see BodyLimit).
+    app.add_middleware(BodyLimit, limit_for=lambda path: gateway.max_batch_bytes if path == "/v1/batches" else gateway.max_body_bytes)
+
     @app.middleware("http")
     async def api_key(request: Request, call_next):
         if gateway.api_keys and request.url.path not in gateway.open_paths and not _authorized(request, gateway.api_keys):
@@ -169,7 +173,6 @@ def create_app(gateway: Gateway) -> FastAPI:
             return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    app.add_middleware(BodyLimit, limit_for=lambda path: gateway.max_batch_bytes if path == "/v1/batches" else gateway.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     def invalid(request: Request, error: RequestValidationError):
@@ -179,8 +182,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/answer", openapi_extra=json_body(AnswerIn.model_json_schema()))
     async def answer_endpoint(request: Request):
-        fields, uploads = await _answer_fields(request)
-        return await gateway.admitted(_answer, gateway, parse_answer(fields), uploads)
+        async def read():
+            fields, uploads = await _answer_fields(request)
+            return gateway, parse_answer(fields), uploads
+
+        return await gateway.admitted(_answer, read)
 
     @app.get("/v1/models")
     def models():
@@ -218,8 +224,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
 
 class BodyLimit:
-    """413 for a body over ``limit_for(path)`` bytes: by its Content-Length before it is read;
-    a body sent without one (chunked) is read here up to the limit, then handed on."""
+    """413 for a body over ``limit_for(path)`` bytes: by its Content-Length before it is read,
+    or, for one sent without (chunked), as soon as that much has arrived. It must sit next to
+    the app, inside the other middleware: its error, raised while the app reads the body, then
+    reaches the app's error handlers."""
 
     def __init__(self, app, limit_for) -> None:
         self.app, self.limit_for = app, limit_for
@@ -228,28 +236,21 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit_for(scope["path"])
-        too_large = JSONResponse(ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large").body(), status_code=413)
+        too_large = ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > limit:
-                return await too_large(scope, receive, send)
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await too_large(scope, receive, send)
-            more = message.get("more_body", False)
-        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+            return message
 
-        async def replay():
-            return whole.pop() if whole else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, counted, send)
 
 
 def _endpoint(request: Request) -> str:

@@ -7,6 +7,8 @@ import binascii
 import json
 import re
 
+from pydantic import ValidationError
+
 from dartserve.models.decode import SamplingConfig
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
@@ -32,6 +34,16 @@ async def json_object(request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
+
+
+def validated(model, fields: dict):
+    """``fields`` as a ``model`` (pydantic), or a 400 naming the first field that is wrong."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param or None) from None
 
 
 def json_body(schema: dict) -> dict:

@@ -12,13 +12,13 @@ import hashlib
 import time
 import uuid
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
 from services.gateway import conversations as conv
 from services.gateway.answers import PruningIn
 from services.gateway.app import Gateway
-from services.gateway.inputs import ApiError, image_bytes, sampling
+from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, sampling, validated
 from services.gateway.pipeline import Delta, Final
 
 
@@ -122,9 +122,12 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
 
 
 def register_chat(app: FastAPI, gateway: Gateway) -> None:
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatIn):
-        return await gateway.admitted(_chat, gateway, body)
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatIn.model_json_schema()))
+    async def chat(request: Request):
+        async def read():
+            return gateway, validated(ChatIn, await json_object(request))
+
+        return await gateway.admitted(_chat, read)
 
 
 def _chat(gateway: Gateway, body: ChatIn, slot):
