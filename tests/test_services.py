@@ -20,7 +20,7 @@ from dartserve.models.decode import SamplingConfig
 from dartserve.pruning import PruningConfig
 from cluster import STAGES, b64, png, pruner_down, running_cluster
 from processes import dartserve_process, free_port, stop, wait_until
-from services.bench import minor_faults
+from services.bench import added_per_request, minor_faults
 from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
@@ -240,6 +240,14 @@ def test_bench_load_reports_answers_errors_and_peak_memory(cluster):
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p95"] <= result["latency_ms"]["p99"]
     assert set(result["peak_memory_mb"]) == {"gateway", "vision", "pruner", "generator"}
     assert all(mb > 50 for mb in result["peak_memory_mb"].values())  # each holds torch, at least
+
+
+def test_bench_pairs_each_request_across_the_modes():
+    embedded = {"e2e_ms": [50.0, 80.0, 60.0], "kv_ms": [1.0, 1.0, 1.0]}
+    distributed = {"e2e_ms": [58.0, 84.0, 70.0], "kv_ms": [5.0, 4.0, 6.0]}
+    # Without KV time the requests took 49/53, 79/80 and 59/64 ms: they added 4, 1 and 5 ms.
+    # The medians of the two modes (59 and 64 ms) are 5 ms apart; the pairs' median is 4 ms.
+    assert added_per_request(embedded, distributed) == 4.0
 
 
 def test_bench_round_trips_reach_a_stage_in_both_regimes(cluster):
