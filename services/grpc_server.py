@@ -18,7 +18,6 @@ from dartserve.stages import StageMiss
 from services import tls
 from services.stage_calls import StageCalls
 
-GRACE_S = 10.0
 MAX_CONNECTION_AGE_MS = 120_000
 log = logging.getLogger(__name__)
 
@@ -74,19 +73,21 @@ class Server:
         self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {settings.host}:{port}")
-        self.service_name, self.drain_s = service_name, settings.drain_s
+        # On SIGTERM calls in flight may run to their deadline: a decode is not cut off halfway.
+        self.service_name, self.drain_s, self.grace_s = service_name, settings.drain_s, settings.rpc_timeout_s
         if settings.metrics:
             self.metrics.serve(settings.host, settings.metrics_port_for(stage))
         self.server.start()
         for name in ("", service_name):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace_s: float = GRACE_S) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         """Health turns NOT_SERVING first; ``drain_s`` later, when load balancers have seen it,
-        new calls are refused; calls in flight get ``grace_s`` to finish."""
+        new calls are refused; calls in flight get ``grace_s`` (by default the calls' timeout)
+        to finish."""
         self.health.enter_graceful_shutdown()
         time.sleep(self.drain_s)
-        self.server.stop(grace_s).wait()
+        self.server.stop(self.grace_s if grace_s is None else grace_s).wait()
 
     def wait_for_signal(self) -> None:
         stopping = threading.Event()

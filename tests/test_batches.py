@@ -303,3 +303,91 @@ def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
     worker.batches.fail(batch_id, "the queue went away after the first item")
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     assert worker.batches.results(batch_id) == [] and worker.batches.status(batch_id)["status"] == "failed"
+
+
+def test_an_item_whose_error_cannot_be_recorded_goes_back_on_the_queue(redis_server):
+    from types import SimpleNamespace
+
+    from celery.exceptions import Reject
+
+    from dartserve.kv.store import StoreUnavailable
+    from services.config import Settings
+    from services.worker.tasks import Worker
+
+    class DownStages:
+        def encode(self, images, conversation):
+            raise StoreUnavailable("Redis is unreachable")
+
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=1), DownStages(), "demo")
+    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+
+    class QueueDown:  # Celery's retry when it cannot publish: it would drop the message
+        request = SimpleNamespace(retries=0)
+
+        def retry(self, exc, countdown, kwargs):
+            raise Reject(exc, requeue=False)
+
+    with pytest.raises(Reject) as refused:
+        worker.run(QueueDown(), batch_id, 0)
+    assert refused.value.requeue is True
+
+    def unreachable(*args):
+        raise StoreUnavailable("Redis is unreachable")
+
+    worker.batches.record = unreachable  # the retries are spent and the error cannot be written
+    with pytest.raises(Reject) as refused:
+        worker.run(SimpleNamespace(request=SimpleNamespace(retries=1)), batch_id, 0, unavailable=1)
+    assert refused.value.requeue is True
+
+
+def test_a_batch_whose_requests_were_evicted_fails_instead_of_hanging(redis_server):
+    from types import SimpleNamespace
+
+    from services.config import Settings
+    from services.worker.batches import _keys
+    from services.worker.tasks import Worker
+
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), None, "demo")
+    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    worker.batches.client.delete(_keys(batch_id)["items"])  # evicted under memory pressure
+    worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
+    status = worker.batches.status(batch_id)
+    assert status["status"] == "failed" and "evicted" in status["error"]
+
+
+def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_server):
+    from services.config import Settings
+    from services.gateway.backends import Overloaded, Unavailable
+    from services.worker.tasks import Worker
+
+    class Stages:
+        error = Overloaded("a stage is at its limit of concurrent calls")
+
+        def encode(self, images, conversation):
+            raise self.error
+
+    class Retried(Exception):
+        pass
+
+    class Task:
+        def __init__(self):
+            self.request, self.kwargs = type("R", (), {"retries": 9})(), None
+
+        def retry(self, exc, countdown, kwargs):
+            self.kwargs = kwargs
+            return Retried()
+
+    stages = Stages()
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=2), stages, "demo")
+    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    task = Task()
+    with pytest.raises(Retried):  # busy: it waits, with its budget for outages untouched
+        worker.run(task, batch_id, 0, unavailable=2)
+    assert task.kwargs == {"unavailable": 2}
+    stages.error = Unavailable("UNAVAILABLE: the pruner is down")
+    with pytest.raises(Retried):
+        worker.run(task, batch_id, 0, unavailable=1)
+    assert task.kwargs == {"unavailable": 2}
+    worker.run(task, batch_id, 0, unavailable=2)  # down, and the budget is spent: a 503 is recorded
+    (line,) = worker.batches.results(batch_id)
+    assert line["error"]["status_code"] == 503

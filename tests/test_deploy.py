@@ -256,6 +256,7 @@ def test_compose_runs_each_service_with_a_dartserve_command_and_its_own_health_c
         assert seen == set(SERVICES)
     redis = compose()["services"]["redis"]
     assert redis["command"][0] == "redis-server" and "redis-cli" in redis["healthcheck"]["test"]
+    assert redis["read_only"] is True and redis["tmpfs"] == ["/data"]  # its working directory, which it writes nothing to
 
 
 def test_compose_environment_holds_only_settings_the_services_read():
@@ -482,6 +483,8 @@ def test_k8s_commands_settings_ports_and_probes_match_the_services(directory, tm
             assert template["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
             # Alive is the port open, so a stage busy past its limit is not restarted for it.
             assert [p.get("grpc", p.get("tcpSocket"))["port"] for p in probes] == [ports["grpc"]] * 3
+            # On SIGTERM a stage drains, then lets its calls run to their deadline before it is killed.
+            assert template["spec"]["terminationGracePeriodSeconds"] > settings.drain_s + settings.rpc_timeout_s
             assert "grpc" in container["readinessProbe"] and "tcpSocket" in container["livenessProbe"]
         elif what == "gateway":
             assert ports == {"http": settings.port_for("gateway")} and settings.api_keys

@@ -578,6 +578,7 @@ def test_a_stage_at_its_limit_refuses_at_once(engines):
         backend = GrpcBackend(Settings(generator_addr=f"127.0.0.1:{server.port}", rpc_timeout_s=5))
         with pytest.raises(Overloaded):
             next(backend.generate(request.kv_handle, SamplingConfig(max_new_tokens=4), request.pending_token))
+        assert backend.readiness()["generator"] is True  # busy, not down: the gateway stays in service
         holding.cancel()
     finally:
         server.stop(grace_s=1)

@@ -113,13 +113,16 @@ class GrpcBackend:
                 chunks.cancel()  # a client that went away stops the decode
 
     def readiness(self) -> dict[str, bool]:
+        """Whether each stage answers its health check, asked of all at once. A stage that refuses
+        it for being at its call limit is up: busy, which the gateway answers with 429s, not a
+        reason to take the gateway out of service."""
+        checks = {name: health_pb2_grpc.HealthStub(channel).Check.future(health_pb2.HealthCheckRequest(), timeout=2.0) for name, channel in self.channels.items()}
         status = {}
-        for name, channel in self.channels.items():
+        for name, check in checks.items():
             try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-                status[name] = reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                status[name] = False
+                status[name] = check.result().status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as error:
+                status[name] = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         return status
 
     def close(self) -> None:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import Reject
+
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
 from services import request_ids
 from services.gateway.answers import AnswerShape, Policy, first_turn, parse_answer
-from services.gateway.backends import Unavailable
+from services.gateway.backends import Overloaded, Unavailable
 from services.gateway.inputs import ApiError
 from services.gateway.pipeline import Final, answer
 from services.worker.app import TASK, make_celery
-from services.worker.batches import FINISHED, BatchStore
+from services.worker.batches import FINISHED, BatchStore, UnknownBatch
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30
@@ -32,18 +34,40 @@ class Worker:
         self.policy = Policy.from_settings(settings)
         self.batches = BatchStore.from_url(settings.redis_url, settings.batch_ttl_s)
 
-    def run(self, task, batch_id: str, index: int) -> None:
+    def run(self, task, batch_id: str, index: int, unavailable: int = 0) -> None:
+        """``unavailable``: the retries so far for a stage or Redis that did not answer. A stage
+        at its call limit (``Overloaded``) is busy, not down: the item waits, and that does
+        not count against DARTSERVE_BATCH_RETRIES."""
         try:
             self._run(task, batch_id, index)
         except TRANSIENT as error:
-            retries = task.request.retries
-            if retries < self.settings.batch_retries:
-                raise task.retry(exc=error, countdown=self.backoff_s(retries)) from None
-            log.error("batch %s item %d: still unavailable after %d retries: %s", batch_id, index, retries, error)
-            self._record_failure(batch_id, index, 503, "service_unavailable", f"a stage stayed unavailable after {retries} retries: {error}")
+            busy = isinstance(error, Overloaded)
+            if busy or unavailable < self.settings.batch_retries:
+                self._retry(task, error, unavailable if busy else unavailable + 1)
+            log.error("batch %s item %d: still unavailable after %d retries: %s", batch_id, index, unavailable, error)
+            self._record_failure(batch_id, index, 503, "service_unavailable", f"a stage stayed unavailable after {unavailable} retries: {error}")
         except Exception as error:
             log.exception("batch %s item %d failed", batch_id, index)
             self._record_failure(batch_id, index, 500, "internal_error", f"{type(error).__name__}: {error}")
+
+    def _lost(self, batch_id: str, index: int) -> None:
+        """An item that cannot be read: its batch expired, or Redis evicted the item's data
+        under memory pressure while the batch lives on. Then the batch could never finish, and
+        it fails, saying why."""
+        try:
+            status = self.batches.status(batch_id)["status"]
+        except UnknownBatch:
+            log.warning("batch %s has expired; item %d dropped", batch_id, index)
+            return
+        if status not in FINISHED:
+            log.error("batch %s: item %d's request is gone from Redis", batch_id, index)
+            self.batches.fail(batch_id, f"the request of item {index} was evicted from Redis before it ran")
+
+    def _retry(self, task, error: Exception, unavailable: int) -> None:
+        try:
+            raise task.retry(exc=error, countdown=self.backoff_s(task.request.retries), kwargs={"unavailable": unavailable}) from None
+        except Reject:  # Celery could not queue the retry (Redis down) and would drop the item
+            raise Reject(error, requeue=True) from None
 
     def backoff_s(self, retries: int) -> int:
         # Below the visibility timeout: a message held longer than that is delivered again.
@@ -52,7 +76,7 @@ class Worker:
     def _run(self, task, batch_id: str, index: int) -> None:
         loaded = self.batches.item(batch_id, index)
         if loaded is None:
-            log.warning("batch %s has expired; item %d dropped", batch_id, index)
+            self._lost(batch_id, index)
             return
         item, images = loaded
         custom_id = item["custom_id"]
@@ -73,10 +97,15 @@ class Worker:
         return {"custom_id": custom_id, "response": {"status_code": 200, "body": AnswerShape(self.model_name, None).body(final)}, "error": None}
 
     def _record_failure(self, batch_id: str, index: int, status: int, kind: str, message: str) -> None:
-        loaded = self.batches.item(batch_id, index)
-        if loaded is not None:
-            custom_id = loaded[0]["custom_id"]
-            self.batches.record(batch_id, custom_id, _failure(custom_id, status, kind, message))
+        """Records the item's error; where even that cannot reach Redis, the item goes back on
+        the queue rather than being lost."""
+        try:
+            loaded = self.batches.item(batch_id, index)
+            if loaded is not None:
+                custom_id = loaded[0]["custom_id"]
+                self.batches.record(batch_id, custom_id, _failure(custom_id, status, kind, message))
+        except StoreUnavailable as error:
+            raise Reject(error, requeue=True) from None
 
 
 def _failure(custom_id: str, status: int, kind: str, message: str, param: str | None = None) -> dict:
@@ -88,7 +117,7 @@ def worker_app(settings, worker: Worker):
 
     # Retries are counted by the worker against DARTSERVE_BATCH_RETRIES, not Celery's default 3.
     @app.task(name=TASK, bind=True, acks_late=True, max_retries=None)
-    def batch_item(task, batch_id: str, index: int) -> None:
-        worker.run(task, batch_id, index)
+    def batch_item(task, batch_id: str, index: int, unavailable: int = 0) -> None:
+        worker.run(task, batch_id, index, unavailable)
 
     return app
