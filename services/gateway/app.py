@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +29,10 @@ from services.gateway.pipeline import Final, Question, answer
 
 log = logging.getLogger(__name__)
 SPARE_THREADS = 8
+
+
+def _no_turn() -> None:
+    """A request that names no conversation holds none."""
 
 
 class Gateway:
@@ -64,7 +67,7 @@ class Gateway:
             slot.release()
         return response
 
-    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot, end_turn=lambda: None):
+    def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot, end_turn=_no_turn):
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE).
         ``end_turn`` is called once the conversation's record is written, or the answer failed."""
         started = time.monotonic()
@@ -174,12 +177,6 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await call_next(request)
 
 
-    @app.exception_handler(RequestValidationError)
-    def invalid(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return api_error(request, ApiError(400, f"{param or 'body'}: {first['msg']}", param))
-
     @app.post("/v1/answer", openapi_extra=json_body(AnswerIn.model_json_schema()))
     async def answer_endpoint(request: Request):
         async def read():
@@ -236,10 +233,9 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit_for(scope["path"])
-        too_large = ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await JSONResponse(too_large.body(), status_code=413)(scope, receive, send)
+            return await JSONResponse(_too_large(limit).body(), status_code=413)(scope, receive, send)
         received = 0
 
         async def counted():
@@ -247,10 +243,14 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise too_large
+                raise _too_large(limit)
             return message
 
         await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
 
 
 def _endpoint(request: Request) -> str:
@@ -295,11 +295,10 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
 
 def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
     images = answer_images(body, uploads, gateway.policy)
-    if not body.conversation_id:
-        return _turn(gateway, body, images, None, slot, lambda: None)
-    end_turn = gateway.conversations.begin_turn(body.conversation_id)  # before the record is read
+    # The conversation is held before its record is read: see Conversations.begin_turn.
+    end_turn = gateway.conversations.begin_turn(body.conversation_id) if body.conversation_id else _no_turn
     try:
-        previous = gateway.conversations.get(conv.by_id(body.conversation_id))
+        previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
         return _turn(gateway, body, images, previous, slot, end_turn)
     except BaseException:
         end_turn()
