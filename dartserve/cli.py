@@ -65,7 +65,8 @@ def _generate(args: argparse.Namespace) -> int:
     from dartserve.pruning import PruningConfig
 
     method = args.method or ("dart" if args.budget or args.ratio else "none")
-    pruning = PruningConfig(method=method, budget=args.budget, ratio=args.ratio, layer=args.layer)
+    given = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
+    pruning = PruningConfig(method=method, **{name: value for name, value in given.items() if value is not None})
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         images = [Image.open(path).convert("RGB") for path in args.image]  # read whole: a damaged file fails here
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--method", help="default: dart when a budget or ratio is given, else none")
     generate.add_argument("--budget", type=int, help="vision tokens kept per request")
     generate.add_argument("--ratio", type=float, help="fraction of vision tokens kept")
-    generate.add_argument("--layer", type=int, default=2, help="layer K at which tokens are pruned")
+    generate.add_argument("--layer", type=int, help="layer K at which tokens are pruned (default: 2)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--method", help="default: dart when a budget or ratio is given, else none")
     ask.add_argument("--budget", type=int)
     ask.add_argument("--ratio", type=float)
-    ask.add_argument("--layer", type=int, default=2)
+    ask.add_argument("--layer", type=int, help="layer K at which tokens are pruned (default: 2)")
     ask.add_argument("--stats", action="store_true", help="print the request's statistics as JSON on stderr")
     ask.set_defaults(run=_generate, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0, device="cpu", dtype=None)
 

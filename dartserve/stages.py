@@ -55,6 +55,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise ValueError(f"image is {width}x{height}; the long side may be at most {MAX_ASPECT} times the short one")
             probe.load()
             return probe.convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise ValueError("not a readable image: its format is not one PIL reads") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"not a readable image: {error}") from None
 

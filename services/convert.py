@@ -13,24 +13,29 @@ _OPTIONAL_PRUNING = ("budget", "ratio", "layer", "pivot_image", "pivot_text", "s
 
 
 def merge_pruning(requested: dict | None, defaults: dict) -> PruningConfig:
-    """The request's pruning with the server's defaults for what it omits. A request that names
-    a budget or a ratio replaces the default's amount."""
+    """The request's pruning with the server's defaults for what it omits, among the settings
+    its method reads; one it does not read is an error. A request that names a budget or a
+    ratio replaces the default's amount; an explicit null for either keeps every token."""
     requested = requested or {}
     if not isinstance(requested, dict):
         raise ValueError("pruning must be an object")
-    merged = dict(defaults)
-    if "budget" in requested or "ratio" in requested:
+    given = {k: v for k, v in requested.items() if v is not None or k in ("budget", "ratio")}
+    used = ("method", *PruningConfig(method=given.get("method", defaults.get("method", "dart"))).settings_used)
+    unused = sorted(set(given) - set(used))
+    if unused:
+        raise ValueError(f"pruning method {given.get('method', defaults.get('method'))!r} does not use {', '.join(unused)}; it reads {', '.join(used[1:]) or 'nothing'}")
+    merged = {k: v for k, v in defaults.items() if k in used}
+    if "budget" in given or "ratio" in given:
         merged.pop("budget", None)
         merged.pop("ratio", None)
-    merged.update({k: v for k, v in requested.items() if v is not None or k in ("budget", "ratio")})
+    merged.update(given)
     return PruningConfig.from_dict(merged)
 
 
 def pruning_to_proto(config: PruningConfig) -> common_pb2.Pruning:
     message = common_pb2.Pruning(method=config.method)
-    for name in _OPTIONAL_PRUNING:
-        value = getattr(config, name)
-        if value is not None:
+    for name, value in config.to_dict().items():
+        if name != "method" and value is not None:
             setattr(message, name, value)
     return message
 

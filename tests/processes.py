@@ -17,7 +17,7 @@ class RedisServer:
 
     def __init__(self) -> None:
         if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
+            pytest.fail("redis-server is not installed: `make test` installs it (tools/require-redis)")
         self.port = free_port()
         self.start()
 

@@ -1,9 +1,9 @@
 """An independent reference for pruned inference: the full sequence runs through every layer and
 the dropped tokens are masked out of layers >= K, instead of being removed.
 
-It shares only the stock decoder layers and the pruning methods with the engine: positions,
-masks, the attention row FastV needs, the cache (transformers' DynamicCache) and decoding are
-its own.
+It shares only the stock decoder layers and the pruning methods other than DART with the
+engine: positions, masks, the attention row FastV needs, DART's selection, the cache
+(transformers' DynamicCache) and decoding are its own.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from dartserve.models.base import EncodedPrompt, ModelAdapter
-from dartserve.pruning.base import SelectionContext
+from dartserve.pruning.base import Selection, SelectionContext
 from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.registry import get_method
 
@@ -33,6 +34,27 @@ def _attention_row(adapter: ModelAdapter, layer_idx: int, layer_input, cos_sin, 
     scores = (q @ k.transpose(-1, -2)) * attn.scaling
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1)[0, :, -1].mean(dim=0)
+
+
+def dart_reference(normed: torch.Tensor, keys: torch.Tensor, span, budget: int, vision: set[int], pivot_image: int, pivot_text: int) -> list[int]:
+    """DART as the paper and DESIGN.md state it, token by token: pivots by the L1 norm of the
+    keys (image pivots kept; text pivots from the text after the image), then each pivot in
+    turn claims its share of the free image tokens least cosine-similar to it."""
+    norm = keys.float().abs().sum(dim=-1).tolist()
+    by_norm = lambda candidates: sorted(candidates, key=lambda p: (-norm[p], p))  # noqa: E731
+    image = range(span.start, span.start + span.length)
+    image_pivots = by_norm(image)[:pivot_image]
+    text_pivots = by_norm(p for p in range(image.stop, len(norm)) if p not in vision)[:pivot_text]
+    unit = F.normalize(normed.float(), dim=-1)
+    kept, free = list(image_pivots), [p for p in image if p not in image_pivots]
+    pivots = sorted(image_pivots + text_pivots)
+    share, extra = divmod(budget - pivot_image, len(pivots))
+    for i, pivot in enumerate(pivots):
+        similarity = (unit[span.start : image.stop] @ unit[pivot]).tolist()
+        claimed = sorted(free, key=lambda p: (similarity[p - span.start], p))[: share + (i < extra)]
+        kept += claimed
+        free = [p for p in free if p not in claimed]
+    return sorted(kept)
 
 
 @torch.inference_mode()
@@ -54,17 +76,23 @@ def masked_reference(adapter: ModelAdapter, request: EncodedPrompt, pruning: Pru
     kept_vision = []
     if cut < adapter.num_layers:
         keys = cache.layers[cut - 1].keys[0]
+        vision = {p for span in request.spans for p in range(span.start, span.start + span.length)}
         ctx = SelectionContext(
             hidden=hidden[0],
             normed=adapter.text.norm(hidden[0]),
             keys=keys.transpose(0, 1).reshape(seq, -1),
+            vision=torch.tensor([p in vision for p in range(seq)]),
             last_attention_fn=lambda: _attention_row(adapter, cut - 1, layer_input, cos_sin, causal),
         )
         method = get_method(pruning.method)
         budgets = pruning.span_budgets([s.length for s in request.spans])
         hidden = hidden.clone()
         for span, budget in zip(request.spans, budgets):
-            selection = method(ctx, span, budget, pruning)
+            if pruning.method == "dart":
+                chosen = dart_reference(ctx.normed, ctx.keys, span, budget, vision, pruning.pivot_image, pruning.pivot_text)
+                selection = Selection(torch.tensor(chosen, dtype=torch.long))
+            else:
+                selection = method(ctx, span, budget, pruning)
             kept[span.start : span.end] = False
             kept[selection.positions] = True
             if selection.weights is not None:

@@ -50,6 +50,15 @@ def requests_for(count: int, images: int) -> list[dict]:
     return out
 
 
+def one_item_batch(batches) -> str:
+    """A batch of one request with its image, stored as the gateway stores it."""
+    import hashlib
+
+    data, _ = png(0)
+    digest = hashlib.sha256(data).hexdigest()
+    return batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": [digest]}], {digest: data}, "demo")
+
+
 def submit(cluster, requests: list[dict]) -> dict:
     jsonl = "".join(json.dumps(r) + "\n" for r in requests)
     reply = httpx.post(f"{cluster['url']}/v1/batches", content=jsonl, headers={"Content-Type": "application/jsonl"}, timeout=60)
@@ -163,7 +172,7 @@ def test_invalid_batches_are_rejected_whole_with_line_numbers(cluster):
     jsonl = "\n".join([good, "{not json", json.dumps({"custom_id": "a", "question": "again"}), json.dumps({"question": "no id"})])
     reply = httpx.post(url, content=jsonl, headers={"Content-Type": "application/jsonl"})
     assert reply.status_code == 400 and reply.json()["errors"][0]["line"] == 2
-    body = "\n".join([good, json.dumps({"custom_id": "a", "question": "again"}), json.dumps({"question": "no id"}), json.dumps({"custom_id": "b", "question": "x", "pruning": {"method": "magic"}})])
+    body = "\n".join([good, json.dumps({"custom_id": "a", "question": "again"}), json.dumps({"question": "no id"}), json.dumps({"custom_id": "b", "image": b64(data), "question": "x", "pruning": {"method": "magic"}})])
     reply = httpx.post(url, content=body, headers={"Content-Type": "application/jsonl"})
     errors = reply.json()["errors"]
     assert reply.status_code == 400 and [e["line"] for e in errors] == [2, 3, 4]
@@ -278,7 +287,7 @@ def test_an_item_that_raises_unexpectedly_is_recorded_as_500_not_dropped(redis_s
 
     settings = Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_visibility_s=3)
     worker = Worker(settings, CrashingStages(), "demo")
-    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    batch_id = one_item_batch(worker.batches)
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     (line,) = worker.batches.results(batch_id)
     assert line["error"]["status_code"] == 500 and "illegal memory access" in line["error"]["message"]
@@ -299,7 +308,7 @@ def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
             raise AssertionError("an item of a failed batch was run")
 
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), NoStages(), "demo")
-    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    batch_id = one_item_batch(worker.batches)
     worker.batches.fail(batch_id, "the queue went away after the first item")
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     assert worker.batches.results(batch_id) == [] and worker.batches.status(batch_id)["status"] == "failed"
@@ -319,7 +328,7 @@ def test_an_item_whose_error_cannot_be_recorded_goes_back_on_the_queue(redis_ser
             raise StoreUnavailable("Redis is unreachable")
 
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=1), DownStages(), "demo")
-    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    batch_id = one_item_batch(worker.batches)
 
     class QueueDown:  # Celery's retry when it cannot publish: it would drop the message
         request = SimpleNamespace(retries=0)
@@ -348,7 +357,7 @@ def test_a_batch_whose_requests_were_evicted_fails_instead_of_hanging(redis_serv
     from services.worker.tasks import Worker
 
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), None, "demo")
-    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    batch_id = one_item_batch(worker.batches)
     worker.batches.client.delete(_keys(batch_id)["items"])  # evicted under memory pressure
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     status = worker.batches.status(batch_id)
@@ -379,7 +388,7 @@ def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_serv
 
     stages = Stages()
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=2), stages, "demo")
-    batch_id = worker.batches.create([{"custom_id": "x", "fields": {"question": "q"}, "images": []}], {}, "demo")
+    batch_id = one_item_batch(worker.batches)
     task = Task()
     with pytest.raises(Retried):  # busy: it waits, with its budget for outages untouched
         worker.run(task, batch_id, 0, unavailable=2)
@@ -391,3 +400,20 @@ def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_serv
     worker.run(task, batch_id, 0, unavailable=2)  # down, and the budget is spent: a 503 is recorded
     (line,) = worker.batches.results(batch_id)
     assert line["error"]["status_code"] == 503
+
+
+def test_an_item_recorded_twice_is_counted_and_listed_once(redis_server):
+    """A redelivered item (its worker died after storing its result) changes nothing."""
+    from services.worker.batches import BatchStore
+
+    store = BatchStore.from_url(redis_server.url.replace("/0", "/2"), ttl_s=600)
+    items = [{"custom_id": name, "fields": {"question": "q"}, "images": []} for name in ("a", "b")]
+    batch_id = store.create(items, {}, "demo")
+    first = {"custom_id": "a", "response": {"status_code": 200, "body": {"answer": "red"}}, "error": None}
+    assert store.record(batch_id, "a", first) is True
+    assert store.record(batch_id, "a", first | {"response": None, "error": {"type": "server_error"}}) is False
+    status = store.status(batch_id)
+    assert (status["status"], status["request_counts"]) == ("queued", {"total": 2, "done": 1, "failed": 0})
+    assert store.record(batch_id, "b", first | {"custom_id": "b"}) is True
+    assert store.status(batch_id)["status"] == "completed"
+    assert store.results(batch_id) == [first, first | {"custom_id": "b"}]

@@ -90,3 +90,27 @@ def test_eval_writes_json_markdown_and_plot(checkpoints, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     assert main(args[:-4] + ["--out", str(tmp_path / "taken")] + args[-2:]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_eval_accuracy_counts_the_answers_that_match():
+    from dartserve.demo import CHECKPOINT
+    from dartserve.engine import Engine
+    from dartserve.evaluation import Item, evaluate, synthetic_items
+    from dartserve.models import SamplingConfig
+    from dartserve.pruning import PruningConfig
+
+    engine = Engine.load(str(CHECKPOINT))
+    settings = [PruningConfig(method="none"), PruningConfig(method="dart", budget=8)]
+    source = synthetic_items("test", 4)
+    said = {
+        (s.method, i): engine.generate([item.load_image()], item.question, s, SamplingConfig(max_new_tokens=8)).text
+        for s in settings
+        for i, item in enumerate(source)
+    }
+    # Items 0-2 take the unpruned model's answer as the truth, item 3 a word it never says.
+    items = [Item(item.load_image, item.question, (said["none", i] if i < 3 else "zebra",), "ab"[i // 2]) for i, item in enumerate(source)]
+    rows = evaluate(engine, items, settings, batch_size=3, progress=False)
+    assert (rows[0]["accuracy"], rows[0]["per_type"]) == (0.75, {"a": 1.0, "b": 0.5})
+    right = [said["dart", i] == said["none", i] for i in range(3)]
+    assert rows[1]["accuracy"] == sum(right) / 4 and rows[1]["per_type"] == {"a": sum(right[:2]) / 2, "b": right[2] / 2}
+    assert rows[1]["relative_accuracy"] == round(rows[1]["accuracy"] / 0.75, 4)

@@ -123,6 +123,7 @@ def test_a_misbehaving_method_is_caught(engines, monkeypatch):
         return Selection(torch.arange(span.start, span.start + budget + 1))
 
     monkeypatch.setitem(registry._METHODS, "test_overspend", overspend)
+    monkeypatch.setitem(registry._SETTINGS, "test_overspend", ())
 
     engine = engines["llava"]
     with pytest.raises(ValueError, match="test_overspend"):
@@ -194,7 +195,8 @@ def test_half_precision_runs_every_method(checkpoints, dtype):
 
     engine = Engine.load(str(checkpoints["qwen2_vl"]), dtype=getattr(torch, dtype))
     for method in available_methods():
-        result = engine.generate([make_image(2)], PROMPT, pruning=PruningConfig(method=method, budget=12), sampling=SamplingConfig(max_new_tokens=3))
+        pruning = PruningConfig(method=method, budget=12) if method != "none" else PruningConfig(method="none")
+        result = engine.generate([make_image(2)], PROMPT, pruning=pruning, sampling=SamplingConfig(max_new_tokens=3))
         assert result.stats.vision_tokens_kept == (12 if method != "none" else result.stats.vision_tokens)
         assert result.cache.keys[-1].dtype == getattr(torch, dtype)
 

@@ -80,6 +80,11 @@ def test_anything_stale_or_damaged_is_a_miss():
         "no checksums": (resealed(good, checksums=None), "model-a"),
         "a checksum short": (resealed(good, checksums=["0" * 64]), "model-a"),
         "no positions": (resealed(good, token_index=None), "model-a"),
+        # Sealed by a writer that got it wrong: the header disagrees with itself.
+        "positions short of the slots": (resealed(good, token_index=[list(range(10)), [0, 1, 3]]), "model-a"),
+        "more layer groups than layers": (resealed(good, layer_group=[0, 1, 1, 1]), "model-a"),
+        "a group with no positions": (resealed(good, layer_group=[0, 2]), "model-a"),
+        "positions not numbers": (resealed(good, token_index=[["a"] * 10, ["b"] * 6]), "model-a"),
     }
     for name, (encoded, fingerprint) in bad.items():
         with pytest.raises(CacheMiss):

@@ -82,6 +82,24 @@ def test_pruned_matches_masked_reference(engine, method, images):
     assert result.cache.kept_tokens() == [seq + STEPS, seq - request.num_vision_tokens + 10 * images + STEPS]
 
 
+def test_grid_methods_refuse_budgets_past_the_grid_before_any_layer_runs(engines):
+    adapter = engines["llava_next"].adapter
+    request = engines["llava_next"].vision.encode([make_image(5)], PROMPT)
+    (span,) = request.spans
+    cells = sum(g.size for g in span.grids)
+    assert cells < span.length  # the row separators are no grid cells
+    layers_run = []
+    hook = adapter.layers[0].register_forward_hook(lambda *_: layers_run.append(1))
+    try:
+        for method in ("pooling", "window_fastv"):
+            with pytest.raises(ValueError, match="grid cells only"):
+                prefill(adapter, [request], PruningConfig(method=method, budget=cells + 1))
+        assert not layers_run
+        assert len(prefill(adapter, [request], PruningConfig(method="pooling", budget=cells)).kept_positions[0]) == cells
+    finally:
+        hook.remove()
+
+
 def test_pruning_shrinks_the_cache_from_layer_k(engine):
     request = engine.vision.encode([make_image(5)], PROMPT)
     full = prefill(engine.adapter, [request], PruningConfig(method="none"))

@@ -71,6 +71,26 @@ def test_dart_image_pivots_kept_text_pivots_not():
     assert got == sorted(set(got))
 
 
+def test_dart_text_pivots_skip_the_next_images_tokens():
+    # [t0, image A 1..8, t9, image B 10..17, t18, t19]: image B's keys are the loudest after A,
+    # but they are not text. A's tokens 1-4 look like text token 18, tokens 5-8 like image B.
+    hidden = torch.zeros(20, 3)
+    hidden[[0, 9, 19], 2] = 1
+    hidden[[1, 2, 3, 4, 18], 0] = 1
+    hidden[5:18, 1] = 1
+    keys = torch.ones(20, 4)
+    keys[10:18] *= 10
+    keys[18] *= 3
+    text = torch.ones(20, dtype=torch.bool)
+    text[1:9] = text[10:18] = False
+    # The text pivot is token 18: it claims the tokens least like it, 5 and 6.
+    assert dart_select(hidden, keys, 1, 8, budget=2, pivot_image=0, pivot_text=1, text=text).tolist() == [5, 6]
+    # Without the mask, image B's token 10 would be the "text" pivot.
+    assert dart_select(hidden, keys, 1, 8, budget=2, pivot_image=0, pivot_text=1).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="bool mask"):
+        dart_select(hidden, keys, 1, 8, budget=2, pivot_image=0, text=text[:-1])
+
+
 @pytest.mark.parametrize("budget", [4, 5, 7, 13, 25, 26])
 def test_dart_exact_budget(budget):
     torch.manual_seed(budget)
@@ -140,7 +160,15 @@ def test_config_budget_checks():
         PruningConfig(budget=64, layer=32).check_layers(32)
     PruningConfig(budget=64, layer=31).check_layers(32)
     assert PruningConfig(ratio=0.111).total_budget(576) == 64
-    assert PruningConfig(method="none", budget=5).total_budget(576) == 576
+    assert [PruningConfig(ratio=0.5).total_budget(n) for n in (5, 7, 9, 11)] == [3, 4, 5, 6]  # halves round up
+    assert PruningConfig(method="none").total_budget(576) == 576
+    # A setting the method does not read is refused, and left out of the config as applied.
+    for method, setting in (("none", {"budget": 5}), ("none", {"layer": 3}), ("random", {"pivot_image": 2}), ("fastv", {"seed": 1}), ("dart", {"seed": 1})):
+        with pytest.raises(ValueError, match=f"does not use {next(iter(setting))}"):
+            PruningConfig(method=method, **setting)
+    assert PruningConfig(method="none").to_dict() == {"method": "none"}
+    assert PruningConfig(method="random", budget=3, seed=5).to_dict() == {"method": "random", "budget": 3, "ratio": None, "layer": 2, "seed": 5}
+    assert PruningConfig.from_dict(PruningConfig(method="dart", ratio=0.2, pivot_text=2).to_dict()) == PruningConfig(method="dart", ratio=0.2, pivot_text=2)
     assert PruningConfig(budget=64).span_budgets([576, 288]) == [43, 21]
     for method in ("pooling", "window_fastv"):  # each image keeps at least one token
         with pytest.raises(ValueError, match="at least one token per image"):
@@ -189,7 +217,7 @@ def test_grid_regions_partition_the_grid(h, w, n):
 def fake_context(scores, seq, dim=3):
     torch.manual_seed(0)
     hidden = torch.randn(seq, dim)
-    return SelectionContext(hidden=hidden, normed=hidden, keys=hidden, last_attention_fn=lambda: scores)
+    return SelectionContext(hidden=hidden, normed=hidden, keys=hidden, vision=torch.zeros(seq, dtype=torch.bool), last_attention_fn=lambda: scores)
 
 
 def test_pooling_averages_regions_at_their_centre():

@@ -270,6 +270,7 @@ def test_gateway_edge_inputs_get_json_4xx(demo_client):
         ("/v1/answer", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}, 413),
         ("/v1/answer", {"json": {"images": [image] * 9, "question": "x"}}, 400),  # DARTSERVE_MAX_IMAGES
         ("/v1/answer", {"json": {"image": image, "question": "red " * 5000}}, 400),  # past the model's context
+        ("/v1/answer", {"json": {"image": base64.b64encode(png(make_image(0, (3000, 2)))).decode(), "question": "x"}}, 400),  # aspect ratio
         ("/v1/chat/completions", {"json": {"model": "dartserve-demo", "max_tokens": 0, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}, {"type": "text", "text": "x"}]}]}}, 400),
     ]
@@ -277,6 +278,98 @@ def test_gateway_edge_inputs_get_json_4xx(demo_client):
         reply = demo_client.post(path, **kwargs)
         assert reply.status_code == status, (kwargs.get("json"), reply.text[:200])
         assert set(reply.json()["error"]) == {"type", "message", "param"}
+
+
+def test_what_a_request_cannot_use_is_refused_not_dropped(demo_client):
+    from dartserve.demo.data import example
+
+    image = base64.b64encode(png(example("test", 3).image)).decode()
+    answer = {"image": image, "question": "what colour is the triangle ?"}
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}
+    chat = {"model": "dartserve-demo", "messages": [{"role": "user", "content": [part, {"type": "text", "text": "what colour is the triangle ?"}]}]}
+
+    def with_part(**changes):
+        return chat | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": part["image_url"] | changes}, chat["messages"][0]["content"][1]]}]}
+
+    refused = [
+        ("/v1/answer", {"question": "what colour is the triangle ?"}, "image"),
+        ("/v1/answer", {"question": answer["question"], "images": []}, "image"),
+        ("/v1/answer", answer | {"image": "data:text/plain;base64," + image}, "image"),
+        ("/v1/answer", answer | {"image": "file:///etc/passwd"}, "image"),
+        ("/v1/answer", answer | {"conversation_id": ""}, "conversation_id"),
+        ("/v1/answer", answer | {"pruning": {"method": "none", "budget": 8}}, "pruning"),
+        ("/v1/answer", answer | {"pruning": {"method": "random", "pivot_image": 4}}, "pruning"),
+        ("/v1/chat/completions", chat | {"max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", chat | {"temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", chat | {"stream": "yes"}, "stream"),
+        ("/v1/chat/completions", chat | {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", chat | {"stream": True, "stream_options": {"junk": 1}}, "stream_options.junk"),
+        ("/v1/chat/completions", chat | {"max_tokens": 1, "max_completion_tokens": 5}, "max_tokens"),
+        ("/v1/chat/completions", chat | {"max_completion_tokens": 0}, "max_completion_tokens"),
+        ("/v1/chat/completions", chat | {"messages": [chat["messages"][0] | {"name": "bob"}]}, "messages.0.name"),
+        ("/v1/chat/completions", with_part(detail="low"), "messages.0.content.0.image_url.detail"),
+        ("/v1/chat/completions", with_part(url=image), "messages.0.content.0.image_url.url"),
+        ("/v1/chat/completions", with_part(url="data:application/pdf;base64," + image), "messages.0.content.0.image_url.url"),
+        ("/v1/chat/completions", chat | {"n": 2}, "n"),
+        ("/v1/chat/completions", chat | {"messages": [{"role": "system", "content": "be brief"}, *chat["messages"]]}, "messages.0"),
+    ]
+    for path, body, param in refused:
+        reply = demo_client.post(path, json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (param, reply.text[:300])
+    assert "max_new_tokens" not in demo_client.post("/v1/chat/completions", json=chat | {"max_tokens": 0}).json()["error"]["message"]
+    text_plain = demo_client.post("/v1/chat/completions", content=json.dumps(chat), headers={"content-type": "text/plain"})
+    assert text_plain.status_code == 415
+    twice = demo_client.post("/v1/answer", files=[("question", (None, "one ?")), ("question", (None, "two ?")), ("image", (None, image))])
+    assert twice.status_code == 400 and twice.json()["error"]["param"] == "question"
+    # Accepted: a media type in capitals, a data URL scheme in capitals, and a data URL sent as a form field.
+    reference = demo_client.post("/v1/answer", json=answer).json()["answer"]
+    capitals = demo_client.post("/v1/answer", content=json.dumps(answer | {"image": "DATA:image/png;BASE64," + image}), headers={"content-type": "Application/JSON"})
+    assert capitals.status_code == 200 and capitals.json()["answer"] == reference
+    form = demo_client.post("/v1/answer", files=[("question", (None, answer["question"])), ("image", (None, "data:image/png;base64," + image))])
+    assert form.status_code == 200 and form.json()["answer"] == reference
+    upload = demo_client.post("/v1/answer", files=[("image", ("picture.png", base64.b64decode(image), "image/png")), ("question", (None, answer["question"]))])
+    assert upload.status_code == 200 and upload.json()["answer"] == reference
+
+
+def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
+    from dartserve.demo.data import example
+
+    image = base64.b64encode(png(example("test", 4).image)).decode()
+    answer = {"image": image, "question": "how many objects are there ?", "max_new_tokens": 4}
+    keep_all = demo_client.post("/v1/answer", json=answer | {"pruning": {"budget": None}}).json()
+    assert keep_all["usage"]["kept_vision_tokens"] == keep_all["usage"]["vision_tokens"] == 576
+    none = demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "none"}}).json()
+    assert none["pruning"] == {"method": "none"}
+    fastv = demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "fastv"}}).json()
+    assert fastv["pruning"] == {"method": "fastv", "budget": None, "ratio": 64 / 576, "layer": 2} and fastv["usage"]["kept_vision_tokens"] == 64
+
+    for seed in range(3):  # hot sampling picks tokens that show no text until the next one
+        events = demo_client.post("/v1/answer", json=answer | {"temperature": 100.0, "seed": seed, "stream": True, "max_new_tokens": 6}).text.split("\n\n")
+        parsed = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
+        deltas = [e["text"] for e in parsed if e["type"] == "delta"]
+        assert all(deltas) and "".join(deltas).strip() == parsed[-1]["answer"], deltas
+
+    assert demo_client.get("/v1/models/dartserve-demo").json()["id"] == "dartserve-demo"
+    assert demo_client.get("/v1/models/other").status_code == 404
+    not_allowed = demo_client.post("/v1/models")
+    assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "GET"
+
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image, "detail": "auto"}}
+    chat = {"model": "dartserve-demo", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": [part, {"type": "text", "text": answer["question"]}]}]}
+
+    def chunks(body):
+        text = demo_client.post("/v1/chat/completions", json=body).text
+        assert text.endswith("data: [DONE]\n\n")
+        return [json.loads(event[len("data: ") :]) for event in text.split("\n\n") if event.startswith("data: {")]
+
+    plain, counted = chunks(chat), chunks(chat | {"stream_options": {"include_usage": True}})
+    assert not any("usage" in c for c in plain) and plain[-1]["dartserve"]["pruning"]["method"] == "dart"
+    assert plain[-1]["choices"][0]["finish_reason"] and plain[-1]["dartserve"]["usage"]["kept_vision_tokens"] == 64
+    assert [c["choices"] for c in counted[:-1]] == [c["choices"] for c in plain]
+    usage = counted[-1]["usage"]
+    assert counted[-1]["choices"] == [] and usage["completion_tokens"] == plain[-1]["dartserve"]["usage"]["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert all(c["choices"][0]["delta"].get("content") != "" for c in plain[1:])  # no empty deltas past the role's
 
 
 def test_an_answer_follow_up_whose_cache_expired_is_a_404_not_a_503(demo_client):
@@ -579,7 +672,11 @@ def test_a_stage_at_its_limit_refuses_at_once(engines):
         with pytest.raises(Overloaded):
             next(backend.generate(request.kv_handle, SamplingConfig(max_new_tokens=4), request.pending_token))
         assert backend.readiness()["generator"] is True  # busy, not down: the gateway stays in service
+        # What the autoscaler reads: the call being served, not the refused one nor health checks.
+        in_flight = lambda: server.metrics.registry.get_sample_value("dartserve_stage_in_flight", {"stage": "generator"})  # noqa: E731
+        assert in_flight() == 1
         holding.cancel()
+        wait_until(lambda: in_flight() == 0, "the cancelled call to end", timeout_s=10)
     finally:
         server.stop(grace_s=1)
 
@@ -680,6 +777,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path, monkeypatch):
 
     from dartserve.demo.data import example
     from services.gateway.app import create_app
+    from services.gateway.image_urls import ImageUrls
     from services.launch import embedded_gateway
 
     item = example("test", 5)
@@ -734,6 +832,9 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path, monkeypatch):
         assert closed.post("/v1/answer", json={"image": f"{base}/picture.png", "question": "x"}).status_code == 400
     finally:
         files.shutdown()
+    wildcard = ImageUrls(("*.example.com", "Images.Test"), 1 << 20)
+    assert [wildcard.allowed(h) for h in ("a.example.com", "a.b.EXAMPLE.com", "images.test")] == [True, True, True]
+    assert [wildcard.allowed(h) for h in ("example.com", "badexample.com", "example.com.evil", "x.images.test")] == [False] * 4
 
 
 def test_embedded_mode_without_redis_answers_batches_with_503():
@@ -743,7 +844,8 @@ def test_embedded_mode_without_redis_answers_batches_with_503():
     from services.launch import embedded_gateway
 
     client = TestClient(create_app(embedded_gateway(Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))))
-    reply = client.post("/v1/batches", json={"requests": [{"custom_id": "a", "question": "how many objects are there ?"}]})
+    image = base64.b64encode(png(make_image(1))).decode()
+    reply = client.post("/v1/batches", json={"requests": [{"custom_id": "a", "image": image, "question": "how many objects are there ?"}]})
     assert reply.status_code == 503 and reply.headers["retry-after"] and reply.json()["error"]["type"] == "service_unavailable"
     assert client.get("/v1/batches/batch_x").status_code == 503
     assert client.get("/healthz").status_code == 200  # answering questions needs no Redis

@@ -84,8 +84,18 @@ def decode(encoded: EncodedCache, fingerprint: str, device: str | torch.device =
         layer_group, token_index, next_position = tuple(header["layer_group"]), list(header["token_index"]), int(header["next_position"])
     except (KeyError, TypeError, ValueError) as error:
         raise CacheMiss(f"malformed KV manifest: {error}") from None
-    if not len(encoded.layers) == len(shapes) == len(checksums):
+    if not len(encoded.layers) == len(shapes) == len(checksums) == len(layer_group):
         raise CacheMiss("KV cache has the wrong number of layers")
+    try:  # the header is checked against itself: a checksum shows damage, not a wrong writer
+        index = [torch.tensor([t], dtype=torch.long) for t in token_index]
+        slots = [len(token_index[group]) for group in layer_group]
+        consistent = all(index_row.dim() == 2 for index_row in index) and all(
+            group >= 0 and len(shape) == 3 and shape[1] == n for group, shape, n in zip(layer_group, shapes, slots)
+        )
+    except (IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise CacheMiss(f"malformed KV manifest: {error}") from None
+    if not consistent:
+        raise CacheMiss("KV manifest shapes and token index do not agree")
     dtype = DTYPES[header["dtype"]]
     keys, values = [], []
     for layer, shape, checksum in zip(encoded.layers, shapes, checksums):
@@ -101,6 +111,6 @@ def decode(encoded: EncodedCache, fingerprint: str, device: str | torch.device =
         keys=keys,
         values=values,
         layer_group=layer_group,
-        token_index=[torch.tensor([t], dtype=torch.long, device=device) for t in token_index],
+        token_index=[t.to(device) for t in index],
         next_position=torch.tensor([next_position], dtype=torch.long, device=device),
     )

@@ -12,7 +12,7 @@ from dartserve.kv.cache import RaggedKVCache
 from dartserve.models.attention import attention_mask, last_token_attention
 from dartserve.models.base import EncodedPrompt, ModelAdapter
 from dartserve.pruning.base import ImageSpan, Selection, SelectionContext
-from dartserve.pruning.config import PruningConfig
+from dartserve.pruning.config import GRID_METHODS, PruningConfig
 from dartserve.pruning.registry import get_method
 from dartserve.timing import stopwatch
 
@@ -95,6 +95,7 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
                 hidden=hidden[b, :n],
                 normed=normed[b, :n],
                 keys=keys[b, :, :n].transpose(0, 1).reshape(n, -1),
+                vision=request.input_ids.to(device) == adapter.image_token_id,
                 last_attention_fn=partial(
                     last_token_attention,
                     adapter.layers[cut - 1],
@@ -142,6 +143,11 @@ def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: Prunin
         raise ValueError(f"the prompt needs {int(request.positions.max()) + 1} positions; the model has {adapter.max_positions}")
     if pruning.prunes and request.spans and request.spans[-1].end == seq:
         raise ValueError("a pruned prompt must end with text, not with an image")
+    if pruning.prunes and pruning.method in GRID_METHODS:
+        for span, share in zip(request.spans, pruning.span_budgets([s.length for s in request.spans])):
+            cells = sum(g.size for g in span.grids)
+            if share > cells:
+                raise ValueError(f"{pruning.method} keeps grid cells only: an image's share of the budget ({share}) is more than its {cells} cells")
 
 
 def check_selection(method: str, span: ImageSpan, budget: int, selection: Selection) -> None:

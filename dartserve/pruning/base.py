@@ -46,7 +46,8 @@ class SelectionContext:
     """Layer K-1's view of one request, unpadded.
 
     ``hidden`` is the residual stream leaving layer K-1 (what layer K would read), ``normed`` the
-    same through the model's final norm, ``keys`` layer K-1's post-RoPE keys with heads flattened.
+    same through the model's final norm, ``keys`` layer K-1's post-RoPE keys with heads flattened,
+    ``vision`` a bool mask of the request's image tokens, of every image.
     ``last_attention`` computes, on first use only, the head-averaged attention row of the last
     prompt token at layer K-1 over all positions.
     """
@@ -54,6 +55,7 @@ class SelectionContext:
     hidden: torch.Tensor
     normed: torch.Tensor
     keys: torch.Tensor
+    vision: torch.Tensor
     last_attention_fn: Callable[[], torch.Tensor]
     _last_attention: torch.Tensor | None = field(default=None, repr=False)
 

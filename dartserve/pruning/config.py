@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from dartserve.checks import SEED_LIMIT, require_int, require_number
@@ -14,7 +15,8 @@ class PruningConfig:
     ``budget`` is the number of vision tokens a request keeps over all its images; ``ratio`` is
     the same thing as a fraction of the request's vision tokens (0.111 keeps 64 of 576). Give at
     most one; with neither, every vision token is kept. ``layer`` is K: layers 0..K-1 see the
-    full sequence, layers K..L-1 the reduced one.
+    full sequence, layers K..L-1 the reduced one. The other settings belong to the methods that
+    read them (``settings_used``); giving one a method does not read is an error.
     """
 
     method: str = "dart"
@@ -26,11 +28,11 @@ class PruningConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from dartserve.pruning.registry import get_method
-
         if not isinstance(self.method, str):
             raise ValueError(f"method must be a string, got {self.method!r}")
-        get_method(self.method)
+        unused = [name for name in self.__dataclass_fields__ if name not in ("method", *self.settings_used) and getattr(self, name) != _DEFAULTS[name]]
+        if unused:
+            raise ValueError(f"pruning method {self.method!r} does not use {', '.join(unused)}; it reads {', '.join(self.settings_used) or 'nothing'}")
         if self.budget is not None and self.ratio is not None:
             raise ValueError("give either budget or ratio, not both")
         if self.budget is not None:
@@ -47,6 +49,13 @@ class PruningConfig:
         if self.method == "dart" and self.pivot_image + self.pivot_text < 1:
             raise ValueError("dart needs at least one pivot")
 
+    @property
+    def settings_used(self) -> tuple[str, ...]:
+        from dartserve.pruning.registry import method_settings
+
+        extra = method_settings(self.method)
+        return () if self.method == "none" else ("budget", "ratio", "layer", *extra)
+
     @classmethod
     def from_dict(cls, data: dict) -> PruningConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -55,7 +64,9 @@ class PruningConfig:
         return cls(**data)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The method and the settings it reads: the pruning as applied."""
+        values = asdict(self)
+        return {"method": self.method} | {name: values[name] for name in self.settings_used}
 
     @property
     def prunes(self) -> bool:
@@ -72,7 +83,7 @@ class PruningConfig:
         if self.budget is not None:
             budget = self.budget
         else:
-            budget = max(1, round(self.ratio * num_vision_tokens))
+            budget = max(1, math.floor(self.ratio * num_vision_tokens + 0.5))  # halves round up, always
         if budget > num_vision_tokens:
             raise ValueError(f"budget {budget} is larger than the request's {num_vision_tokens} vision tokens")
         return budget
@@ -80,7 +91,7 @@ class PruningConfig:
     def span_budgets(self, span_lengths: list[int]) -> list[int]:
         """Splits the request's budget over its images in proportion to their token counts."""
         shares = split_proportional(self.total_budget(sum(span_lengths)), span_lengths)
-        if self.prunes and self.method in ("pooling", "window_fastv") and 0 in shares:
+        if self.prunes and self.method in GRID_METHODS and 0 in shares:
             raise ValueError(f"{self.method} keeps at least one token per image; a budget of {sum(shares)} leaves an image none")
         if self.prunes and self.method == "dart":
             for share in shares:
@@ -89,6 +100,10 @@ class PruningConfig:
                         f"an image's share of the budget ({share}) is smaller than pivot_image={self.pivot_image}"
                     )
         return shares
+
+
+GRID_METHODS = ("pooling", "window_fastv")  # they keep grid cells, never LLaVA-NeXT's row separators
+_DEFAULTS = {name: f.default for name, f in PruningConfig.__dataclass_fields__.items()}
 
 
 def split_proportional(total: int, sizes: list[int]) -> list[int]:

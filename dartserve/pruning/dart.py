@@ -19,12 +19,15 @@ def dart_select(
     budget: int,
     pivot_image: int = 4,
     pivot_text: int = 4,
+    text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sorted absolute positions of the ``budget`` image tokens DART keeps.
 
     ``hidden`` is layer K-1's output through the final norm ``[seq, d]``; ``keys`` layer K-1's
     post-RoPE keys ``[seq, kv_dim]``. Pivots are the ``pivot_image`` image tokens and the
-    ``pivot_text`` tokens after the image with the largest L1 key norm. Image pivots are kept;
+    ``pivot_text`` text tokens after the image with the largest L1 key norm; ``text`` (bool
+    ``[seq]``) marks the text tokens where a prompt holds other images, whose tokens are not
+    text, and by default every token after the image counts as text. Image pivots are kept;
     text pivots only guide. The ``budget - pivot_image`` other slots are split evenly over the
     pivots (remainder to the first); pivots, in ascending position, each claim the candidates
     least cosine-similar to them, which then leave the pool.
@@ -41,9 +44,15 @@ def dart_select(
         raise ValueError(f"budget must be in [pivot_image={pivot_image}, {image_len}], got {budget}")
     image_end = image_start + image_len
 
+    after = torch.arange(image_end, seq, device=keys.device)
+    if text is not None:
+        if text.shape != (seq,) or text.dtype != torch.bool:
+            raise ValueError(f"text must be a bool mask of shape ({seq},), got {text.dtype} {tuple(text.shape)}")
+        after = after[text[image_end:]]
+
     key_norm = keys.float().abs().sum(dim=-1)
     image_pivots = stable_top(key_norm[image_start:image_end], pivot_image)
-    text_pivots = stable_top(key_norm[image_end:], min(pivot_text, seq - image_end)) + image_len
+    text_pivots = after[stable_top(key_norm[after], min(pivot_text, len(after)))] - image_start
     pivots = torch.cat([image_pivots, text_pivots]).sort().values  # offsets from image_start
     if len(pivots) == 0:
         raise ValueError("dart needs at least one pivot")
@@ -66,9 +75,9 @@ def dart_select(
     return (torch.cat(claimed).sort().values + image_start).to(torch.long)
 
 
-@register("dart")
+@register("dart", settings=("pivot_image", "pivot_text"))
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     positions = dart_select(
-        ctx.normed, ctx.keys, span.start, span.length, budget, config.pivot_image, config.pivot_text
+        ctx.normed, ctx.keys, span.start, span.length, budget, config.pivot_image, config.pivot_text, text=~ctx.vision
     )
     return Selection(positions)

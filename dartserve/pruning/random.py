@@ -10,7 +10,7 @@ from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.registry import register
 
 
-@register("random")
+@register("random", settings=("seed",))
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     # Seeded by the config and the span's place, so a request gives the same tokens alone or in a batch.
     generator = torch.Generator().manual_seed((config.seed * 1_000_003 + span.start) % SEED_LIMIT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.convert import merge_pruning
 from services.gateway.image_urls import ImageUrls
@@ -35,7 +35,7 @@ class AnswerIn(BaseModel):
     top_p: float = 1.0
     seed: int = 0
     stream: bool = False
-    conversation_id: str | None = None
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 def parse_answer(fields: dict) -> AnswerIn:
@@ -79,8 +79,11 @@ def make_question(images: list[bytes], messages: list[dict], pruning: dict | Non
 
 def first_turn(body: AnswerIn, images: list[bytes], policy: Policy) -> Question:
     """The question of a request that starts a conversation."""
+    if not images:
+        raise ApiError(400, "a conversation's first turn needs an image: 'image', 'images' or an uploaded file", "image")
     config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
-    pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
+    # An explicit null budget or ratio is kept: it asks for every vision token.
+    pruning = body.pruning.model_dump(exclude_unset=True) if body.pruning else None
     return make_question(images, [{"role": "user", "content": body.question}], pruning, config, policy)
 
 

@@ -164,7 +164,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, error: StarletteHTTPException):
         kind = "not_found" if error.status_code == 404 else "invalid_request_error"
-        return api_error(request, ApiError(error.status_code, str(error.detail), kind=kind))
+        return api_error(request, ApiError(error.status_code, str(error.detail), kind=kind, headers=error.headers))  # a 405 keeps its Allow
 
     # Added first, so it is the innermost middleware (see BodyLimit).
     app.add_middleware(BodyLimit, limit_for=lambda path: gateway.max_batch_bytes if path == "/v1/batches" else gateway.max_body_bytes)
@@ -185,9 +185,18 @@ def create_app(gateway: Gateway) -> FastAPI:
 
         return await gateway.admitted(_answer, read)
 
+    def model_card() -> dict:
+        return {"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "dartserve"}
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "dartserve"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    def model(model: str):
+        if model != gateway.model_name:
+            raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
+        return model_card()
 
     @app.get("/healthz")
     async def healthz():  # on the event loop: alive even when every worker thread is taken
@@ -270,18 +279,22 @@ def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:
 
 async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
     """The request's fields and its uploaded image files (multipart)."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    kind = media_type(request)
     if kind == "application/json":
         return await json_object(request), []
     if kind == "multipart/form-data":
         form = await request.form()
-        fields: dict = {}
+        fields: dict = {"images": []}
         uploads = []
         for name, value in form.multi_items():
             if hasattr(value, "read"):
                 if name not in ("image", "images"):
                     raise ApiError(400, f"unexpected file field {name!r}; upload images as 'image'", name)
                 uploads.append(await value.read())
+            elif name in ("image", "images"):  # base64 or a URL, after any uploaded files
+                fields["images"].append(value)
+            elif name in fields:
+                raise ApiError(400, f"form field {name!r} is given more than once", name)
             elif name in ("question", "conversation_id"):
                 fields[name] = value
             else:
@@ -289,8 +302,15 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
                     fields[name] = json.loads(value)
                 except ValueError:
                     raise ApiError(400, f"form field {name!r} must be JSON (a number, true/false or an object)", name) from None
+        if not fields["images"]:
+            del fields["images"]
         return fields, uploads
     raise ApiError(415, "send application/json or multipart/form-data", kind="unsupported_media_type")
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, which is case-insensitive, without its parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):

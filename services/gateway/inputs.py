@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from dartserve.models.decode import SamplingConfig
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+_DATA_URL = re.compile(r"^(?i:data):(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;(?i:base64))?,(?P<data>.*)$", re.S)
 
 
 class ApiError(Exception):
@@ -63,20 +63,27 @@ def json_body(schema: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def image_bytes(value, param: str, urls=None) -> bytes:
-    """An image given as base64, as a base64 ``data:`` URL, or as an http(s) URL that ``urls``
-    (an ``ImageUrls``) may fetch."""
+def image_bytes(value, param: str, urls=None, url_only: bool = False) -> bytes:
+    """An image given as base64 (unless ``url_only``), as a base64 ``data:image/...`` URL, or as
+    an http(s) URL that ``urls`` (an ``ImageUrls``) may fetch."""
     if not isinstance(value, str) or not value:
         raise ApiError(400, "an image must be a non-empty base64 string or data URL", param)
-    if value.startswith(("http://", "https://")):
+    scheme = value.partition(":")[0].lower()
+    if scheme in ("http", "https"):
         if urls is None:
             raise ApiError(400, "image URLs are not fetched; send the image as base64 or a data URL", param)
         return urls.fetch(value, param)
-    if value.startswith("data:"):
+    if scheme == "data":
         match = _DATA_URL.match(value)
         if not match or not match.group("b64"):
             raise ApiError(400, "a data URL image must be base64-encoded (data:image/png;base64,...)", param)
+        if not (match.group("mime") or "").lower().startswith("image/"):
+            raise ApiError(400, f"a data URL must hold an image (data:image/...), not {match.group('mime') or 'text/plain'}", param)
         value = match.group("data")
+    elif ":" in value:  # base64 has no colon: this is a URL of a kind not taken
+        raise ApiError(400, f"image URLs may be data: or http(s): URLs, not {scheme[:16]!r}", param)
+    elif url_only:
+        raise ApiError(400, "an image URL must be a data URL (data:image/png;base64,...) or an http(s) URL", param)
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

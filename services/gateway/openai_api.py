@@ -17,13 +17,18 @@ from pydantic import BaseModel, ConfigDict
 
 from services.gateway import conversations as conv
 from services.gateway.answers import PruningIn
-from services.gateway.app import Gateway
+from services.gateway.app import Gateway, media_type
 from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, sampling, validated
 from services.gateway.pipeline import Delta, Final
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
 class ChatIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     messages: list[dict]
     max_tokens: int | None = None
@@ -32,14 +37,14 @@ class ChatIn(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     n: int = 1
     pruning: PruningIn | None = None
 
 
 class ChatShape:
-    def __init__(self, model: str) -> None:
-        self.model = model
+    def __init__(self, model: str, include_usage: bool = False) -> None:
+        self.model, self.include_usage = model, include_usage
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = False
@@ -52,7 +57,7 @@ class ChatShape:
             "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": final.text}, "finish_reason": final.finish_reason, "logprobs": None}],
             "usage": _usage(final),
-            "dartserve": {"usage": final.usage, "timings": final.timings, "pruning": final.pruning},
+            "dartserve": _extension(final),
         }
 
     def chunks(self, event) -> list[dict]:
@@ -62,20 +67,24 @@ class ChatShape:
             out.append(self._chunk({"role": "assistant", "content": ""}, None))
         if isinstance(event, Delta):
             out.append(self._chunk({"content": event.text}, None))
-        else:
-            last = self._chunk({}, event.finish_reason)
-            last["usage"] = _usage(event)
-            out.append(last)
+            return out
+        last = self._chunk({}, event.finish_reason)
+        last["dartserve"] = _extension(event)
+        out.append(last)
+        if self.include_usage:  # as OpenAI sends it: a last chunk with no choices
+            out.append(self._envelope() | {"choices": [], "usage": _usage(event)})
         return out
 
     def _chunk(self, delta: dict, finish_reason) -> dict:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-        }
+        return self._envelope() | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+    def _envelope(self) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+
+def _extension(final: Final) -> dict:
+    """What dartserve adds to a response: its usage figures, timings and the pruning applied."""
+    return {"usage": final.usage, "timings": final.timings, "pruning": final.pruning}
 
 
 def _usage(final: Final) -> dict:
@@ -84,8 +93,13 @@ def _usage(final: Final) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+_MESSAGE_KEYS = {"role", "content"}
+_PART_KEYS = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}
+
+
 def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], list[dict]]:
-    """Images (in order) and text turns from OpenAI-style messages; images only in the first user turn."""
+    """Images (in order) and text turns from OpenAI-style messages; images only in the first
+    user turn. A key the served models have no use for is refused, not dropped."""
     images: list[bytes] = []
     turns: list[dict] = []
     for i, message in enumerate(messages):
@@ -94,6 +108,7 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
         role, content = message["role"], message.get("content")
         if role == "system":
             raise ApiError(400, "system messages are not supported by the served models' templates", f"messages.{i}")
+        _only(message, _MESSAGE_KEYS, f"messages.{i}")
         if isinstance(content, str):
             text = content
         elif isinstance(content, list):
@@ -106,9 +121,10 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
                 elif kind == "image_url" and isinstance(part.get("image_url"), dict):
                     if turns:
                         raise ApiError(400, "images must be in the first user message", where)
-                    images.append(image_bytes(part["image_url"].get("url"), where, image_urls))
+                    images.append(_image(part["image_url"], f"{where}.image_url", image_urls))
                 else:
                     raise ApiError(400, "a content part is {type: text, text} or {type: image_url, image_url: {url}}", where)
+                _only(part, _PART_KEYS[kind], where)
             text = " ".join(texts)
         else:
             raise ApiError(400, "message content must be a string or a list of parts", f"messages.{i}.content")
@@ -121,10 +137,25 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
     return images, turns
 
 
+def _image(image_url: dict, where: str, image_urls) -> bytes:
+    _only(image_url, {"url", "detail"}, where)
+    if image_url.get("detail", "auto") != "auto":  # the model sees every image at its own resolution
+        raise ApiError(400, "only detail 'auto' is supported", f"{where}.detail")
+    return image_bytes(image_url.get("url"), f"{where}.url", image_urls, url_only=True)
+
+
+def _only(given: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(given) - allowed)
+    if extra:
+        raise ApiError(400, f"{where}: {extra[0]!r} is not supported here (allowed: {', '.join(sorted(allowed))})", f"{where}.{extra[0]}")
+
+
 def register_chat(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatIn.model_json_schema()))
     async def chat(request: Request):
         async def read():
+            if media_type(request) != "application/json":
+                raise ApiError(415, "send application/json", kind="unsupported_media_type")
             return gateway, validated(ChatIn, await json_object(request))
 
         return await gateway.admitted(_chat, read)
@@ -135,16 +166,32 @@ def _chat(gateway: Gateway, body: ChatIn, slot):
         raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", "n")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
     images, turns = parse_messages(body.messages, gateway.policy.image_urls)
-    limit = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None), 64)
-    config = sampling(limit, 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0)
+    limits = {name: value for name, value in (("max_completion_tokens", body.max_completion_tokens), ("max_tokens", body.max_tokens)) if value is not None}
+    if len(set(limits.values())) > 1:
+        raise ApiError(400, "max_tokens and max_completion_tokens differ; give one of them", "max_tokens")
+    config = _sampling(body, limits)
     hashes = [hashlib.sha256(image).hexdigest() for image in images]
     previous = gateway.conversations.get(conv.by_content(gateway.model_name, hashes, turns[:-1])) if len(turns) > 1 else None
-    pruning = body.pruning.model_dump(exclude_none=True) if body.pruning else None
+    pruning = body.pruning.model_dump(exclude_unset=True) if body.pruning else None
     question = gateway.question(images, turns, pruning, config)
     if previous is not None and previous["pruning"] != question.pruning.to_dict():
         previous = None  # a conversation keeps its pruning: other settings start it afresh
     if previous is None and not images:
         raise ApiError(400, "the first user message must carry an image (an image_url part)", "messages")
     key = lambda final: conv.by_content(gateway.model_name, hashes, final.record["messages"])  # noqa: E731
-    return gateway.run(question, previous, key, ChatShape(gateway.model_name), body.stream, "/v1/chat/completions", slot)
+    shape = ChatShape(gateway.model_name, include_usage=body.stream_options is not None and body.stream_options.include_usage)
+    return gateway.run(question, previous, key, shape, body.stream, "/v1/chat/completions", slot)
+
+
+def _sampling(body: ChatIn, limits: dict):
+    """Greedy unless asked otherwise; errors name the request's own fields."""
+    try:
+        return sampling(next(iter(limits.values()), 64), 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0)
+    except ApiError as error:
+        if error.param != "max_new_tokens":
+            raise
+        name = next(iter(limits), "max_tokens")
+        raise ApiError(400, error.message.replace("max_new_tokens", name, 1), name) from None

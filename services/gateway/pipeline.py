@@ -47,7 +47,8 @@ def answer(backend, question: Question, previous: dict | None = None, stream: bo
         return
     encoded, prefilled = _encode_and_prefill(backend, question)
     ttft_ms = (time.perf_counter() - started) * 1e3
-    yield Delta(prefilled.first_text)
+    if prefilled.first_text:  # a token may show no text until the next completes its character
+        yield Delta(prefilled.first_text)
     tokens, texts, last = [prefilled.first_token], [prefilled.first_text], None
     if not prefilled.finish_reason:
         chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token, stream=stream)
