@@ -97,7 +97,7 @@ def run_prefill_bench(
     adapter = bench_model(width, depth, device, dtype)
     request = bench_prompt(adapter)
     full = len(request.input_ids)
-    settings = [PruningConfig(method="none")] + [  # the unpruned baseline, once
+    settings = [PruningConfig(method="none")] + [  # "none" in methods would repeat the baseline
         PruningConfig(method=m, budget=b, layer=layer) for m in methods if m != "none" for b in budgets
     ]
     machine = f"{device}: {torch.cuda.get_device_name() if device.startswith('cuda') else cpu_name()}, {torch.get_num_threads()} threads"

@@ -64,7 +64,10 @@ def _generate(args: argparse.Namespace) -> int:
     from dartserve.models import SamplingConfig
     from dartserve.pruning import PruningConfig
 
-    method = args.method or ("dart" if args.budget or args.ratio else "none")
+    amount = args.budget is not None or args.ratio is not None
+    if not args.method and not amount and args.layer is not None:
+        raise ValueError("--layer needs --budget or --ratio: without either nothing is pruned")
+    method = args.method or ("dart" if amount else "none")
     given = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
     pruning = PruningConfig(method=method, **{name: value for name, value in given.items() if value is not None})
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -19,11 +19,13 @@ def merge_pruning(requested: dict | None, defaults: dict) -> PruningConfig:
     requested = requested or {}
     if not isinstance(requested, dict):
         raise ValueError("pruning must be an object")
-    given = {k: v for k, v in requested.items() if v is not None or k in ("budget", "ratio")}
-    used = ("method", *PruningConfig(method=given.get("method", defaults.get("method", "dart"))).settings_used)
+    method = requested.get("method") or defaults.get("method", "dart")
+    used = ("method", *PruningConfig(method=method).settings_used)
+    # A null is "not set", except for the amount of a method that reads one: keep every token.
+    given = {k: v for k, v in requested.items() if v is not None or (k in ("budget", "ratio") and k in used)}
     unused = sorted(set(given) - set(used))
     if unused:
-        raise ValueError(f"pruning method {given.get('method', defaults.get('method'))!r} does not use {', '.join(unused)}; it reads {', '.join(used[1:]) or 'nothing'}")
+        raise ValueError(f"pruning method {method!r} does not use {', '.join(unused)}; it reads {', '.join(used[1:]) or 'nothing'}")
     merged = {k: v for k, v in defaults.items() if k in used}
     if "budget" in given or "ratio" in given:
         merged.pop("budget", None)

@@ -106,4 +106,4 @@ def run_worker(settings, local: bool, concurrency: int) -> None:
     app = worker_app(settings, Worker(settings, backend, model_name(settings)))
     # One process: the stages' model (or channels) is loaded once; threads share it.
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
-    app.worker_main(["worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", *pool])
+    app.worker_main(["--quiet", "worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", *pool])  # no banner: every line is JSON

@@ -56,6 +56,7 @@ def configure_logging(service: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # a library's warning is a JSON line too, not raw lines on stderr
     # transformers prints through a handler of its own, and draws progress bars.
     transformers_logging.disable_default_handler()
     transformers_logging.enable_propagation()

@@ -106,6 +106,12 @@ def test_a_batch_answers_every_request_as_v1_answer_does(cluster, worker):
     client = redis.Redis.from_url(cluster["env"]["DARTSERVE_REDIS_URL"])
     keys = list(client.scan_iter(f"dartserve:batch:{{{created['id']}}}*"))
     assert len(keys) == 4 and all(0 < client.ttl(key) <= 86400 for key in keys)  # results included
+    # Every log line is JSON (no banner, no raw warning), and an item's lines, in the worker and
+    # in every stage, carry BATCH_ID/CUSTOM_ID.
+    item_id = f"{created['id']}/{requests[-1]['custom_id']}"
+    for name, path in [("worker", log), *((stage, cluster["logs"] / f"{stage}.log") for stage in ("vision", "pruner", "generator"))]:
+        logged = [json.loads(line) for line in path.read_text().splitlines() if line]
+        assert any(line["request_id"] == item_id for line in logged), name
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):
@@ -231,28 +237,32 @@ def test_cancelling_a_queued_batch_runs_none_of_it_and_lists_every_request(clust
 
 
 def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_server, tmp_path):
-    """``dartserve serve`` next to ``dartserve worker --local``, driven by ``dartserve batch``."""
+    """``dartserve serve`` next to ``dartserve worker --local``, driven by ``dartserve batch``,
+    which sends DARTSERVE_API_KEY to a gateway that wants a key."""
     env = {"DARTSERVE_REDIS_URL": redis_server.url.replace("/0", "/1"), "DARTSERVE_PORT": str(free_port())}
     url = f"http://127.0.0.1:{env['DARTSERVE_PORT']}"
-    serve = dartserve_process("serve", env, tmp_path / "serve.log")
+    serve = dartserve_process("serve", env | {"DARTSERVE_API_KEYS": "batch-key"}, tmp_path / "serve.log")
     local = dartserve_process("worker", env, tmp_path / "worker.log", ("--local",))
     try:
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, tmp_path / "serve.log")
         requests = requests_for(6, images=3)
         (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
         cli = [sys.executable, "-m", "dartserve.cli", "batch"]
-        submitted = subprocess.run([*cli, "submit", str(tmp_path / "in.jsonl"), "--wait", "-o", str(tmp_path / "out.jsonl"), "--url", url], capture_output=True, text=True, timeout=300)
+        keyless = subprocess.run([*cli, "status", "batch_x", "--url", url], capture_output=True, text=True, env=os.environ | {"DARTSERVE_API_KEY": ""})
+        assert keyless.returncode == 2 and "HTTP 401" in keyless.stderr
+        keyed = os.environ | {"DARTSERVE_API_KEY": "batch-key"}  # what the CLI sends
+        submitted = subprocess.run([*cli, "submit", str(tmp_path / "in.jsonl"), "--wait", "-o", str(tmp_path / "out.jsonl"), "--url", url], capture_output=True, text=True, timeout=300, env=keyed)
         assert submitted.returncode == 0, submitted.stderr + (tmp_path / "worker.log").read_text()
         batch_id = submitted.stdout.splitlines()[0]
         lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
         for request, line in zip(requests, lines, strict=True):
-            single = httpx.post(f"{url}/v1/answer", json={k: v for k, v in request.items() if k != "custom_id"}, timeout=60).json()
+            single = httpx.post(f"{url}/v1/answer", json={k: v for k, v in request.items() if k != "custom_id"}, headers={"Authorization": "Bearer batch-key"}, timeout=60).json()
             assert (line["custom_id"], line["response"]["body"]["answer"]) == (request["custom_id"], single["answer"])
-        status = json.loads(subprocess.run([*cli, "status", batch_id, "--url", url], capture_output=True, text=True, check=True).stdout)
+        status = json.loads(subprocess.run([*cli, "status", batch_id, "--url", url], capture_output=True, text=True, check=True, env=keyed).stdout)
         assert status["status"] == "completed" and status["request_counts"]["done"] == 6
-        printed = subprocess.run([*cli, "results", batch_id, "--url", url], capture_output=True, text=True, check=True).stdout
+        printed = subprocess.run([*cli, "results", batch_id, "--url", url], capture_output=True, text=True, check=True, env=keyed).stdout
         assert [json.loads(line) for line in printed.splitlines()] == lines
-        unknown = subprocess.run([*cli, "status", "batch_nope", "--url", url], capture_output=True, text=True)
+        unknown = subprocess.run([*cli, "status", "batch_nope", "--url", url], capture_output=True, text=True, env=keyed)
         assert unknown.returncode == 2 and "HTTP 404" in unknown.stderr
     finally:
         stop(local)

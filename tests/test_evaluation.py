@@ -73,11 +73,12 @@ def test_eval_writes_json_markdown_and_plot(checkpoints, tmp_path, capsys):
     dataset = write_dataset(tmp_path, count=4)
     out = tmp_path / "out"
     args = ["eval", "--model", str(checkpoints["llava"]), "--dataset", str(dataset), "--limit", "3",
-            "--methods", "none,dart,random", "--budgets", "16,8", "--out", str(out), "--max-new-tokens", "2"]
+            "--methods", "none,dart,random", "--budgets", "16,8", "--layers", "1,2", "--out", str(out), "--max-new-tokens", "2"]
     assert main(args) == 0
     assert "100%" in capsys.readouterr().err  # the progress bar
     rows = json.loads((out / "eval.json").read_text())
-    assert [(r["method"], r["budget"], r["layer"]) for r in rows] == [("none", None, None), ("dart", 16, 2), ("dart", 8, 2), ("random", 16, 2), ("random", 8, 2)]
+    grid = [(method, budget, layer) for method in ("dart", "random") for layer in (1, 2) for budget in (16, 8)]
+    assert [(r["method"], r["budget"], r["layer"]) for r in rows] == [("none", None, None), *grid]
     for row in rows:
         assert row["n"] == 3 and 0 <= row["accuracy"] <= 1 and set(row["per_type"]) == {"pope"}
     # The random tiny model answers nothing right, so accuracy relative to it is undefined.
@@ -114,3 +115,21 @@ def test_eval_accuracy_counts_the_answers_that_match():
     right = [said["dart", i] == said["none", i] for i in range(3)]
     assert rows[1]["accuracy"] == sum(right) / 4 and rows[1]["per_type"] == {"a": sum(right[:2]) / 2, "b": right[2] / 2}
     assert rows[1]["relative_accuracy"] == round(rows[1]["accuracy"] / 0.75, 4)
+
+
+def test_eval_appends_the_prompt_suffix_to_every_question():
+    from dartserve.demo import CHECKPOINT
+    from dartserve.engine import Engine
+    from dartserve.evaluation import Item, evaluate, synthetic_items
+    from dartserve.models import SamplingConfig
+    from dartserve.pruning import PruningConfig
+
+    engine = Engine.load(str(CHECKPOINT))
+    suffix = " red red red"  # words that change what the demo model says to most questions
+    source = synthetic_items("test", 6)
+    plain = [engine.generate([i.load_image()], i.question, sampling=SamplingConfig(max_new_tokens=8)).text for i in source]
+    suffixed = [engine.generate([i.load_image()], i.question + suffix, sampling=SamplingConfig(max_new_tokens=8)).text for i in source]
+    assert plain != suffixed
+    items = [Item(i.load_image, i.question, (answer,), "q") for i, answer in zip(source, suffixed)]
+    (row,) = evaluate(engine, items, [PruningConfig(method="none")], prompt_suffix=suffix, progress=False)
+    assert row["accuracy"] == 1.0

@@ -145,6 +145,11 @@ def test_cli_reports_bad_input_as_an_error(checkpoints, tmp_path, capsys):
     code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "99"])
     assert code == 2
     assert "larger than" in capsys.readouterr().err
+    # A zero amount is an amount (refused as one), and a layer alone prunes nothing.
+    for flags, says in ((["--budget", "0"], "budget"), (["--ratio", "0"], "ratio"), (["--layer", "3"], "--layer needs --budget or --ratio")):
+        assert main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, *flags]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "'none'" not in err, err
 
 
 def test_bench_prefill_rows(tmp_path):

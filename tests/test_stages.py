@@ -214,11 +214,14 @@ def test_damaged_or_foreign_conversation_records_are_unknown():
     from services.gateway.conversations import FIELDS, Conversations
 
     conversations = Conversations(MemoryStore(), ttl_s=100)
-    whole = dict.fromkeys(FIELDS, 1)
-    for key, record in (("list", [1, 2]), ("partial", {"kv_handle": "dartserve:kv:x"}), ("whole", whole)):
+    whole = dict.fromkeys(FIELDS, 1) | {"pruning": PruningConfig(budget=64).to_dict()}
+    # The form the previous version wrote: every setting, those the method does not read too.
+    older = whole | {"pruning": {"method": "dart", "budget": 64, "ratio": None, "layer": 2, "pivot_image": 4, "pivot_text": 4, "seed": 0}}
+    damaged = whole | {"pruning": {"method": "magic"}}
+    for key, record in (("list", [1, 2]), ("partial", {"kv_handle": "dartserve:kv:x"}), ("whole", whole), ("older", older), ("damaged", damaged)):
         conversations.put(key, record)
-    assert conversations.get("list") is None and conversations.get("partial") is None
-    assert conversations.get("whole") == whole
+    assert conversations.get("list") is None and conversations.get("partial") is None and conversations.get("damaged") is None
+    assert conversations.get("whole") == conversations.get("older") == whole
 
 
 def test_conversation_records_expire_before_their_cache():
@@ -329,6 +332,10 @@ def test_what_a_request_cannot_use_is_refused_not_dropped(demo_client):
     assert form.status_code == 200 and form.json()["answer"] == reference
     upload = demo_client.post("/v1/answer", files=[("image", ("picture.png", base64.b64decode(image), "image/png")), ("question", (None, answer["question"]))])
     assert upload.status_code == 200 and upload.json()["answer"] == reference
+    # Form fields that are not strings are JSON: a JSON string for image too, a list for images.
+    for field in (("image", (None, json.dumps(image))), ("images", (None, json.dumps([image])))):
+        encoded = demo_client.post("/v1/answer", files=[field, ("question", (None, answer["question"]))])
+        assert encoded.status_code == 200 and encoded.json()["answer"] == reference, encoded.text
 
 
 def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
@@ -340,6 +347,7 @@ def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
     assert keep_all["usage"]["kept_vision_tokens"] == keep_all["usage"]["vision_tokens"] == 576
     none = demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "none"}}).json()
     assert none["pruning"] == {"method": "none"}
+    assert demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "none", "budget": None, "layer": None}}).json()["pruning"] == {"method": "none"}
     fastv = demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "fastv"}}).json()
     assert fastv["pruning"] == {"method": "fastv", "budget": None, "ratio": 64 / 576, "layer": 2} and fastv["usage"]["kept_vision_tokens"] == 64
 

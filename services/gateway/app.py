@@ -284,26 +284,22 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
         return await json_object(request), []
     if kind == "multipart/form-data":
         form = await request.form()
-        fields: dict = {"images": []}
+        fields: dict = {}
         uploads = []
         for name, value in form.multi_items():
             if hasattr(value, "read"):
                 if name not in ("image", "images"):
                     raise ApiError(400, f"unexpected file field {name!r}; upload images as 'image'", name)
                 uploads.append(await value.read())
-            elif name in ("image", "images"):  # base64 or a URL, after any uploaded files
-                fields["images"].append(value)
             elif name in fields:
                 raise ApiError(400, f"form field {name!r} is given more than once", name)
-            elif name in ("question", "conversation_id"):
-                fields[name] = value
+            elif name in ("question", "conversation_id") or (name == "image" and not value.startswith('"')):
+                fields[name] = value  # strings as they are; an image as base64 or a URL
             else:
                 try:
                     fields[name] = json.loads(value)
                 except ValueError:
                     raise ApiError(400, f"form field {name!r} must be JSON (a number, true/false or an object)", name) from None
-        if not fields["images"]:
-            del fields["images"]
         return fields, uploads
     raise ApiError(415, "send application/json or multipart/form-data", kind="unsupported_media_type")
 

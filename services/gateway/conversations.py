@@ -8,6 +8,7 @@ import json
 import threading
 
 from dartserve.kv.store import StoreUnavailable
+from dartserve.pruning.config import PruningConfig
 from services.gateway.backends import store_errors
 from services.gateway.inputs import ApiError
 
@@ -46,9 +47,13 @@ class Conversations:
             return None
         try:
             record = json.loads(raw)
-        except ValueError:
+            if not isinstance(record, dict) or not FIELDS <= record.keys():
+                return None
+            # In the form this version writes, whichever version wrote the record.
+            record["pruning"] = PruningConfig.from_dict(record["pruning"]).to_dict()
+        except (ValueError, TypeError, AttributeError):
             return None  # damaged: the conversation is treated as unknown, never guessed at
-        return record if isinstance(record, dict) and FIELDS <= record.keys() else None
+        return record
 
     def reachable(self) -> bool:
         try:
