@@ -13,8 +13,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt --extra-index-url $(TORCH_INDEX) torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps --extra-index-url $(TORCH_INDEX) torch==2.13.0  # only torch asks that index
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[test]'
 
 # What the tests need beyond Python packages: kubectl and docker-compose (tests/test_deploy.py)
 # and a redis-server to start.
