@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from dartserve.checks import SettingError
 from dartserve.engine import Engine
 from dartserve.kv import blob
 from dartserve.kv.cache import RaggedKVCache
@@ -43,22 +44,22 @@ class StageMiss(Exception):
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decodes an image file, rejecting what is not one, is damaged, or is too large to decode."""
     if not isinstance(data, bytes) or not data:
-        raise ValueError("an image must be non-empty file bytes")
+        raise SettingError("an image must be non-empty file bytes", "image")
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
             if width * height > max_pixels:  # checked before decoding: no decompression bombs
-                raise ValueError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
+                raise SettingError(f"image is {width}x{height}, over the limit of {max_pixels} pixels", "image")
             # Processors scale the short side up to the model's size: a 1 x 16000 strip would
             # grow to hundreds of megapixels.
             if max(width, height) > MAX_ASPECT * min(width, height):
-                raise ValueError(f"image is {width}x{height}; the long side may be at most {MAX_ASPECT} times the short one")
+                raise SettingError(f"image is {width}x{height}; the long side may be at most {MAX_ASPECT} times the short one", "image")
             probe.load()
             return probe.convert("RGB")
     except Image.UnidentifiedImageError:
-        raise ValueError("not a readable image: its format is not one PIL reads") from None
+        raise SettingError("not a readable image: its format is not one PIL reads", "image") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"not a readable image: {error}") from None
+        raise SettingError(f"not a readable image: {error}", "image") from None
 
 
 def visible_text(engine: Engine, token_ids: list[int]) -> str:

@@ -13,12 +13,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dartserve.checks import SettingError
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
 from services import tls
 from services.stage_calls import StageCalls
 
 MAX_CONNECTION_AGE_MS = 120_000
+PARAM_KEY = "dartserve-param"  # trailing metadata: which request setting an INVALID_ARGUMENT is about
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,8 @@ def status_codes(context: grpc.ServicerContext):
     try:
         yield
     except ValueError as error:
+        if isinstance(error, SettingError):  # the gateway names the field in its 400
+            context.set_trailing_metadata(((PARAM_KEY, error.param),))
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     except StageMiss as error:
         context.abort(grpc.StatusCode.NOT_FOUND, str(error))

@@ -234,7 +234,10 @@ def test_metrics_count_requests_tokens_and_cache_hits(cluster):
     # The stages' own metrics, which the pruner's and generator's autoscalers read.
     assert encodes == prefills == 2 and completes == sum(n > 1 for n in completion) and generates == 0
     missing = stage_calls("pruner", "Prefill", "NOT_FOUND")
-    assert httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(b"not an image"), "question": "q"}).status_code == 400
+    refused = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(b"not an image"), "question": "q"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image"  # named across gRPC too
+    too_long = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": "q", "max_new_tokens": 5000}, timeout=60)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_new_tokens"
     assert stage_calls("vision", "Encode", "INVALID_ARGUMENT") >= 1 and stage_calls("pruner", "Prefill", "NOT_FOUND") == missing
     in_flight = sample("dartserve_stage_in_flight", {"stage": "pruner"}, f"http://127.0.0.1:{cluster['metrics_ports']['pruner']}/metrics")
     assert in_flight == 0

@@ -320,6 +320,18 @@ def test_what_a_request_cannot_use_is_refused_not_dropped(demo_client):
         reply = demo_client.post(path, json=body)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (param, reply.text[:300])
     assert "max_new_tokens" not in demo_client.post("/v1/chat/completions", json=chat | {"max_tokens": 0}).json()["error"]["message"]
+    # What only the stages can find (it needs the image's tokens) names its field too, in each API's names.
+    found_late = [
+        ("/v1/answer", answer | {"pruning": {"budget": 1000}}, "pruning.budget"),
+        ("/v1/answer", answer | {"pruning": {"ratio": 0.005}}, "pruning.ratio"),  # 3 tokens, under DART's 4 image pivots
+        ("/v1/answer", answer | {"pruning": {"layer": 100}}, "pruning.layer"),
+        ("/v1/answer", answer | {"max_new_tokens": 5000}, "max_new_tokens"),
+        ("/v1/answer", answer | {"image": base64.b64encode(b"not an image").decode()}, "image"),
+        ("/v1/chat/completions", chat | {"max_tokens": 5000}, "max_tokens"),
+    ]
+    for path, body, param in found_late:
+        reply = demo_client.post(path, json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (param, reply.text[:300])
     text_plain = demo_client.post("/v1/chat/completions", content=json.dumps(chat), headers={"content-type": "text/plain"})
     assert text_plain.status_code == 415
     twice = demo_client.post("/v1/answer", files=[("question", (None, "one ?")), ("question", (None, "two ?")), ("image", (None, image))])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dartserve.checks import SEED_LIMIT, require_int, require_number
+from dartserve.checks import SEED_LIMIT, SettingError, require_int, require_number
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models.attention import attention_mask
 from dartserve.models.base import ModelAdapter
@@ -59,9 +59,10 @@ def pick_token(logits: torch.Tensor, sampling: SamplingConfig, step: int) -> int
 def check_room(adapter: ModelAdapter, next_position: int, sampling: SamplingConfig) -> None:
     """Rejects a request whose answer could run past the model's rotary positions."""
     if next_position + sampling.max_new_tokens > adapter.max_positions:
-        raise ValueError(
+        raise SettingError(
             f"the prompt takes {next_position} positions and max_new_tokens={sampling.max_new_tokens} more, "
-            f"past the model's {adapter.max_positions}"
+            f"past the model's {adapter.max_positions}",
+            "max_new_tokens",
         )
 
 

@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 
+from dartserve.checks import SettingError
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models.attention import attention_mask, last_token_attention
 from dartserve.models.base import EncodedPrompt, ModelAdapter
@@ -140,14 +141,14 @@ def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: Prunin
     if request.image_features.shape != (len(placeholders), adapter.text.config.hidden_size):
         raise ValueError(f"expected {len(placeholders)} vision tokens of width {adapter.text.config.hidden_size}, got {tuple(request.image_features.shape)}")
     if int(request.positions.max()) >= adapter.max_positions:
-        raise ValueError(f"the prompt needs {int(request.positions.max()) + 1} positions; the model has {adapter.max_positions}")
+        raise SettingError(f"the prompt needs {int(request.positions.max()) + 1} positions; the model has {adapter.max_positions}", "images" if len(request.spans) > 1 else "question")
     if pruning.prunes and request.spans and request.spans[-1].end == seq:
         raise ValueError("a pruned prompt must end with text, not with an image")
     if pruning.prunes and pruning.method in GRID_METHODS:
         for span, share in zip(request.spans, pruning.span_budgets([s.length for s in request.spans])):
             cells = sum(g.size for g in span.grids)
             if share > cells:
-                raise ValueError(f"{pruning.method} keeps grid cells only: an image's share of the budget ({share}) is more than its {cells} cells")
+                raise SettingError(f"{pruning.method} keeps grid cells only: an image's share of the budget ({share}) is more than its {cells} cells", pruning._amount)
 
 
 def check_selection(method: str, span: ImageSpan, budget: int, selection: Selection) -> None:

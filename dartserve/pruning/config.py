@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from dartserve.checks import SEED_LIMIT, require_int, require_number
+from dartserve.checks import SEED_LIMIT, SettingError, require_int, require_number
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class PruningConfig:
 
     def check_layers(self, num_layers: int) -> None:
         if self.prunes and not 1 <= self.layer <= num_layers - 1:
-            raise ValueError(f"layer K={self.layer} is outside the model's layers: use 1..{num_layers - 1}")
+            raise SettingError(f"layer K={self.layer} is outside the model's layers: use 1..{num_layers - 1}", "pruning.layer")
 
     def total_budget(self, num_vision_tokens: int) -> int:
         """The number of vision tokens a request with ``num_vision_tokens`` keeps."""
@@ -85,21 +85,23 @@ class PruningConfig:
         else:
             budget = max(1, math.floor(self.ratio * num_vision_tokens + 0.5))  # halves round up, always
         if budget > num_vision_tokens:
-            raise ValueError(f"budget {budget} is larger than the request's {num_vision_tokens} vision tokens")
+            raise SettingError(f"budget {budget} is larger than the request's {num_vision_tokens} vision tokens", self._amount)
         return budget
 
     def span_budgets(self, span_lengths: list[int]) -> list[int]:
         """Splits the request's budget over its images in proportion to their token counts."""
         shares = split_proportional(self.total_budget(sum(span_lengths)), span_lengths)
         if self.prunes and self.method in GRID_METHODS and 0 in shares:
-            raise ValueError(f"{self.method} keeps at least one token per image; a budget of {sum(shares)} leaves an image none")
+            raise SettingError(f"{self.method} keeps at least one token per image; a budget of {sum(shares)} leaves an image none", self._amount)
         if self.prunes and self.method == "dart":
             for share in shares:
                 if share < self.pivot_image:
-                    raise ValueError(
-                        f"an image's share of the budget ({share}) is smaller than pivot_image={self.pivot_image}"
-                    )
+                    raise SettingError(f"an image's share of the budget ({share}) is smaller than pivot_image={self.pivot_image}", self._amount)
         return shares
+
+    @property
+    def _amount(self) -> str:
+        return "pruning.ratio" if self.ratio is not None else "pruning.budget"
 
 
 GRID_METHODS = ("pooling", "window_fastv")  # they keep grid cells, never LLaVA-NeXT's row separators

@@ -93,7 +93,7 @@ class Gateway:
                     yield from (f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
                 yield "data: [DONE]\n\n"
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
-                yield f"data: {json.dumps(_error_body(error))}\n\n"
+                yield f"data: {json.dumps(_error_body(error, endpoint))}\n\n"
             finally:
                 end_turn()
                 slot.release()
@@ -118,11 +118,11 @@ def _chain(first, rest):
     yield from rest
 
 
-def _error_body(error: Exception) -> dict:
+def _error_body(error: Exception, endpoint: str) -> dict:
     if isinstance(error, ApiError):
         return error.body()
     if isinstance(error, ValueError):
-        return {"error": {"type": "invalid_request_error", "message": str(error), "param": None}}
+        return {"error": {"type": "invalid_request_error", "message": str(error), "param": _param(error, endpoint)}}
     return {"error": {"type": "service_unavailable", "message": str(error), "param": None}}
 
 
@@ -147,7 +147,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(ValueError)
     def value_error(request: Request, error: ValueError):
-        return api_error(request, ApiError(400, str(error)))
+        return api_error(request, ApiError(400, str(error), _param(error, _endpoint(request))))
 
     @app.exception_handler(Unavailable)
     def unavailable(request: Request, error: Unavailable):
@@ -260,6 +260,16 @@ class BodyLimit:
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
+
+
+# The chat API's names for what /v1/answer calls max_new_tokens, question and image(s).
+_CHAT_PARAMS = {"max_new_tokens": "max_tokens", "question": "messages", "image": "messages", "images": "messages"}
+
+
+def _param(error: ValueError, endpoint: str) -> str | None:
+    """The request field a library error is about, in the endpoint's own names."""
+    param = getattr(error, "param", None)
+    return _CHAT_PARAMS.get(param, param) if endpoint == "/v1/chat/completions" else param
 
 
 def _endpoint(request: Request) -> str:

@@ -14,11 +14,13 @@ import grpc
 import grpc.experimental
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dartserve.checks import SettingError
 from dartserve.kv.store import StoreUnavailable
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
 from services import request_ids, tls
+from services.grpc_server import PARAM_KEY
 from services.convert import from_message, pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
@@ -139,7 +141,8 @@ class _rpc_errors:
             return False
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise ValueError(details) from None
+            param = dict(error.trailing_metadata() or ()).get(PARAM_KEY)
+            raise (SettingError(details, param) if param else ValueError(details)) from None
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
             raise ValueError(f"the request is too large for the services: {details}") from None
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -93,7 +93,7 @@ class Worker:
         except ApiError as error:
             return _failure(custom_id, error.status, error.kind, error.message, error.param)
         except ValueError as error:  # what a stage found wrong with the input, e.g. not an image
-            return _failure(custom_id, 400, "invalid_request_error", str(error))
+            return _failure(custom_id, 400, "invalid_request_error", str(error), getattr(error, "param", None))
         return {"custom_id": custom_id, "response": {"status_code": 200, "body": AnswerShape(self.model_name, None).body(final)}, "error": None}
 
     def _record_failure(self, batch_id: str, index: int, status: int, kind: str, message: str) -> None:
