@@ -764,6 +764,7 @@ def _certificates(folder):
 
 def test_stages_serve_tls_and_mutual_tls_by_configuration(engines, tmp_path):
     from services.gateway.backends import GrpcBackend, Unavailable
+    from services.probe import probe
     from services.vision.server import serve
 
     pem = _certificates(tmp_path)
@@ -783,6 +784,10 @@ def test_stages_serve_tls_and_mutual_tls_by_configuration(engines, tmp_path):
         for settings in strangers:
             with pytest.raises(Unavailable):
                 GrpcBackend(settings).encode([png(make_image(4))], conversation)
+        # `dartserve probe` (the container health check) needs the client's TLS settings too.
+        client_tls = {"tls_ca": pem["ca"], "tls_client_cert": pem["client"], "tls_client_key": pem["client_key"]}
+        assert probe("vision", Settings(port=server.port, **client_tls)) is True
+        assert probe("vision", Settings(port=server.port)) is False
     finally:
         server.stop(grace_s=1)
     with pytest.raises(ValueError, match="go together"):
