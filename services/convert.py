@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from dartserve.models.decode import SamplingConfig
-from dartserve.pruning.config import PruningConfig
+from dartserve.pruning.config import PruningConfig, refuse_unread, settings_read_by
 from services.rpc.dartserve.v1 import common_pb2
 
 _OPTIONAL_PRUNING = ("budget", "ratio", "layer", "pivot_image", "pivot_text", "seed")
@@ -20,12 +20,10 @@ def merge_pruning(requested: dict | None, defaults: dict) -> PruningConfig:
     if not isinstance(requested, dict):
         raise ValueError("pruning must be an object")
     method = requested.get("method") or defaults.get("method", "dart")
-    used = ("method", *PruningConfig(method=method).settings_used)
+    used = ("method", *settings_read_by(method))
     # A null is "not set", except for the amount of a method that reads one: keep every token.
     given = {k: v for k, v in requested.items() if v is not None or (k in ("budget", "ratio") and k in used)}
-    unused = sorted(set(given) - set(used))
-    if unused:
-        raise ValueError(f"pruning method {method!r} does not use {', '.join(unused)}; it reads {', '.join(used[1:]) or 'nothing'}")
+    refuse_unread(method, sorted(given))
     merged = {k: v for k, v in defaults.items() if k in used}
     if "budget" in given or "ratio" in given:
         merged.pop("budget", None)

@@ -63,9 +63,9 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     if not requests:
         raise ValueError("prefill needs at least one request")
     pruning.check_layers(adapter.num_layers)
-    for request in requests:
-        check_request(adapter, request, pruning)
     budgets = [pruning.span_budgets([s.length for s in r.spans]) for r in requests]
+    for request, shares in zip(requests, budgets):
+        check_request(adapter, request, pruning, shares)
     num_layers, device = adapter.num_layers, adapter.device
     cut = pruning.layer if pruning.prunes else num_layers
     lengths = [len(r.input_ids) for r in requests]
@@ -125,8 +125,9 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     return PrefillResult(cache, adapter.lm_head(final).float(), kept_positions, sum(selection_times))
 
 
-def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig) -> None:
-    """Rejects an encoded request that does not fit the model, before any layer runs.
+def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig, shares: list[int]) -> None:
+    """Rejects an encoded request that does not fit the model, before any layer runs; ``shares``
+    are its images' budgets.
 
     Requests may come from another process, so nothing about them is taken on trust.
     """
@@ -145,10 +146,10 @@ def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: Prunin
     if pruning.prunes and request.spans and request.spans[-1].end == seq:
         raise ValueError("a pruned prompt must end with text, not with an image")
     if pruning.prunes and pruning.method in GRID_METHODS:
-        for span, share in zip(request.spans, pruning.span_budgets([s.length for s in request.spans])):
+        for span, share in zip(request.spans, shares):
             cells = sum(g.size for g in span.grids)
             if share > cells:
-                raise SettingError(f"{pruning.method} keeps grid cells only: an image's share of the budget ({share}) is more than its {cells} cells", pruning._amount)
+                raise SettingError(f"{pruning.method} keeps grid cells only: an image's share of the budget ({share}) is more than its {cells} cells", pruning.amount_param)
 
 
 def check_selection(method: str, span: ImageSpan, budget: int, selection: Selection) -> None:

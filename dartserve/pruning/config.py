@@ -16,7 +16,7 @@ class PruningConfig:
     the same thing as a fraction of the request's vision tokens (0.111 keeps 64 of 576). Give at
     most one; with neither, every vision token is kept. ``layer`` is K: layers 0..K-1 see the
     full sequence, layers K..L-1 the reduced one. The other settings belong to the methods that
-    read them (``settings_used``); giving one a method does not read is an error.
+    read them (``settings_read_by``); giving one a method does not read is an error.
     """
 
     method: str = "dart"
@@ -30,9 +30,7 @@ class PruningConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
             raise ValueError(f"method must be a string, got {self.method!r}")
-        unused = [name for name in self.__dataclass_fields__ if name not in ("method", *self.settings_used) and getattr(self, name) != _DEFAULTS[name]]
-        if unused:
-            raise ValueError(f"pruning method {self.method!r} does not use {', '.join(unused)}; it reads {', '.join(self.settings_used) or 'nothing'}")
+        refuse_unread(self.method, [name for name, default in _DEFAULTS.items() if getattr(self, name) != default])
         if self.budget is not None and self.ratio is not None:
             raise ValueError("give either budget or ratio, not both")
         if self.budget is not None:
@@ -49,13 +47,6 @@ class PruningConfig:
         if self.method == "dart" and self.pivot_image + self.pivot_text < 1:
             raise ValueError("dart needs at least one pivot")
 
-    @property
-    def settings_used(self) -> tuple[str, ...]:
-        from dartserve.pruning.registry import method_settings
-
-        extra = method_settings(self.method)
-        return () if self.method == "none" else ("budget", "ratio", "layer", *extra)
-
     @classmethod
     def from_dict(cls, data: dict) -> PruningConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
@@ -66,7 +57,7 @@ class PruningConfig:
     def to_dict(self) -> dict:
         """The method and the settings it reads: the pruning as applied."""
         values = asdict(self)
-        return {"method": self.method} | {name: values[name] for name in self.settings_used}
+        return {"method": self.method} | {name: values[name] for name in settings_read_by(self.method)}
 
     @property
     def prunes(self) -> bool:
@@ -85,23 +76,40 @@ class PruningConfig:
         else:
             budget = max(1, math.floor(self.ratio * num_vision_tokens + 0.5))  # halves round up, always
         if budget > num_vision_tokens:
-            raise SettingError(f"budget {budget} is larger than the request's {num_vision_tokens} vision tokens", self._amount)
+            raise SettingError(f"budget {budget} is larger than the request's {num_vision_tokens} vision tokens", self.amount_param)
         return budget
 
     def span_budgets(self, span_lengths: list[int]) -> list[int]:
         """Splits the request's budget over its images in proportion to their token counts."""
         shares = split_proportional(self.total_budget(sum(span_lengths)), span_lengths)
         if self.prunes and self.method in GRID_METHODS and 0 in shares:
-            raise SettingError(f"{self.method} keeps at least one token per image; a budget of {sum(shares)} leaves an image none", self._amount)
+            raise SettingError(f"{self.method} keeps at least one token per image; a budget of {sum(shares)} leaves an image none", self.amount_param)
         if self.prunes and self.method == "dart":
             for share in shares:
                 if share < self.pivot_image:
-                    raise SettingError(f"an image's share of the budget ({share}) is smaller than pivot_image={self.pivot_image}", self._amount)
+                    raise SettingError(f"an image's share of the budget ({share}) is smaller than pivot_image={self.pivot_image}", self.amount_param)
         return shares
 
     @property
-    def _amount(self) -> str:
+    def amount_param(self) -> str:
+        """The request field that sets the amount kept, for errors about it."""
         return "pruning.ratio" if self.ratio is not None else "pruning.budget"
+
+
+def settings_read_by(method: str) -> tuple[str, ...]:
+    """The settings besides ``method`` that pruning method ``method`` reads."""
+    from dartserve.pruning.registry import method_settings
+
+    extra = method_settings(method)
+    return () if method == "none" else ("budget", "ratio", "layer", *extra)
+
+
+def refuse_unread(method: str, names) -> None:
+    """A ValueError when ``names`` holds a setting ``method`` does not read."""
+    read = settings_read_by(method)
+    unread = [name for name in names if name not in ("method", *read)]
+    if unread:
+        raise ValueError(f"pruning method {method!r} does not use {', '.join(unread)}; it reads {', '.join(read) or 'nothing'}")
 
 
 GRID_METHODS = ("pooling", "window_fastv")  # they keep grid cells, never LLaVA-NeXT's row separators

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -87,7 +88,7 @@ class Gateway:
 
         def stream_events():
             try:
-                for event in _chain(first, events):
+                for event in itertools.chain((first,), events):
                     if isinstance(event, Final):
                         self._finish(event, record_key, endpoint, started)
                     yield from (f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
@@ -111,11 +112,6 @@ class Gateway:
         self.conversations.put(record_key(final), final.record, age_s=time.monotonic() - started)
         self.metrics.observe(final)
         self.metrics.requests.labels(endpoint, "200").inc()
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def _error_body(error: Exception, endpoint: str) -> dict:

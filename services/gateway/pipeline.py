@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def answer(backend, question: Question, previous: dict | None = None, stream: bo
             encoded, prefilled = _encode_and_prefill(backend, question)
             chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token, stream=stream)
             first = next(chunks)
-        last = yield from _deltas(_chain(first, chunks), tokens, texts)
+        last = yield from _deltas(itertools.chain((first,), chunks), tokens, texts)
     text = "".join(texts)
     handle, pending = (last.kv_handle, last.pending_token) if last else (prefilled.kv_handle, prefilled.first_token)
     record = {
@@ -108,7 +109,7 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
         raise ApiError(404, "the conversation's cache has expired; start a new conversation with the image", "conversation_id", kind="not_found") from None
     ttft_ms = (time.perf_counter() - started) * 1e3
     tokens, texts = [], []
-    last = yield from _deltas(_chain(first, chunks), tokens, texts)
+    last = yield from _deltas(itertools.chain((first,), chunks), tokens, texts)
     text = "".join(texts).strip()
     context = previous["context_tokens"] + last.prefill_tokens
     record = dict(
@@ -156,8 +157,3 @@ def _deltas(chunks, tokens: list[int], texts: list[str]):
         if chunk.done:
             return chunk
     raise Unavailable("the generator's stream ended before its last chunk")
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
