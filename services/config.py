@@ -32,6 +32,7 @@ ENVIRONMENT = {
     "DARTSERVE_MAX_IMAGE_PIXELS": "largest image, in pixels, decoded (default 16777216)",
     "DARTSERVE_WORKERS": "threads serving a gRPC stage's calls: the calls it works on at once (default 8)",
     "DARTSERVE_DRAIN_S": "on SIGTERM, seconds a gRPC stage reports NOT_SERVING before it refuses new calls (default 2)",
+    "DARTSERVE_CONNECTION_AGE_S": "seconds a gRPC stage keeps a client's connection before asking it to reconnect, so that replicas added since get their share (default 120)",
     "DARTSERVE_MAX_QUEUE": "calls a gRPC stage keeps waiting beyond those; more get RESOURCE_EXHAUSTED, which the gateway answers with 429 (default 32)",
     "DARTSERVE_MAX_REQUESTS": "requests the gateway answers at once; more get 429 with Retry-After (default 64)",
     "DARTSERVE_TLS_CERT": "a gRPC stage's certificate (PEM); with DARTSERVE_TLS_KEY, the stage serves TLS only",
@@ -78,6 +79,7 @@ class Settings:
     workers: int = 8
     max_queue: int = 32
     drain_s: float = 2.0
+    connection_age_s: float = 120.0
     max_requests: int = 64
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed or logged
     tls_cert: str | None = None
@@ -138,6 +140,7 @@ class Settings:
             workers=read("DARTSERVE_WORKERS", int, 8),
             max_queue=read("DARTSERVE_MAX_QUEUE", int, cls.max_queue, least=0),
             drain_s=read("DARTSERVE_DRAIN_S", float, cls.drain_s, least=0),
+            connection_age_s=read("DARTSERVE_CONNECTION_AGE_S", float, cls.connection_age_s),
             max_requests=read("DARTSERVE_MAX_REQUESTS", int, cls.max_requests),
             api_keys=_api_keys(env),
             **{name: read(f"DARTSERVE_{name.upper()}", str, None) for name in TLS_FILES},

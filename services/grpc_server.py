@@ -19,7 +19,6 @@ from dartserve.stages import StageMiss
 from services import tls
 from services.stage_calls import StageCalls
 
-MAX_CONNECTION_AGE_MS = 120_000
 PARAM_KEY = "dartserve-param"  # trailing metadata: which request setting an INVALID_ARGUMENT is about
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class Server:
                 ("grpc.max_send_message_length", limit),
                 # Clients reconnect every few minutes, so new replicas behind one Service
                 # address get their share; a call in flight keeps its connection to the end.
-                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.max_connection_age_ms", int(settings.connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(settings.rpc_timeout_s * 1000)),
             ],
         )

@@ -341,6 +341,37 @@ def test_a_stage_down_gives_503_within_the_timeout_and_recovers_by_itself(cluste
     assert httpx.post(f"{cluster['url']}/v1/answer", json=body, timeout=60).json()["answer"] == expected
 
 
+def test_a_stage_has_its_clients_reconnect_after_the_connection_age_without_failing_a_call():
+    """Clients reconnect (and so find replicas added since); a call in flight when its
+    connection reaches that age still finishes on it."""
+    from services.config import Settings
+    from services.grpc_server import Server
+
+    def peer(request, context):
+        time.sleep(float(request))
+        return context.peer().encode()
+
+    def register(server):
+        handler = grpc.unary_unary_rpc_method_handler(peer)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Peer", {"Who": handler})])
+
+    server = Server("vision", "test.Peer", register, Settings(connection_age_s=1.0, metrics_port=0, drain_s=0), 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        who = channel.unary_unary("/test.Peer/Who")
+        first = who(b"0", timeout=10)
+        in_flight = who.future(b"2.5", timeout=10)
+        peers = []
+        for _ in range(20):
+            peers.append(who(b"0", timeout=10))
+            time.sleep(0.2)
+        assert in_flight.result() == first
+        assert peers[0] == first and len(set(peers)) >= 2
+    finally:
+        channel.close()
+        server.stop(grace_s=0)
+
+
 def test_a_gateway_told_to_stop_finishes_its_streams_and_takes_no_new_requests(checkpoints, tmp_path):
     """SIGTERM: the open stream runs to its end; the listener is closed to new requests."""
     import signal

@@ -18,7 +18,7 @@ from dartserve.models.decode import SamplingConfig, decode_step, extend
 from dartserve.pruning import PruningConfig
 from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep
 from processes import dartserve_process, free_port, stop, wait_until
-from services.config import Settings
+from services.config import DEFAULT_PRUNING, Settings
 from services.gateway.backends import LocalBackend
 from services.gateway.pipeline import Final, Question, answer
 from tiny_checkpoints import make_image
@@ -257,6 +257,37 @@ def demo_client():
     from services.launch import embedded_gateway
 
     return TestClient(create_app(embedded_gateway(Settings(max_message_mb=1))))
+
+
+def test_several_images_through_rest_and_chat_equal_the_engine(engine):
+    """Two images in one request, as ``images`` on /v1/answer and as two image_url parts in a
+    chat message, answered as the engine answers them, with the default pruning applied."""
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    images = [make_image(31, (120, 64)), make_image(32)]
+    encoded = [base64.b64encode(png(image)).decode() for image in images]
+    question = "Compare the two images in detail please."
+    sampling = SamplingConfig(max_new_tokens=6)
+    client = TestClient(create_app(embedded_gateway(Settings(), engine)))
+    answer = client.post("/v1/answer", json={"images": encoded, "question": question, "max_new_tokens": 6})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = engine.generate(images, question, PruningConfig(**DEFAULT_PRUNING), sampling)
+    assert body["answer"] == expected.text.strip()
+    assert body["pruning"] == PruningConfig(**DEFAULT_PRUNING).to_dict()
+    usage = body["usage"]
+    assert (usage["vision_tokens"], usage["kept_vision_tokens"], usage["completion_tokens"]) == (
+        expected.stats.vision_tokens, expected.stats.vision_tokens_kept, len(expected.token_ids))
+    assert usage["vision_tokens"] == sum(engine.vision.encode([image], question).num_vision_tokens for image in images)
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}} for data in encoded]
+    chat = client.post("/v1/chat/completions", json={
+        "model": body["model"], "max_tokens": 6, "messages": [{"role": "user", "content": parts + [{"type": "text", "text": question}]}],
+    })
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == body["answer"]
 
 
 def test_gateway_edge_inputs_get_json_4xx(demo_client):
