@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test-tools test run bench proto
+.PHONY: install test-tools test run proto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,5 +31,3 @@ run: install
 proto: install
 	$(BIN)/python -m services.rpc.codegen
 
-bench: install
-	$(BIN)/dartserve bench prefill --json bench-prefill.json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes no more
+MAX_PIXELS = 4096 * 4096  # the largest image decoded, unless a server sets its own
 
 
 class SettingError(ValueError):

@@ -15,13 +15,14 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from dartserve.checks import SettingError
+from dartserve.checks import MAX_PIXELS, SettingError
 from dartserve.engine import Engine
 from dartserve.kv import blob
 from dartserve.kv.cache import RaggedKVCache
@@ -39,6 +40,10 @@ HEX_DIGITS = set("0123456789abcdef")
 
 class StageMiss(Exception):
     """A claim check or KV handle whose value is gone or unusable: recompute, never guess."""
+
+
+class Abandoned(Exception):
+    """The caller gave up while the work waited for the model: it is not done."""
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -120,13 +125,21 @@ class _Step:
         # One request at a time per step: torch already spreads one request over the cores.
         self.lock = threading.Lock()
 
+    @contextmanager
+    def _model(self, wanted: Callable[[], bool] | None):
+        """Holds the model; ``wanted`` says, once it is held, whether the caller still waits."""
+        with self.lock:
+            if wanted is not None and not wanted():
+                raise Abandoned("the caller gave up while the work waited for the model")
+            yield
+
 
 class VisionStep(_Step):
-    def __init__(self, engine: Engine, store, ttl_s: int = DEFAULT_TTL_S, max_pixels: int = 4096 * 4096) -> None:
+    def __init__(self, engine: Engine, store, ttl_s: int = DEFAULT_TTL_S, max_pixels: int = MAX_PIXELS) -> None:
         super().__init__(engine, store, ttl_s)
         self.max_pixels = max_pixels
 
-    def encode(self, images: list[bytes], prompt: str | list[dict]) -> Encoded:
+    def encode(self, images: list[bytes], prompt: str | list[dict], wanted: Callable[[], bool] | None = None) -> Encoded:
         started = time.perf_counter()
         messages = chat_messages(prompt)
         decoded = [open_image(data, self.max_pixels) for data in images]  # checks them first
@@ -134,7 +147,7 @@ class VisionStep(_Step):
         feature_keys = [feature_key(self.fingerprint, h) for h in hashes]
         # Image tokens found live on with the prompt that names them.
         known = [self._features(data) for data in self.store.get_values(feature_keys, refresh_ttl_s=self.ttl_s)]
-        with self.lock:
+        with self._model(wanted):
             request = self.engine.vision.encode(decoded, messages, known)
         # One write: the image tokens that are new, and the prompt, which names them by key.
         writes = {}
@@ -167,7 +180,9 @@ class VisionStep(_Step):
 
 
 class PrefillStep(_Step):
-    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
+    def prefill(
+        self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = (), wanted: Callable[[], bool] | None = None
+    ) -> Prefilled:
         """``image_hashes``, the vision step's, let the prompt and its image tokens come in one
         read of the store; without them, or if they are not the prompt's, it takes two."""
         if not all(isinstance(h, str) and len(h) == 64 and set(h) <= HEX_DIGITS for h in image_hashes):
@@ -182,7 +197,7 @@ class PrefillStep(_Step):
             raise StageMiss(f"encoded prompt {prompt_ref} is unusable: {error}") from None
         check_room(self.adapter, int(request.positions.max()) + 1, sampling)
         started = time.perf_counter()
-        with self.lock:
+        with self._model(wanted):
             result = self.engine.pruner.prefill([request], pruning)
         prefill_ms = (time.perf_counter() - started) * 1e3
         cache = result.cache.select(0)
@@ -210,7 +225,9 @@ class PrefillStep(_Step):
 
 
 class DecodeStep(_Step):
-    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None) -> Iterator[Chunk]:
+    def generate(
+        self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, wanted: Callable[[], bool] | None = None
+    ) -> Iterator[Chunk]:
         """Streams an answer after ``pending``, the last picked token that is not in the cache.
 
         Without ``question``, ``pending`` is the prefill's first token, which the caller has
@@ -231,7 +248,7 @@ class DecodeStep(_Step):
         if question is not None:
             turn = self.adapter.turn_ids(pending, question)
             check_room(self.adapter, int(cache.next_position) + len(turn), sampling)
-            with self.lock:
+            with self._model(wanted):
                 logits = extend(self.adapter, cache, turn)
             prefill_tokens, prefill_ms = len(turn), (time.perf_counter() - started) * 1e3
             pending = pick_token(logits[0], sampling, 0)
@@ -242,7 +259,7 @@ class DecodeStep(_Step):
         shown = visible_text(self.engine, answer)  # what the caller has been shown already
         tokens = decode_after(self.adapter, cache, pending, 1, sampling)
         while True:
-            with self.lock:
+            with self._model(wanted):
                 token = next(tokens, None)
             if token is None:
                 break

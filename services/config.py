@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from dartserve.checks import MAX_PIXELS
 from dartserve.kv.store import DEFAULT_TTL_S
 
 # The server's pruning when a request names none: DART at layer 2 keeping 64 of 576 vision
@@ -48,7 +49,7 @@ ENVIRONMENT = {
     "DARTSERVE_BATCH_TTL_S": "lifetime of a batch's requests, status and results (default 86400)",
     "DARTSERVE_BATCH_MAX_REQUESTS": "most requests in one batch (default 50000)",
     "DARTSERVE_BATCH_MAX_MB": "largest batch upload (default 256)",
-    "DARTSERVE_BATCH_RETRIES": "retries of a batch item while a stage is unavailable, with backoff 1, 2, 4 ... 30 s (default 6)",
+    "DARTSERVE_BATCH_RETRIES": "retries of a batch item while a stage is unavailable (not merely at its call limit), with backoff 1, 2, 4 ... 30 s (default 6)",
     "DARTSERVE_BATCH_VISIBILITY_S": "seconds before a batch item taken by a worker that died is delivered again (default 300)",
 }
 
@@ -73,7 +74,7 @@ class Settings:
     ttl_s: int = DEFAULT_TTL_S
     rpc_timeout_s: float = 60.0
     max_message_mb: int = 32
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = MAX_PIXELS
     max_images: int = 8
     image_url_hosts: tuple[str, ...] = ()
     workers: int = 8
@@ -121,7 +122,7 @@ class Settings:
             PruningConfig.from_dict(pruning)
         return cls(
             model=read("DARTSERVE_MODEL", str, None),
-            device=read("DARTSERVE_DEVICE", str, "cpu"),
+            device=read("DARTSERVE_DEVICE", str, cls.device),
             dtype=read("DARTSERVE_DTYPE", str, None),
             redis_url=read("DARTSERVE_REDIS_URL", str, cls.redis_url),
             host=read("DARTSERVE_HOST", str, cls.host),
@@ -131,13 +132,13 @@ class Settings:
             pruner_addr=read("DARTSERVE_PRUNER_ADDR", str, cls.pruner_addr),
             generator_addr=read("DARTSERVE_GENERATOR_ADDR", str, cls.generator_addr),
             pruning=pruning,
-            ttl_s=read("DARTSERVE_TTL_S", int, DEFAULT_TTL_S),
-            rpc_timeout_s=read("DARTSERVE_RPC_TIMEOUT_S", float, 60.0),
-            max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, 32),
-            max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, 4096 * 4096),
+            ttl_s=read("DARTSERVE_TTL_S", int, cls.ttl_s),
+            rpc_timeout_s=read("DARTSERVE_RPC_TIMEOUT_S", float, cls.rpc_timeout_s),
+            max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, cls.max_message_mb),
+            max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, cls.max_image_pixels),
             max_images=read("DARTSERVE_MAX_IMAGES", int, cls.max_images),
             image_url_hosts=read("DARTSERVE_IMAGE_URL_HOSTS", lambda raw: tuple(h.strip() for h in raw.split(",") if h.strip()), ()),
-            workers=read("DARTSERVE_WORKERS", int, 8),
+            workers=read("DARTSERVE_WORKERS", int, cls.workers),
             max_queue=read("DARTSERVE_MAX_QUEUE", int, cls.max_queue, least=0),
             drain_s=read("DARTSERVE_DRAIN_S", float, cls.drain_s, least=0),
             connection_age_s=read("DARTSERVE_CONNECTION_AGE_S", float, cls.connection_age_s),

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dartserve.checks import SettingError
 from dartserve.kv.store import StoreUnavailable
-from dartserve.stages import StageMiss
+from dartserve.stages import Abandoned, StageMiss
 from services import tls
 from services.stage_calls import StageCalls
 
@@ -36,12 +36,19 @@ def status_codes(context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.NOT_FOUND, str(error))
     except StoreUnavailable as error:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+    except Abandoned as error:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+
+
+def caller_waiting(context: grpc.ServicerContext) -> bool:
+    """Whether the caller still waits: not cancelled, deadline not passed."""
+    remaining = context.time_remaining()
+    return context.is_active() and (remaining is None or remaining > 0)
 
 
 def check_deadline(context: grpc.ServicerContext) -> None:
     """Refuses work whose caller has already given up."""
-    remaining = context.time_remaining()
-    if not context.is_active() or (remaining is not None and remaining <= 0):
+    if not caller_waiting(context):
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the caller's deadline passed before the work began")
 
 

@@ -74,8 +74,9 @@ def _gateway(backend, store, settings):
     batches = Batches(
         BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), Policy.from_settings(settings), settings.batch_max_requests
     )
-    # A turn of a conversation takes at most one call to each stage.
-    conversations = Conversations(store, settings.ttl_s, turn_s=3 * int(settings.rpc_timeout_s) + 10)
+    # A turn makes at most ten stage calls, each within the timeout: two encodes and two
+    # prefills, all of them again when the KV cache goes before decoding, and two decodes.
+    conversations = Conversations(store, settings.ttl_s, turn_s=10 * int(settings.rpc_timeout_s) + 10)
     return Gateway(backend, conversations, model_name(settings), settings, batches)
 
 

@@ -1,7 +1,7 @@
 """What every call to a gRPC stage goes through: the caller's request id, set for the call's
 log lines; one log line when it ends; and the stage's Prometheus metrics, served over HTTP on
-a port of their own: calls by method and status code, calls in flight (what the pruner's and
-generator's autoscalers read), and latency. Health and reflection calls are left out."""
+a port of their own: calls by method and status code, calls in flight (what the stages'
+autoscalers read), and latency. Health and reflection calls are left out."""
 
 from __future__ import annotations
 

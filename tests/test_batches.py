@@ -194,13 +194,15 @@ def test_invalid_batches_are_rejected_whole_with_line_numbers(cluster):
         reply = httpx.post(url, content=content, headers={"Content-Type": kind})
         assert reply.status_code == expected and set(reply.json()["error"]) == {"type", "message", "param"}, (content[:40], reply.text)
     # Accepted (and cancelled, so that no later test's worker runs them): a multipart upload, a
-    # JSON batch, OpenAI-style lines, a byte-order mark, and a line separator inside a string.
+    # JSON batch, OpenAI-style lines, a byte-order mark, a line separator inside a string, and
+    # a media type in capitals.
     openai_line = json.dumps({"custom_id": "o", "method": "POST", "url": "/v1/answer", "body": {"image": b64(data), "question": "q"}})
     separator = json.dumps({"custom_id": "u", "image": b64(data), "question": "how many\u2028objects ?"}, ensure_ascii=False)
     accepted = [
         httpx.post(url, files={"file": ("batch.jsonl", good + "\n", "application/jsonl")}),
         httpx.post(url, json={"requests": [json.loads(good)]}),
         httpx.post(url, content="\ufeff" + openai_line + "\r\n" + separator + "\n", headers={"Content-Type": "application/jsonl"}),
+        httpx.post(url, content=good, headers={"Content-Type": "Application/JSONL; charset=utf-8"}),  # media types ignore case
     ]
     for created in accepted:
         assert created.status_code == 202, created.text

@@ -3,7 +3,7 @@ they deploy: there is no Docker engine and no Kubernetes API here.
 
 The truth comes from the code: the CLI's parser, services.config, the metric and queue names.
 The compose file is read through the real `docker-compose config` and the manifests through
-`kubectl kustomize` (both fetched by tools/install-deploy-tools in `make install`), then checked
+`kubectl kustomize` (both fetched by tools/install-deploy-tools in `make test-tools`), then checked
 against the Kubernetes schemas (kubernetes-validate) and KEDA's CRD schema (keda-crd-schemas.yaml).
 The last test starts the services as the compose file describes them, on loopback.
 """
@@ -54,7 +54,7 @@ REDIS_SCALER_KEYS = {
 def tool(name: str) -> Path:
     path = BIN / name
     if not path.exists():
-        pytest.fail(f"{path} is missing: `make install` fetches it (tools/install-deploy-tools)")
+        pytest.fail(f"{path} is missing: `make test-tools` fetches it (tools/install-deploy-tools)")
     return path
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dartserve.kv.codec import VERSION, CacheMiss, EncodedCache, decode, encode
-from dartserve.kv.store import MemoryStore, RedisStore, cache_key
+from dartserve.kv.store import MemoryStore, RedisStore, StoreUnavailable, cache_key
 from dartserve.models import prefill
 from dartserve.models.decode import decode_step
 from dartserve.pruning import PruningConfig
@@ -122,6 +122,24 @@ def redis_url():
     server = RedisServer()
     yield server.url
     server.stop()
+
+
+def test_redis_refusing_commands_is_store_unavailable(redis_url):
+    """Out of memory (maxmemory with noeviction), as a full or read-only Redis refuses writes:
+    the store fails the way it does when Redis is down, which the services answer with a 503."""
+    import redis
+
+    client, store = redis.Redis.from_url(redis_url), RedisStore.from_url(redis_url)
+    value = EncodedCache(b"manifest", [b"x" * 1_000_000])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + 100_000)
+    try:
+        with pytest.raises(StoreUnavailable, match="refused the command.*maxmemory"):
+            store.put("dartserve:test:full", value, ttl_s=60)
+    finally:
+        client.config_set("maxmemory", 0)
+    store.put("dartserve:test:full", value, ttl_s=60)
+    assert store.get("dartserve:test:full", 1) == value
 
 
 def test_claims_hold_until_released_by_their_holder_or_expired(redis_url):

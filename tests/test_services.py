@@ -108,6 +108,20 @@ def test_follow_up_turn_prefills_only_its_own_tokens(cluster, demo_engine):
     assert second["usage"]["prompt_tokens"] == scratch.stats.prompt_tokens
 
 
+def test_every_key_the_services_write_expires(cluster, redis_server):
+    import redis
+
+    data, item = png(8)
+    first = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question, "conversation_id": "ttl-check"}, timeout=60)
+    assert first.status_code == 200
+    assert httpx.post(f"{cluster['url']}/v1/answer", json={"question": "how many objects are there ?", "conversation_id": "ttl-check"}, timeout=60).status_code == 200
+    client = redis.Redis.from_url(redis_server.url)
+    keys = [key.decode() for key in client.scan_iter(count=1000)]
+    # Prompts, image tokens, KV layers and manifests (a prefill's and a turn's tail), conversations.
+    assert {key.split(":")[1] for key in keys} >= {"prompt", "vision", "kv", "conversation"}
+    assert [key for key in keys if client.ttl(key) <= 0] == []
+
+
 def test_chat_history_continues_from_the_cached_conversation(cluster, demo_engine):
     client = OpenAI(base_url=f"{cluster['url']}/v1", api_key="not-checked")
     data, item = png(8)
@@ -151,14 +165,11 @@ def test_vision_returns_a_claim_check_and_never_encodes_an_image_twice(cluster):
     turn = [vision_pb2.Turn(role="user", content=item.question)]
     first = stub.Encode(vision_pb2.EncodeRequest(images=[data], conversation=turn), timeout=30)
     again = stub.Encode(vision_pb2.EncodeRequest(images=[data], conversation=[vision_pb2.Turn(role="user", content="how many objects are there ?")]), timeout=30)
-    assert first.prompt_ref.startswith("dartserve:prompt:") and first.vision_tokens == 576
+    assert first.prompt_ref.startswith("dartserve:prompt:") and first.vision_tokens == 576 and first.prompt_tokens > 576
     assert (first.images_cached, again.images_cached) == (0, 1)
     with pytest.raises(grpc.RpcError) as error:
         stub.Encode(vision_pb2.EncodeRequest(images=[b"not an image"], conversation=turn), timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(grpc.RpcError) as error:
-        stub.Encode(vision_pb2.EncodeRequest(images=[data], conversation=turn), timeout=0.0001)
-    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_bad_requests_get_clear_4xx_errors(cluster):

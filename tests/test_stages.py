@@ -104,6 +104,35 @@ def test_a_value_evicted_between_stages_is_recomputed(engines, prefix):
     assert final.token_ids == engine.generate([image], PROMPT, pruning, sampling).token_ids
 
 
+def test_a_recomputed_prefill_that_picks_another_first_token_is_a_503_not_a_spliced_answer(engines):
+    """The first token is shown before decoding starts; if the KV cache then goes and the
+    prefill run again picks another (a replica on other hardware), no answer can go on from it."""
+    from dataclasses import replace
+
+    from services.gateway.backends import Unavailable
+
+    engine = engines["llava"]
+    image, pruning = make_image(5), PruningConfig(budget=12)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=0)
+    first = engine.generate([image], PROMPT, pruning, sampling).token_ids[0]
+    other = next(seed for seed in range(1, 100) if engine.generate([image], PROMPT, pruning, replace(sampling, seed=seed)).token_ids[0] != first)
+
+    class OtherReplica(PrefillStep):
+        """Prefills as a second replica whose sampling draws differently, from its second call on."""
+
+        calls = 0
+
+        def prefill(self, prompt_ref, pruning, sampling, image_hashes=(), wanted=None):
+            self.calls += 1
+            return super().prefill(prompt_ref, pruning, replace(sampling, seed=other) if self.calls > 1 else sampling, image_hashes, wanted)
+
+    store = ForgetfulStore("dartserve:kv:")
+    backend = LocalBackend(VisionStep(engine, store), OtherReplica(engine, store), DecodeStep(engine, store))
+    with pytest.raises(Unavailable, match="another first token"):
+        run(backend, [png(image)], PROMPT, pruning, sampling)
+    assert store.forgotten == 1
+
+
 class CountingStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
@@ -282,6 +311,10 @@ def test_several_images_through_rest_and_chat_equal_the_engine(engine):
     assert (usage["vision_tokens"], usage["kept_vision_tokens"], usage["completion_tokens"]) == (
         expected.stats.vision_tokens, expected.stats.vision_tokens_kept, len(expected.token_ids))
     assert usage["vision_tokens"] == sum(engine.vision.encode([image], question).num_vision_tokens for image in images)
+    timings = body["timings"]
+    assert set(timings) == {"encode_ms", "prefill_ms", "selection_ms", "ttft_ms", "decode_ms", "kv_store_ms", "total_ms"}
+    assert 0 < timings["selection_ms"] < timings["prefill_ms"] and timings["decode_ms"] >= 0
+    assert timings["encode_ms"] + timings["prefill_ms"] < timings["ttft_ms"] < timings["total_ms"]
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}} for data in encoded]
     chat = client.post("/v1/chat/completions", json={
         "model": body["model"], "max_tokens": 6, "messages": [{"role": "user", "content": parts + [{"type": "text", "text": question}]}],
@@ -423,7 +456,7 @@ def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
     assert all(c["choices"][0]["delta"].get("content") != "" for c in plain[1:])  # no empty deltas past the role's
 
 
-def test_an_answer_follow_up_whose_cache_expired_is_a_404_not_a_503(demo_client):
+def test_an_answer_follow_up_whose_cache_was_evicted_is_a_503_without_retry_after(demo_client):
     from dartserve.demo.data import example
 
     def conversation_hits():
@@ -440,8 +473,8 @@ def test_an_answer_follow_up_whose_cache_expired_is_a_404_not_a_503(demo_client)
     for key in [k for k in store._values if k.startswith("dartserve:kv:")]:
         del store._values[key]  # evicted, as Redis may
     gone = demo_client.post("/v1/answer", json=follow_up)
-    assert gone.status_code == 404 and "retry-after" not in gone.headers
-    assert gone.json()["error"]["type"] == "not_found" and gone.json()["error"]["param"] == "conversation_id"
+    assert gone.status_code == 503 and "retry-after" not in gone.headers
+    assert gone.json()["error"]["type"] == "service_unavailable" and gone.json()["error"]["param"] == "conversation_id"
     assert conversation_hits() == before + 1  # a turn that was not served from the cache is no hit
 
 
@@ -464,6 +497,55 @@ def test_a_conversation_answers_one_turn_at_a_time(demo_client):
     assert demo_client.post("/v1/answer", json=follow_up | {"pruning": {"method": "none"}}).status_code == 400
     assert demo_client.post("/v1/answer", json=follow_up).status_code == 200
     assert len(conversations.get(conv.by_id(cid))["messages"]) == 2 * 4  # every answered turn is in it
+
+
+def test_a_turn_whose_hold_cannot_be_released_still_answers_and_frees_its_slot(engines, monkeypatch):
+    """Redis failing just as a conversation's turn ends: the answer stands and the request's
+    admission slot comes back (the hold on the conversation lapses by itself)."""
+    from fastapi.testclient import TestClient
+
+    from dartserve.kv.store import StoreUnavailable
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    client = TestClient(create_app(embedded_gateway(Settings(), engines["llava"])))
+    gateway = client.app.state.gateway
+
+    def unreachable(key, token):
+        raise StoreUnavailable("Redis is unreachable: connection refused")
+
+    monkeypatch.setattr(gateway.conversations.store, "release", unreachable)
+    body = {"image": base64.b64encode(png(make_image(42))).decode(), "question": PROMPT, "max_new_tokens": 3}
+    answered = client.post("/v1/answer", json=body | {"conversation_id": "held-1"})
+    assert answered.status_code == 200 and answered.json()["conversation_id"] == "held-1"
+    streamed = client.post("/v1/answer", json=body | {"conversation_id": "held-2", "stream": True})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    assert gateway.admission.active == 0
+
+
+def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an_error(engines, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    client = TestClient(create_app(embedded_gateway(Settings(), engines["llava"])), raise_server_exceptions=False)
+    decode = client.app.state.gateway.backend.decode
+    generate = decode.generate
+
+    def broken(*args, **kwargs):  # fails after its first token: mid-stream
+        yield next(generate(*args, **kwargs))
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(decode, "generate", broken)
+    body = {"image": base64.b64encode(png(make_image(43))).decode(), "question": PROMPT, "max_new_tokens": 3}
+    failed = client.post("/v1/answer", json=body)
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    streamed = client.post("/v1/answer", json=body | {"stream": True})
+    events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+    assert streamed.status_code == 200 and events[-1]["error"]["type"] == "server_error" and "[DONE]" not in streamed.text
+    assert 'dartserve_requests_total{endpoint="/v1/answer",status="500"} 1.0' in client.get("/metrics").text
+    assert client.app.state.gateway.admission.active == 0
 
 
 def test_gateway_limits_bodies_without_a_length_and_keeps_threads_for_health(tmp_path):
@@ -536,13 +618,14 @@ def test_dartserve_serve_answers_in_embedded_mode(tmp_path):
         stop(process)
 
 
-def test_readme_documents_every_setting():
+def test_readme_documents_every_setting_as_the_code_describes_it():
+    import re
     from pathlib import Path
 
     from services.config import ENVIRONMENT
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert all(f"`{name}`" in readme for name in ENVIRONMENT)
+    assert dict(re.findall(r"^\| `(DARTSERVE_\w+)` \| (.*) \|$", readme, re.M)) == ENVIRONMENT
 
 
 def prefilled_request(engine, store, sampling):
@@ -614,6 +697,41 @@ def test_complete_sends_the_streamed_answer_in_one_message_and_stops_past_its_de
         assert stored_handles(slow_store) == {done.kv_handle}
     finally:
         server.stop(grace_s=1)
+
+
+def test_calls_whose_caller_gave_up_while_waiting_for_the_model_are_not_worked_on(engines):
+    """A call queued behind another one's use of the model, whose deadline passes in the queue,
+    does no work once the model is free: nothing is encoded, prefilled or stored for it."""
+    import grpc
+
+    from services.convert import pruning_to_proto, sampling_to_proto
+    from services.pruner.server import serve as serve_pruner
+    from services.rpc.dartserve.v1 import pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
+    from services.vision.server import serve as serve_vision
+
+    engine, store = engines["llava"], MemoryStore()
+    settings = Settings(metrics_port=0, drain_s=0)
+    vision, prefill = VisionStep(engine, store), PrefillStep(engine, store)
+    prompt_ref = vision.encode([png(make_image(40))], PROMPT).prompt_ref
+    servers = [serve_vision(vision, settings, 0), serve_pruner(prefill, settings, 0)]
+    try:
+        encode = vision_pb2_grpc.VisionServiceStub(grpc.insecure_channel(f"127.0.0.1:{servers[0].port}")).Encode
+        prefill_call = pruner_pb2_grpc.PrunerServiceStub(grpc.insecure_channel(f"127.0.0.1:{servers[1].port}")).Prefill
+        calls = [
+            (vision, lambda: encode(vision_pb2.EncodeRequest(images=[png(make_image(41))], conversation=[vision_pb2.Turn(role="user", content=PROMPT)]), timeout=0.5)),
+            (prefill, lambda: prefill_call(pruner_pb2.PrefillRequest(prompt_ref=prompt_ref, pruning=pruning_to_proto(PruningConfig(budget=12)), sampling=sampling_to_proto(SamplingConfig())), timeout=0.5)),
+        ]
+        for step, call in calls:
+            before = set(store._values)
+            with step.lock:  # another request's turn with the model
+                with pytest.raises(grpc.RpcError) as late:
+                    call()
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.5)  # the queued call has the model now, and gives it up
+            assert set(store._values) == before
+    finally:
+        for server in servers:
+            server.stop(grace_s=1)
 
 
 def test_turns_store_only_their_tails_and_equal_from_scratch_runs():

@@ -1,7 +1,7 @@
 """Training the demo model on the synthetic task: ``dartserve train-demo``.
 
 Each step draws a fresh batch from the generator's train split, so there is no epoch and no
-overfitting to a fixed set. A run from scratch has three phases:
+overfitting to a fixed set. A run from scratch has four phases:
 
 1. The vision tower alone learns to name the shape and colour of the object under each patch,
    and where the patch lies. Inside an object every patch looks the same, so naming its shape
@@ -214,7 +214,7 @@ class LanguageHeads(torch.nn.Module):
 
 
 def language_step(model, processor, examples, heads: LanguageHeads, background: int | None, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One forward pass of phase two or three: the answer loss, the training signals' loss, and
+    """One forward pass of phase two, three or four: the answer loss, the training signals' loss, and
     the guided heads' mean attention on the named objects. The vision tower is fixed."""
     inputs = batch_inputs(processor, examples)
     targets = PatchTargets.of(examples)

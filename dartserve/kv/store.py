@@ -132,8 +132,8 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Redis, written and read in one pipeline each way. Connection failures and timeouts
-    become ``StoreUnavailable``."""
+    """Redis, written and read in one pipeline each way. Its failures (``redis_call``) become
+    ``StoreUnavailable``."""
 
     def __init__(self, client) -> None:
         self.client = client
@@ -149,7 +149,7 @@ class RedisStore:
         for layer, data in enumerate(encoded.layers):
             pipe.set(_layer_key(key, layer), data, ex=ttl_s)
         pipe.set(_manifest_key(key), encoded.manifest, ex=ttl_s)  # last: readers trust only complete entries
-        self._call(pipe.execute)
+        redis_call(pipe.execute)
 
     def get(self, key: str, num_layers: int, refresh_ttl_s: int | None = None) -> EncodedCache | None:
         """The entry, or None; ``refresh_ttl_s`` restarts its TTL in the same round trip."""
@@ -158,22 +158,22 @@ class RedisStore:
         pipe.mget(keys)
         for k in keys if refresh_ttl_s is not None else []:
             pipe.expire(k, refresh_ttl_s)
-        values = self._call(pipe.execute)[0]
+        values = redis_call(pipe.execute)[0]
         if any(v is None for v in values):
             return None
         return EncodedCache(values[0], values[1:])
 
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
-        self._call(self.client.set, key, value, ex=ttl_s)
+        redis_call(self.client.set, key, value, ex=ttl_s)
 
     def set_values(self, items: dict[str, bytes], ttl_s: int = DEFAULT_TTL_S) -> None:
         pipe = self.client.pipeline(transaction=False)
         for key, value in items.items():
             pipe.set(key, value, ex=ttl_s)
-        self._call(pipe.execute)
+        redis_call(pipe.execute)
 
     def get_value(self, key: str) -> bytes | None:
-        return self._call(self.client.get, key)
+        return redis_call(self.client.get, key)
 
     def get_values(self, keys: list[str], refresh_ttl_s: int | None = None) -> list[bytes | None]:
         """The values (None where missing); ``refresh_ttl_s`` restarts the TTL of those found,
@@ -184,25 +184,29 @@ class RedisStore:
         pipe.mget(keys)
         for key in keys if refresh_ttl_s is not None else []:
             pipe.expire(key, refresh_ttl_s)
-        return self._call(pipe.execute)[0]
+        return redis_call(pipe.execute)[0]
 
     def ping(self) -> None:
-        self._call(self.client.ping)
+        redis_call(self.client.ping)
 
     def claim(self, key: str, ttl_s: int) -> str | None:
         """Takes ``key`` for ``ttl_s`` if no one holds it: the token to release it with, else None."""
         token = secrets.token_hex(16)
-        return token if self._call(self.client.set, key, token, nx=True, ex=ttl_s) else None
+        return token if redis_call(self.client.set, key, token, nx=True, ex=ttl_s) else None
 
     def release(self, key: str, token: str) -> None:
         """Gives ``key`` back, unless its claim expired and someone else holds it now."""
-        self._call(self.client.eval, _RELEASE, 1, key, token)
+        redis_call(self.client.eval, _RELEASE, 1, key, token)
 
-    @staticmethod
-    def _call(function, *args, **kwargs):
-        import redis
 
-        try:
-            return function(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as error:
-            raise StoreUnavailable(f"Redis is unreachable: {error}") from None
+def redis_call(function, *args, **kwargs):
+    """``function``'s result; Redis unreachable, or refusing the command (out of memory, a
+    read-only replica after a failover), is ``StoreUnavailable``."""
+    import redis
+
+    try:
+        return function(*args, **kwargs)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise StoreUnavailable(f"Redis is unreachable: {error}") from None
+    except redis.RedisError as error:
+        raise StoreUnavailable(f"Redis refused the command: {error}") from None

@@ -23,13 +23,14 @@ from services.gateway import conversations as conv
 from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
 from services.gateway.backends import Overloaded, Unavailable
 from services.gateway.answers import AnswerIn, AnswerShape, Policy, answer_images, first_turn, make_question, parse_answer
-from services.gateway.inputs import ApiError, json_body, json_object, sampling
+from services.gateway.inputs import ApiError, json_body, json_object, media_type, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.pipeline import Final, Question, answer
 
 
 log = logging.getLogger(__name__)
 SPARE_THREADS = 8
+SERVER_ERROR = {"error": {"type": "server_error", "message": "the server failed to answer; its log says why", "param": None}}
 
 
 def _no_turn() -> None:
@@ -95,6 +96,9 @@ class Gateway:
                 yield "data: [DONE]\n\n"
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
                 yield f"data: {json.dumps(_error_body(error, endpoint))}\n\n"
+            except Exception:  # a bug: the client learns that the answer failed, the log why
+                log.exception("an answer failed while streaming")
+                yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
                 end_turn()
                 slot.release()
@@ -156,6 +160,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(StageMiss)
     def stage_miss(request: Request, error: StageMiss):
         return unavailable(request, Unavailable(str(error)))
+
+    @app.exception_handler(Exception)
+    def server_error(request: Request, error: Exception):
+        # Starlette logs the error after this reply; the client gets JSON like every other error.
+        gateway.metrics.requests.labels(_endpoint(request), "500").inc()
+        return JSONResponse(SERVER_ERROR, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, error: StarletteHTTPException):
@@ -308,11 +318,6 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
                     raise ApiError(400, f"form field {name!r} must be JSON (a number, true/false or an object)", name) from None
         return fields, uploads
     raise ApiError(415, "send application/json or multipart/form-data", kind="unsupported_media_type")
-
-
-def media_type(request: Request) -> str:
-    """The request's media type, which is case-insensitive, without its parameters."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):

@@ -53,9 +53,6 @@ class LocalBackend:
     def readiness(self) -> dict[str, bool]:
         return {"vision": True, "pruner": True, "generator": True}
 
-    def close(self) -> None:
-        pass
-
 
 class store_errors:
     def __enter__(self):

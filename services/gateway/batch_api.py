@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.gateway.answers import Policy, answer_images, first_turn, parse_answer
 from services.gateway.backends import Unavailable, store_errors
-from services.gateway.inputs import ApiError, json_body, json_object
+from services.gateway.inputs import ApiError, json_body, json_object, media_type
 from services.worker.app import queue_items
 from services.worker.batches import FINISHED, UnknownBatch
 
@@ -149,7 +149,7 @@ class _unknown:
 
 
 async def _requests(request: Request) -> list[tuple[int, object]]:
-    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    kind = media_type(request)
     if kind == "application/json":
         body = await json_object(request)
         if not isinstance(body.get("requests"), list) or set(body) - {"requests"}:

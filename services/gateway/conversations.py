@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 
 from dartserve.kv.store import StoreUnavailable
@@ -12,6 +13,7 @@ from dartserve.pruning.config import PruningConfig
 from services.gateway.backends import store_errors
 from services.gateway.inputs import ApiError
 
+log = logging.getLogger(__name__)
 # What a turn continues from; a record without them (damaged, or from another version) is unknown.
 FIELDS = {"kv_handle", "pending_token", "messages", "context_tokens", "vision_tokens", "kept_vision_tokens", "pruning"}
 
@@ -35,8 +37,10 @@ class Conversations:
         def end_turn() -> None:
             if not ended.is_set():
                 ended.set()
-                with store_errors():
+                try:
                     self.store.release(key, token)
+                except StoreUnavailable as error:  # the answer stands; the hold lapses after turn_s
+                    log.warning("could not release conversation turn: %s", error)
 
         return end_turn
 

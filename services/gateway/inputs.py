@@ -36,6 +36,11 @@ async def json_object(request) -> dict:
     return body
 
 
+def media_type(request) -> str:
+    """The request's media type, which is case-insensitive, without its parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def validated(model, fields: dict):
     """``fields`` as a ``model`` (pydantic), or a 400 naming the first field that is wrong."""
     try:

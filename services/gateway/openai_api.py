@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict
 
 from services.gateway import conversations as conv
 from services.gateway.answers import PruningIn
-from services.gateway.app import Gateway, media_type
-from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, sampling, validated
+from services.gateway.app import Gateway
+from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, media_type, sampling, validated
 from services.gateway.pipeline import Delta, Final
 
 

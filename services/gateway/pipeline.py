@@ -57,6 +57,8 @@ def answer(backend, question: Question, previous: dict | None = None, stream: bo
             first = next(chunks)
         except StageMiss:  # the KV cache went between prefill and decode: prefill again, once
             encoded, prefilled = _encode_and_prefill(backend, question)
+            if prefilled.first_token != tokens[0]:  # already shown: the answer cannot go on from another
+                raise Unavailable("the prefill picked another first token when run again; ask again") from None
             chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token, stream=stream)
             first = next(chunks)
         last = yield from _deltas(itertools.chain((first,), chunks), tokens, texts)
@@ -88,6 +90,7 @@ def answer(backend, question: Question, previous: dict | None = None, stream: bo
         timings={
             "encode_ms": encoded.encode_ms,
             "prefill_ms": prefilled.prefill_ms,
+            "selection_ms": prefilled.selection_ms,  # of prefill_ms: choosing the tokens kept
             "ttft_ms": ttft_ms,
             "decode_ms": last.decode_ms if last else 0.0,
             "kv_store_ms": prefilled.kv_store_ms + (last.kv_store_ms if last else 0.0),
@@ -105,8 +108,9 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
         if question.images:  # the client sent the whole conversation (chat API): recompute it
             yield from answer(backend, question, stream=stream)
             return
-        # A retry cannot bring the cache back: the conversation is gone, not the service.
-        raise ApiError(404, "the conversation's cache has expired; start a new conversation with the image", "conversation_id", kind="not_found") from None
+        # The store lost the cache (evicted) before the record that names it: the service failed
+        # this conversation. A retry cannot bring the cache back, so no Retry-After.
+        raise ApiError(503, "the conversation's KV cache was evicted; start a new conversation with the image", "conversation_id", kind="service_unavailable") from None
     ttft_ms = (time.perf_counter() - started) * 1e3
     tokens, texts = [], []
     last = yield from _deltas(itertools.chain((first,), chunks), tokens, texts)
@@ -132,7 +136,7 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
             "prefill_tokens": last.prefill_tokens,
             "cached_images": 0,
         },
-        timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "kv_store_ms": last.kv_store_ms, "total_ms": (time.perf_counter() - started) * 1e3},
+        timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "selection_ms": 0.0, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "kv_store_ms": last.kv_store_ms, "total_ms": (time.perf_counter() - started) * 1e3},
         pruning=previous["pruning"],
     )
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import grpc
-
 from dartserve.stages import DecodeStep
 from services.convert import sampling_from_proto, to_message
-from services.grpc_server import Server, check_deadline, status_codes
+from services.grpc_server import Server, caller_waiting, check_deadline, status_codes
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc
 
 SERVICE = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -21,7 +19,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def Generate(self, request, context):
         check_deadline(context)
         with status_codes(context):
-            chunks = self._decode(request)
+            chunks = self._decode(request, context)
             # gRPC stops pulling from this generator when the call is cancelled or past its
             # deadline, and closing ``chunks`` then ends the decode: no token more is computed.
             try:
@@ -34,20 +32,20 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         check_deadline(context)
         tokens, texts = [], []
         with status_codes(context):
-            chunks = self._decode(request)
+            # A caller that went away or whose deadline passed stops the decode at its next token.
+            chunks = self._decode(request, context)
             try:
                 for chunk in chunks:
-                    if not context.is_active():  # the caller went away or its deadline passed: stop decoding
-                        context.abort(grpc.StatusCode.CANCELLED, "the caller is gone")
                     tokens += chunk.token_ids
                     texts.append(chunk.text)
             finally:
                 chunks.close()
         return to_message(replace(chunk, token_ids=tokens, text="".join(texts)), generator_pb2.GenerateChunk)
 
-    def _decode(self, request):
+    def _decode(self, request, context):
         question = request.question if request.HasField("question") else None
-        return self.step.generate(request.kv_handle, sampling_from_proto(request.sampling), request.pending_token, question)
+        sampling = sampling_from_proto(request.sampling)
+        return self.step.generate(request.kv_handle, sampling, request.pending_token, question, wanted=lambda: caller_waiting(context))
 
 
 def serve(step: DecodeStep, settings, port: int) -> Server:

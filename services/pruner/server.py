@@ -6,7 +6,7 @@ import json
 
 from dartserve.stages import PrefillStep
 from services.convert import pruning_from_proto, sampling_from_proto, to_message
-from services.grpc_server import Server, check_deadline, status_codes
+from services.grpc_server import Server, caller_waiting, check_deadline, status_codes
 from services.rpc.dartserve.v1 import pruner_pb2, pruner_pb2_grpc
 
 SERVICE = pruner_pb2.DESCRIPTOR.services_by_name["PrunerService"].full_name
@@ -20,7 +20,11 @@ class PrunerServicer(pruner_pb2_grpc.PrunerServiceServicer):
         check_deadline(context)
         with status_codes(context):
             done = self.step.prefill(
-                request.prompt_ref, pruning_from_proto(request.pruning), sampling_from_proto(request.sampling), list(request.image_hashes)
+                request.prompt_ref,
+                pruning_from_proto(request.pruning),
+                sampling_from_proto(request.sampling),
+                list(request.image_hashes),
+                wanted=lambda: caller_waiting(context),
             )
         return to_message(done, pruner_pb2.PrefillResponse, drop=("pruning",), pruning_json=json.dumps(done.pruning))
 

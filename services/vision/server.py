@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dartserve.stages import VisionStep
 from services.convert import to_message
-from services.grpc_server import Server, check_deadline, status_codes
+from services.grpc_server import Server, caller_waiting, check_deadline, status_codes
 from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
 
 SERVICE = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
@@ -18,7 +18,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         check_deadline(context)
         with status_codes(context):
             conversation = [{"role": t.role, "content": t.content} for t in request.conversation]
-            encoded = self.step.encode(list(request.images), conversation)
+            encoded = self.step.encode(list(request.images), conversation, wanted=lambda: caller_waiting(context))
         return to_message(encoded, vision_pb2.EncodeResponse)
 
 

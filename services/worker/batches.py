@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from dartserve.kv.store import StoreUnavailable
+from dartserve.kv.store import redis_call
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -93,11 +93,11 @@ class BatchStore:
         pipe.hset(keys["meta"], mapping=meta)  # last: an item is never read before its batch is whole
         for key in keys.values():
             pipe.expire(key, self.ttl_s)
-        _call(pipe.execute)
+        redis_call(pipe.execute)
         return batch_id
 
     def status(self, batch_id: str) -> dict:
-        meta = _call(self.client.hgetall, _keys(batch_id)["meta"])
+        meta = redis_call(self.client.hgetall, _keys(batch_id)["meta"])
         if not meta:
             raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
         meta = {k.decode(): v.decode() for k, v in meta.items()}
@@ -123,11 +123,11 @@ class BatchStore:
     def item(self, batch_id: str, index: int) -> tuple[dict, list[bytes]] | None:
         """An item and its images, or None where the batch has expired."""
         keys = _keys(batch_id)
-        raw = _call(self.client.hget, keys["items"], str(index))
+        raw = redis_call(self.client.hget, keys["items"], str(index))
         if raw is None:
             return None
         item = json.loads(raw)
-        images = _call(self.client.hmget, keys["images"], item["images"]) if item["images"] else []
+        images = redis_call(self.client.hmget, keys["images"], item["images"]) if item["images"] else []
         if any(i is None for i in images):
             return None
         return item, images
@@ -138,7 +138,7 @@ class BatchStore:
         return status.decode() if status is not None else None
 
     def has_result(self, batch_id: str, custom_id: str) -> bool:
-        return bool(_call(self.client.hexists, _keys(batch_id)["results"], custom_id))
+        return bool(redis_call(self.client.hexists, _keys(batch_id)["results"], custom_id))
 
     def record(self, batch_id: str, custom_id: str, result: dict) -> bool:
         """Stores an item's result unless it has one; returns whether this call stored it."""
@@ -154,10 +154,10 @@ class BatchStore:
 
     def _script(self, script, batch_id: str, *args):
         keys = _keys(batch_id)
-        return _call(script, keys=[keys["meta"], keys["items"], keys["images"], keys["results"]], args=[int(time.time()), self.ttl_s, *args])
+        return redis_call(script, keys=[keys["meta"], keys["items"], keys["images"], keys["results"]], args=[int(time.time()), self.ttl_s, *args])
 
     def fail(self, batch_id: str, error: str) -> None:
-        _call(self.client.hset, _keys(batch_id)["meta"], mapping={"status": "failed", "error": error, "finished_at": int(time.time())})
+        redis_call(self.client.hset, _keys(batch_id)["meta"], mapping={"status": "failed", "error": error, "finished_at": int(time.time())})
 
     def results(self, batch_id: str) -> list[dict]:
         """The results in input order. Items not yet answered are left out while the batch runs;
@@ -167,7 +167,7 @@ class BatchStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(keys["items"])
         pipe.hgetall(keys["results"])
-        items, results = _call(pipe.execute)
+        items, results = redis_call(pipe.execute)
         ordered = [json.loads(items[k])["custom_id"] for k in sorted(items, key=int)]
         found = {k.decode(): json.loads(v) for k, v in results.items()}
         out = []
@@ -184,11 +184,3 @@ def _keys(batch_id: str) -> dict[str, str]:
     base = f"dartserve:batch:{{{batch_id}}}"
     return {"meta": base, "items": base + ":items", "images": base + ":images", "results": base + ":results"}
 
-
-def _call(function, *args, **kwargs):
-    import redis
-
-    try:
-        return function(*args, **kwargs)
-    except (redis.ConnectionError, redis.TimeoutError) as error:
-        raise StoreUnavailable(f"Redis is unreachable: {error}") from None
