@@ -26,6 +26,7 @@ ENVIRONMENT = {
     "DARTSERVE_GENERATOR_ADDR": "the gateway's generator service (default 127.0.0.1:50053)",
     "DARTSERVE_PRUNING": f"default pruning as JSON (default {json.dumps(DEFAULT_PRUNING)})",
     "DARTSERVE_TTL_S": f"lifetime of cached prompts, KV caches and conversations (default {DEFAULT_TTL_S})",
+    "DARTSERVE_MEMORY_STORE_MB": "embedded mode's in-memory store of image tokens, KV caches and conversations, in MB; when full, what expires first goes (default 4096)",
     "DARTSERVE_RPC_TIMEOUT_S": "the gateway's deadline for each gRPC call (default 60)",
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
     "DARTSERVE_IMAGE_URL_HOSTS": "comma-separated hosts (or *.domain) whose http(s) image URLs the gateway fetches (default: none, URLs are refused)",
@@ -72,6 +73,7 @@ class Settings:
     generator_addr: str = "127.0.0.1:50053"
     pruning: dict = field(default_factory=lambda: dict(DEFAULT_PRUNING))
     ttl_s: int = DEFAULT_TTL_S
+    memory_store_mb: int = 4096
     rpc_timeout_s: float = 60.0
     max_message_mb: int = 32
     max_image_pixels: int = MAX_PIXELS
@@ -133,6 +135,7 @@ class Settings:
             generator_addr=read("DARTSERVE_GENERATOR_ADDR", str, cls.generator_addr),
             pruning=pruning,
             ttl_s=read("DARTSERVE_TTL_S", int, cls.ttl_s),
+            memory_store_mb=read("DARTSERVE_MEMORY_STORE_MB", int, cls.memory_store_mb),
             rpc_timeout_s=read("DARTSERVE_RPC_TIMEOUT_S", float, cls.rpc_timeout_s),
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, cls.max_message_mb),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, cls.max_image_pixels),

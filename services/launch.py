@@ -45,7 +45,7 @@ def embedded_gateway(settings, engine: Engine | None = None):
     from services.gateway.backends import LocalBackend
 
     engine = engine or load_engine(settings)
-    store = MemoryStore()
+    store = MemoryStore(settings.memory_store_mb << 20)
     backend = LocalBackend(
         VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels),
         PrefillStep(engine, store, settings.ttl_s),

@@ -117,6 +117,20 @@ def test_memory_store_expires_and_needs_every_layer():
     assert store.get("short", 2) is None
 
 
+def test_memory_store_makes_room_by_dropping_what_expires_first():
+    store = MemoryStore(max_bytes=2500)
+    for i, ttl in enumerate((50, 10, 30)):
+        store.set_value(f"k{i}", bytes(1000), ttl_s=ttl)
+    assert [store.get_value(f"k{i}") is not None for i in range(3)] == [True, False, True]
+    encoded = EncodedCache(b"m", [bytes(1000)])
+    store.put("kv", encoded, ttl_s=60)
+    assert store.get("kv", 1) == encoded and store.get_value("k2") is None and store.get_value("k0") == bytes(1000)
+    # Read with a new TTL, k0 lives longest now: the next write drops the KV cache instead.
+    assert store.get_values(["k0"], refresh_ttl_s=120) == [bytes(1000)]
+    store.set_value("k3", bytes(1000), ttl_s=90)
+    assert store.get("kv", 1) is None and store.get_value("k0") == store.get_value("k3") == bytes(1000)
+
+
 @pytest.fixture(scope="module")
 def redis_url():
     server = RedisServer()

@@ -499,6 +499,14 @@ def test_a_conversation_answers_one_turn_at_a_time(demo_client):
     assert len(conversations.get(conv.by_id(cid))["messages"]) == 2 * 4  # every answered turn is in it
 
 
+def test_the_embedded_store_holds_what_the_setting_allows(engines):
+    from services.launch import embedded_gateway
+
+    assert Settings.from_env({"DARTSERVE_MEMORY_STORE_MB": "16"}).memory_store_mb == 16
+    gateway = embedded_gateway(Settings(memory_store_mb=16), engines["llava"])
+    assert gateway.backend.vision.store is gateway.conversations.store and gateway.conversations.store.max_bytes == 16 << 20
+
+
 def test_a_turn_whose_hold_cannot_be_released_still_answers_and_frees_its_slot(engines, monkeypatch):
     """Redis failing just as a conversation's turn ends: the answer stands and the request's
     admission slot comes back (the hold on the conversation lapses by itself)."""

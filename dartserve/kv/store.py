@@ -57,19 +57,22 @@ def _manifest_key(key: str) -> str:
 
 
 class MemoryStore:
-    """A process-local store with expiry, for embedded mode and tests."""
+    """A process-local store with expiry, for embedded mode and tests. With ``max_bytes`` (of
+    values) it makes room as Redis does under ``volatile-ttl``: the values closest to expiring
+    go first, and whoever needed one finds a miss."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._values: dict[str, tuple[float, bytes]] = {}
         self._lock = threading.Lock()
+        self.max_bytes, self._bytes = max_bytes, 0
 
     def put(self, key: str, encoded: EncodedCache, ttl_s: int = DEFAULT_TTL_S) -> None:
         expires = time.monotonic() + ttl_s
         with self._lock:
             for layer, data in enumerate(encoded.layers):
-                self._values[_layer_key(key, layer)] = (expires, data)
-            self._values[_manifest_key(key)] = (expires, encoded.manifest)
-            self._drop_expired()
+                self._set(_layer_key(key, layer), expires, data)
+            self._set(_manifest_key(key), expires, encoded.manifest)
+            self._make_room()
 
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
         self.set_values({key: value}, ttl_s)
@@ -77,7 +80,9 @@ class MemoryStore:
     def set_values(self, items: dict[str, bytes], ttl_s: int = DEFAULT_TTL_S) -> None:
         with self._lock:
             expires = time.monotonic() + ttl_s
-            self._values.update({key: (expires, value) for key, value in items.items()})
+            for key, value in items.items():
+                self._set(key, expires, value)
+            self._make_room()
 
     def get_value(self, key: str) -> bytes | None:
         return self.get_values([key])[0]
@@ -88,8 +93,9 @@ class MemoryStore:
             now = time.monotonic()
             found = [self._values.get(key) for key in keys]
             values = [f[1] if f and f[0] > now else None for f in found]
-            if refresh_ttl_s is not None:
-                self._values.update({k: (now + refresh_ttl_s, v) for k, v in zip(keys, values) if v is not None})
+            for key, value in zip(keys, values) if refresh_ttl_s is not None else ():
+                if value is not None:
+                    self._set(key, now + refresh_ttl_s, value)
             return values
 
     def ping(self) -> None:
@@ -102,7 +108,8 @@ class MemoryStore:
             if held is not None and held[0] > now:
                 return None
             token = secrets.token_hex(16)
-            self._values[key] = (now + ttl_s, token.encode())
+            self._set(key, now + ttl_s, token.encode())
+            self._make_room()
             return token
 
     def release(self, key: str, token: str) -> None:
@@ -110,12 +117,28 @@ class MemoryStore:
         with self._lock:
             held = self._values.get(key)
             if held is not None and held[1] == token.encode():
-                del self._values[key]
+                self._delete(key)
 
-    def _drop_expired(self) -> None:
+    def _set(self, key: str, expires: float, value: bytes) -> None:
+        self._delete(key)
+        self._values[key] = (expires, value)
+        self._bytes += len(value)
+
+    def _delete(self, key: str) -> None:
+        held = self._values.pop(key, None)
+        if held is not None:
+            self._bytes -= len(held[1])
+
+    def _make_room(self) -> None:
         now = time.monotonic()
         for key in [k for k, (expires, _) in self._values.items() if expires <= now]:
-            del self._values[key]
+            self._delete(key)
+        if self.max_bytes is None or self._bytes <= self.max_bytes:
+            return
+        for key in sorted(self._values, key=lambda k: self._values[k][0]):
+            self._delete(key)
+            if self._bytes <= self.max_bytes:
+                return
 
     def get(self, key: str, num_layers: int, refresh_ttl_s: int | None = None) -> EncodedCache | None:
         """The entry, or None; ``refresh_ttl_s`` restarts its TTL."""
@@ -127,7 +150,7 @@ class MemoryStore:
                 return None
             if refresh_ttl_s is not None:
                 for k, (_, value) in zip(wanted, found):
-                    self._values[k] = (now + refresh_ttl_s, value)
+                    self._set(k, now + refresh_ttl_s, value)
             return EncodedCache(found[0][1], [v[1] for v in found[1:]])
 
 
