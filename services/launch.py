@@ -75,8 +75,9 @@ def _gateway(backend, store, settings):
         BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), Policy.from_settings(settings), settings.batch_max_requests
     )
     # A turn makes at most ten stage calls, each within the timeout: two encodes and two
-    # prefills, all of them again when the KV cache goes before decoding, and two decodes.
-    conversations = Conversations(store, settings.ttl_s, turn_s=10 * int(settings.rpc_timeout_s) + 10)
+    # prefills, all of them again when the KV cache goes before decoding, and two decodes. A
+    # hold left by a gateway that died lapses with the conversation at the latest.
+    conversations = Conversations(store, settings.ttl_s, turn_s=min(10 * int(settings.rpc_timeout_s) + 10, settings.ttl_s))
     return Gateway(backend, conversations, model_name(settings), settings, batches)
 
 

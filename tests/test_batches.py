@@ -324,6 +324,8 @@ def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
     worker.batches.fail(batch_id, "the queue went away after the first item")
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     assert worker.batches.results(batch_id) == [] and worker.batches.status(batch_id)["status"] == "failed"
+    worker.batches.fail("batch_expired", "the queue went away")  # a batch gone meanwhile stays gone
+    assert worker.batches.client.keys("*batch_expired*") == []
 
 
 def test_an_item_whose_error_cannot_be_recorded_goes_back_on_the_queue(redis_server):

@@ -129,6 +129,14 @@ def test_memory_store_makes_room_by_dropping_what_expires_first():
     assert store.get_values(["k0"], refresh_ttl_s=120) == [bytes(1000)]
     store.set_value("k3", bytes(1000), ttl_s=90)
     assert store.get("kv", 1) is None and store.get_value("k0") == store.get_value("k3") == bytes(1000)
+    # What can never fit is not kept, and takes nothing with it; holds are not evicted.
+    token = store.claim("hold", ttl_s=1)
+    store.put("huge", EncodedCache(b"m", [bytes(3000)]), ttl_s=600)
+    assert store.get("huge", 1) is None and store.get_value("k0") == store.get_value("k3") == bytes(1000)
+    store.set_value("k4", bytes(1000), ttl_s=600)
+    assert store.claim("hold", ttl_s=1) is None
+    store.release("hold", token)
+    assert store.claim("hold", ttl_s=1)
 
 
 @pytest.fixture(scope="module")

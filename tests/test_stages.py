@@ -16,7 +16,7 @@ from dartserve.kv.store import MemoryStore
 from dartserve.models import prefill
 from dartserve.models.decode import SamplingConfig, decode_step, extend
 from dartserve.pruning import PruningConfig
-from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep
+from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep, visible_text
 from processes import dartserve_process, free_port, stop, wait_until
 from services.config import DEFAULT_PRUNING, Settings
 from services.gateway.backends import LocalBackend
@@ -105,17 +105,19 @@ def test_a_value_evicted_between_stages_is_recomputed(engines, prefix):
 
 
 def test_a_recomputed_prefill_that_picks_another_first_token_is_a_503_not_a_spliced_answer(engines):
-    """The first token is shown before decoding starts; if the KV cache then goes and the
-    prefill run again picks another (a replica on other hardware), no answer can go on from it."""
+    """A streamed first token is shown before decoding starts; if the KV cache then goes and
+    the prefill run again picks another (sampled, or a replica on other hardware), no answer
+    can go on from it. Not streamed, the answer starts from the new one."""
     from dataclasses import replace
 
     from services.gateway.backends import Unavailable
 
     engine = engines["llava"]
     image, pruning = make_image(5), PruningConfig(budget=12)
-    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=0)
-    first = engine.generate([image], PROMPT, pruning, sampling).token_ids[0]
-    other = next(seed for seed in range(1, 100) if engine.generate([image], PROMPT, pruning, replace(sampling, seed=seed)).token_ids[0] != first)
+    firsts = [engine.generate([image], PROMPT, pruning, SamplingConfig(max_new_tokens=6, temperature=1.0, seed=seed)).token_ids[0] for seed in range(30)]
+    shown = next(seed for seed in range(30) if visible_text(engine, [firsts[seed]]))  # the stream shows it at once
+    other = next(seed for seed in range(30) if firsts[seed] != firsts[shown])
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=shown)
 
     class OtherReplica(PrefillStep):
         """Prefills as a second replica whose sampling draws differently, from its second call on."""
@@ -131,6 +133,11 @@ def test_a_recomputed_prefill_that_picks_another_first_token_is_a_503_not_a_spli
     with pytest.raises(Unavailable, match="another first token"):
         run(backend, [png(image)], PROMPT, pruning, sampling)
     assert store.forgotten == 1
+    store = ForgetfulStore("dartserve:kv:")
+    backend = LocalBackend(VisionStep(engine, store), OtherReplica(engine, store), DecodeStep(engine, store))
+    question = Question([png(image)], [{"role": "user", "content": PROMPT}], pruning, sampling)
+    final = [e for e in answer(backend, question, stream=False) if isinstance(e, Final)][0]
+    assert store.forgotten == 1 and final.token_ids[0] == firsts[other] and final.text == engine.generator.detokenize(final.token_ids).strip()
 
 
 class CountingStore(MemoryStore):
@@ -537,7 +544,7 @@ def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an
     from services.gateway.app import create_app
     from services.launch import embedded_gateway
 
-    client = TestClient(create_app(embedded_gateway(Settings(), engines["llava"])), raise_server_exceptions=False)
+    client = TestClient(create_app(embedded_gateway(Settings(), engines["llava"])))
     decode = client.app.state.gateway.backend.decode
     generate = decode.generate
 
@@ -547,8 +554,8 @@ def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an
 
     monkeypatch.setattr(decode, "generate", broken)
     body = {"image": base64.b64encode(png(make_image(43))).decode(), "question": PROMPT, "max_new_tokens": 3}
-    failed = client.post("/v1/answer", json=body)
-    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+    failed = client.post("/v1/answer", json=body, headers={"X-Request-Id": "req-500"})
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error" and failed.headers["x-request-id"] == "req-500"
     streamed = client.post("/v1/answer", json=body | {"stream": True})
     events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
     assert streamed.status_code == 200 and events[-1]["error"]["type"] == "server_error" and "[DONE]" not in streamed.text

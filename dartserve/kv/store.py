@@ -63,21 +63,25 @@ class MemoryStore:
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._values: dict[str, tuple[float, bytes]] = {}
+        self._claims: dict[str, tuple[float, bytes]] = {}  # never evicted: a turn's hold must hold
         self._lock = threading.Lock()
         self.max_bytes, self._bytes = max_bytes, 0
 
     def put(self, key: str, encoded: EncodedCache, ttl_s: int = DEFAULT_TTL_S) -> None:
-        expires = time.monotonic() + ttl_s
-        with self._lock:
-            for layer, data in enumerate(encoded.layers):
-                self._set(_layer_key(key, layer), expires, data)
-            self._set(_manifest_key(key), expires, encoded.manifest)
-            self._make_room()
+        items = {_layer_key(key, layer): data for layer, data in enumerate(encoded.layers)}
+        self._write(items | {_manifest_key(key): encoded.manifest}, ttl_s)
 
     def set_value(self, key: str, value: bytes, ttl_s: int = DEFAULT_TTL_S) -> None:
-        self.set_values({key: value}, ttl_s)
+        self._write({key: value}, ttl_s)
 
     def set_values(self, items: dict[str, bytes], ttl_s: int = DEFAULT_TTL_S) -> None:
+        self._write(items, ttl_s)
+
+    def _write(self, items: dict[str, bytes], ttl_s: int) -> None:
+        """A write larger than the whole budget is not kept (a miss for its reader) rather than
+        emptying the store first."""
+        if self.max_bytes is not None and sum(len(v) for v in items.values()) > self.max_bytes:
+            return
         with self._lock:
             expires = time.monotonic() + ttl_s
             for key, value in items.items():
@@ -104,20 +108,19 @@ class MemoryStore:
     def claim(self, key: str, ttl_s: int) -> str | None:
         """Takes ``key`` for ``ttl_s`` if no one holds it: the token to release it with, else None."""
         with self._lock:
-            now, held = time.monotonic(), self._values.get(key)
+            now, held = time.monotonic(), self._claims.get(key)
             if held is not None and held[0] > now:
                 return None
             token = secrets.token_hex(16)
-            self._set(key, now + ttl_s, token.encode())
-            self._make_room()
+            self._claims[key] = (now + ttl_s, token.encode())
             return token
 
     def release(self, key: str, token: str) -> None:
         """Gives ``key`` back, unless its claim expired and someone else holds it now."""
         with self._lock:
-            held = self._values.get(key)
+            held = self._claims.get(key)
             if held is not None and held[1] == token.encode():
-                self._delete(key)
+                del self._claims[key]
 
     def _set(self, key: str, expires: float, value: bytes) -> None:
         self._delete(key)
@@ -133,6 +136,8 @@ class MemoryStore:
         now = time.monotonic()
         for key in [k for k, (expires, _) in self._values.items() if expires <= now]:
             self._delete(key)
+        for key in [k for k, (expires, _) in self._claims.items() if expires <= now]:
+            del self._claims[key]
         if self.max_bytes is None or self._bytes <= self.max_bytes:
             return
         for key in sorted(self._values, key=lambda k: self._values[k][0]):

@@ -161,12 +161,6 @@ def create_app(gateway: Gateway) -> FastAPI:
     def stage_miss(request: Request, error: StageMiss):
         return unavailable(request, Unavailable(str(error)))
 
-    @app.exception_handler(Exception)
-    def server_error(request: Request, error: Exception):
-        # Starlette logs the error after this reply; the client gets JSON like every other error.
-        gateway.metrics.requests.labels(_endpoint(request), "500").inc()
-        return JSONResponse(SERVER_ERROR, status_code=500)
-
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, error: StarletteHTTPException):
         kind = "not_found" if error.status_code == 404 else "invalid_request_error"
@@ -223,7 +217,12 @@ def create_app(gateway: Gateway) -> FastAPI:
         rid = request_ids.accept(request.headers.get(request_ids.HEADER))
         request_ids.current.set(rid)
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: JSON like every other error, with its id; the log has the trace
+            log.exception("%s %s failed", request.method, request.url.path)
+            gateway.metrics.requests.labels(_endpoint(request), "500").inc()
+            response = JSONResponse(SERVER_ERROR, status_code=500)
         response.headers["X-Request-Id"] = rid
         fields = {"method": request.method, "path": request.url.path, "status": response.status_code, "ms": round((time.perf_counter() - started) * 1e3, 2)}
         log.info("%s %s %d", request.method, request.url.path, response.status_code, extra={"fields": fields})

@@ -57,8 +57,12 @@ def answer(backend, question: Question, previous: dict | None = None, stream: bo
             first = next(chunks)
         except StageMiss:  # the KV cache went between prefill and decode: prefill again, once
             encoded, prefilled = _encode_and_prefill(backend, question)
-            if prefilled.first_token != tokens[0]:  # already shown: the answer cannot go on from another
-                raise Unavailable("the prefill picked another first token when run again; ask again") from None
+            if prefilled.first_token != tokens[0]:  # sampled, or another replica's hardware
+                if stream and texts[0]:  # shown already: no answer can go on from another token
+                    raise Unavailable("the prefill picked another first token when run again; ask again") from None
+                tokens, texts = [prefilled.first_token], [prefilled.first_text]
+                if prefilled.first_text:
+                    yield Delta(prefilled.first_text)
             chunks = backend.generate(prefilled.kv_handle, question.sampling, prefilled.first_token, stream=stream)
             first = next(chunks)
         last = yield from _deltas(itertools.chain((first,), chunks), tokens, texts)

@@ -46,6 +46,13 @@ if status == 'queued' then
 end
 return status
 """
+# ARGV[3]: the error. A batch that expired meanwhile stays gone.
+_FAIL = _KEEP + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[3], 'finished_at', ARGV[1])
+keep()
+return 1
+"""
 # Returns the status before.
 _CANCEL = _KEEP + """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -67,6 +74,7 @@ class BatchStore:
         self._record = client.register_script(_RECORD)
         self._start = client.register_script(_START)
         self._cancel = client.register_script(_CANCEL)
+        self._fail = client.register_script(_FAIL)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> BatchStore:
@@ -157,7 +165,7 @@ class BatchStore:
         return redis_call(script, keys=[keys["meta"], keys["items"], keys["images"], keys["results"]], args=[int(time.time()), self.ttl_s, *args])
 
     def fail(self, batch_id: str, error: str) -> None:
-        redis_call(self.client.hset, _keys(batch_id)["meta"], mapping={"status": "failed", "error": error, "finished_at": int(time.time())})
+        self._script(self._fail, batch_id, error)
 
     def results(self, batch_id: str) -> list[dict]:
         """The results in input order. Items not yet answered are left out while the batch runs;
