@@ -8,6 +8,7 @@ layers, sees a miss. Values are bytes in and bytes out: nothing read back is unp
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import secrets
 import threading
@@ -63,6 +64,9 @@ class MemoryStore:
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._values: dict[str, tuple[float, bytes]] = {}
+        # (expiry, key) for every write, soonest first: an entry whose key has been written
+        # since is stale and skipped. Writes then drop and evict without scanning the store.
+        self._expiry: list[tuple[float, str]] = []
         self._claims: dict[str, tuple[float, bytes]] = {}  # never evicted: a turn's hold must hold
         self._lock = threading.Lock()
         self.max_bytes, self._bytes = max_bytes, 0
@@ -126,6 +130,7 @@ class MemoryStore:
         self._delete(key)
         self._values[key] = (expires, value)
         self._bytes += len(value)
+        heapq.heappush(self._expiry, (expires, key))
 
     def _delete(self, key: str) -> None:
         held = self._values.pop(key, None)
@@ -133,17 +138,21 @@ class MemoryStore:
             self._bytes -= len(held[1])
 
     def _make_room(self) -> None:
+        """Drops what has expired, then what expires soonest while over the budget."""
         now = time.monotonic()
-        for key in [k for k, (expires, _) in self._values.items() if expires <= now]:
-            self._delete(key)
+        while self._expiry:
+            expires, key = self._expiry[0]
+            current = self._values.get(key, (None,))[0] == expires
+            if current and expires > now and (self.max_bytes is None or self._bytes <= self.max_bytes):
+                break
+            heapq.heappop(self._expiry)
+            if current:
+                self._delete(key)
+        if len(self._expiry) > 2 * len(self._values) + 64:  # mostly stale, from TTL refreshes
+            self._expiry = [(expires, key) for key, (expires, _) in self._values.items()]
+            heapq.heapify(self._expiry)
         for key in [k for k, (expires, _) in self._claims.items() if expires <= now]:
             del self._claims[key]
-        if self.max_bytes is None or self._bytes <= self.max_bytes:
-            return
-        for key in sorted(self._values, key=lambda k: self._values[k][0]):
-            self._delete(key)
-            if self._bytes <= self.max_bytes:
-                return
 
     def get(self, key: str, num_layers: int, refresh_ttl_s: int | None = None) -> EncodedCache | None:
         """The entry, or None; ``refresh_ttl_s`` restarts its TTL."""
