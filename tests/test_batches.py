@@ -110,8 +110,8 @@ def test_a_batch_answers_every_request_as_v1_answer_does(cluster, worker):
     # in every stage, carry BATCH_ID/CUSTOM_ID.
     item_id = f"{created['id']}/{requests[-1]['custom_id']}"
     for name, path in [("worker", log), *((stage, cluster["logs"] / f"{stage}.log") for stage in ("vision", "pruner", "generator"))]:
-        logged = [json.loads(line) for line in path.read_text().splitlines() if line]
-        assert any(line["request_id"] == item_id for line in logged), name
+        logged = lambda: [json.loads(line) for line in path.read_text().splitlines() if line]  # noqa: E731
+        wait_until(lambda: any(line["request_id"] == item_id for line in logged()), f"the {name}'s log line", timeout_s=10)  # a stage logs a call once it has answered
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):

@@ -714,6 +714,58 @@ def test_complete_sends_the_streamed_answer_in_one_message_and_stops_past_its_de
         server.stop(grace_s=1)
 
 
+def test_a_stage_logs_and_counts_a_call_after_its_caller_has_the_answer(engines):
+    """The call's log line and metrics are written once its status is sent, not while the caller
+    waits: here the caller gets its answer while the log line is held up. A call whose caller
+    gave up counts as in flight until its handler has stopped."""
+    import logging
+    import threading
+
+    import grpc
+
+    from services.generator.server import serve
+
+    class Held(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.released, self.records = threading.Event(), []
+
+        def emit(self, record) -> None:
+            self.released.wait(10)
+            self.records.append(record)
+
+    engine = engines["llava"]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=())
+    store = MemoryStore()
+    _, request = prefilled_request(engine, store, sampling)
+    server = serve(SlowDecode(engine, store), Settings(metrics_port=0, drain_s=0), 0)
+    held, logger = Held(), logging.getLogger("services.stage_calls")
+    logger.addHandler(held)
+    logger.setLevel(logging.INFO)
+
+    def sample(name, **labels):
+        return server.metrics.registry.get_sample_value(name, {"stage": "generator", **labels}) or 0
+
+    try:
+        stub = generator_stub(server)
+        whole = stub.Complete(request, timeout=5, metadata=(("x-request-id", "held-1"),))  # before the log line
+        assert len(whole.token_ids) == 5 and not held.records
+        held.released.set()
+        wait_until(lambda: held.records, "the call's log line", timeout_s=5)
+        fields = held.records[0].fields
+        assert (fields["method"], fields["code"], fields["request_id"]) == ("Complete", "OK", "held-1")
+        wait_until(lambda: sample("dartserve_stage_calls_total", method="Complete", code="OK") == 1, "the call to be counted", timeout_s=5)
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Complete(request, timeout=0.05)  # 5 tokens at 20 ms each take 0.1 s
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: sample("dartserve_stage_calls_total", method="Complete", code="DEADLINE_EXCEEDED") == 1, "the late call to end", timeout_s=5)
+        assert sample("dartserve_stage_in_flight") == 0
+    finally:
+        held.released.set()
+        logger.removeHandler(held)
+        server.stop(grace_s=1)
+
+
 def test_calls_whose_caller_gave_up_while_waiting_for_the_model_are_not_worked_on(engines):
     """A call queued behind another one's use of the model, whose deadline passes in the queue,
     does no work once the model is free: nothing is encoded, prefilled or stored for it."""
