@@ -83,30 +83,38 @@ class StageCalls(grpc.ServerInterceptor):
     def _end(self, call: _Call) -> None:
         seconds = time.perf_counter() - call.started
         code = call.context.code() or call.outcome
+        if call.caller_left and code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):  # no one received the answer
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if call.context.time_remaining() == 0 else grpc.StatusCode.CANCELLED
         self.calls.labels(self.stage, call.method, code.name).inc()
         self.latency.labels(self.stage, call.method).observe(seconds)
-        self.in_flight.dec()  # last: a stage with none in flight has counted all its calls
+        self.in_flight.dec()  # after the counts (the log line comes later): none in flight, all counted
         fields = {"method": call.method, "code": code.name, "ms": round(seconds * 1e3, 2), "request_id": call.request_id}
         log.info("%s %s", call.method, code.name, extra={"fields": fields})
 
 
 class _Call:
     """A call ends when its handler has returned and its status has been sent, whichever is
-    later: its log line and metrics are written then, on gRPC's thread in the usual case, so
-    the caller does not wait for them (0.3 ms a call on a 2-core VM), and a handler still
-    working after its caller went away still counts as in flight."""
+    later: its log line and metrics are written then, in the usual case on the server's
+    polling thread, so the caller does not wait for them (0.3 ms a call on a 2-core VM), and a
+    handler still working after its caller went away still counts as in flight. A log sink
+    that blocks (stderr nobody reads) then stalls the whole server, health checks included."""
 
     def __init__(self, method: str, request_id: str, context, end) -> None:
         self.method, self.request_id, self.context, self.end = method, request_id, context, end
         self.started = time.perf_counter()
         self.outcome = grpc.StatusCode.UNKNOWN  # unless the handler returns, or is cancelled
+        self.caller_left = False  # the call was over before its handler stopped
         self.pending, self.lock = 2, threading.Lock()
-        if not context.add_callback(self.done):  # over already: cancelled before its handler began
-            self.done()
+        if not context.add_callback(self.over):  # over already: cancelled before its handler began
+            self.over()
 
-    def done(self) -> None:
+    def over(self) -> None:
+        self.done(caller_left=True)
+
+    def done(self, caller_left: bool = False) -> None:
         with self.lock:
             self.pending -= 1
             if self.pending:
+                self.caller_left = caller_left
                 return
         self.end(self)

@@ -717,13 +717,15 @@ def test_complete_sends_the_streamed_answer_in_one_message_and_stops_past_its_de
 def test_a_stage_logs_and_counts_a_call_after_its_caller_has_the_answer(engines):
     """The call's log line and metrics are written once its status is sent, not while the caller
     waits: here the caller gets its answer while the log line is held up. A call whose caller
-    gave up counts as in flight until its handler has stopped."""
+    gave up counts as in flight until its handler stops, and not as answered."""
     import logging
     import threading
 
     import grpc
 
     from services.generator.server import serve
+    from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
+    from services.vision.server import serve as serve_vision
 
     class Held(logging.Handler):
         def __init__(self) -> None:
@@ -734,36 +736,60 @@ def test_a_stage_logs_and_counts_a_call_after_its_caller_has_the_answer(engines)
             self.released.wait(10)
             self.records.append(record)
 
+    class SlowEncode(VisionStep):  # answers, but after its caller's deadline
+        def encode(self, *args, **kwargs):
+            encoded = super().encode(*args, **kwargs)
+            time.sleep(0.3)
+            return encoded
+
     engine = engines["llava"]
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, seed=3, stop_token_ids=())
     store = MemoryStore()
     _, request = prefilled_request(engine, store, sampling)
-    server = serve(SlowDecode(engine, store), Settings(metrics_port=0, drain_s=0), 0)
+    step = SlowDecode(engine, store)
+    settings = Settings(metrics_port=0, drain_s=0)
+    servers = [serve(step, settings, 0), serve_vision(SlowEncode(engine, store), settings, 0)]
     held, logger = Held(), logging.getLogger("services.stage_calls")
+    level = logger.level
     logger.addHandler(held)
     logger.setLevel(logging.INFO)
 
-    def sample(name, **labels):
-        return server.metrics.registry.get_sample_value(name, {"stage": "generator", **labels}) or 0
+    def sample(name, stage="generator", **labels):
+        server = servers[stage == "vision"]
+        return server.metrics.registry.get_sample_value(name, {"stage": stage, **labels}) or 0
 
     try:
-        stub = generator_stub(server)
-        whole = stub.Complete(request, timeout=5, metadata=(("x-request-id", "held-1"),))  # before the log line
-        assert len(whole.token_ids) == 5 and not held.records
+        stub = generator_stub(servers[0])
+        # The old order, log line first, would run past this deadline: the handler holds it 10 s.
+        whole = stub.Complete(request, timeout=5, metadata=(("x-request-id", "held-1"),))
+        assert len(whole.token_ids) == 5
         held.released.set()
-        wait_until(lambda: held.records, "the call's log line", timeout_s=5)
-        fields = held.records[0].fields
-        assert (fields["method"], fields["code"], fields["request_id"]) == ("Complete", "OK", "held-1")
+        wait_until(lambda: any(r.fields["request_id"] == "held-1" for r in held.records), "the call's log line", timeout_s=5)
+        fields = next(r.fields for r in held.records if r.fields["request_id"] == "held-1")
+        assert (fields["method"], fields["code"]) == ("Complete", "OK")
         wait_until(lambda: sample("dartserve_stage_calls_total", method="Complete", code="OK") == 1, "the call to be counted", timeout_s=5)
+        with step.lock:  # another request's turn with the model: the next call waits for it
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Complete(request, timeout=0.2)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.2)
+            assert sample("dartserve_stage_in_flight") == 1  # its caller left; its handler has not
+        wait_until(lambda: sample("dartserve_stage_in_flight") == 0, "the late call to end", timeout_s=5)
+        assert sample("dartserve_stage_calls_total", method="Complete", code="DEADLINE_EXCEEDED") == 1
+        encode = vision_pb2_grpc.VisionServiceStub(grpc.insecure_channel(f"127.0.0.1:{servers[1].port}")).Encode
         with pytest.raises(grpc.RpcError) as late:
-            stub.Complete(request, timeout=0.05)  # 5 tokens at 20 ms each take 0.1 s
+            encode(vision_pb2.EncodeRequest(images=[png(make_image(42))], conversation=[vision_pb2.Turn(role="user", content=PROMPT)]), timeout=0.1)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_until(lambda: sample("dartserve_stage_calls_total", method="Complete", code="DEADLINE_EXCEEDED") == 1, "the late call to end", timeout_s=5)
-        assert sample("dartserve_stage_in_flight") == 0
+        # The handler returned an answer after its caller had gone: not counted as answered.
+        wait_until(lambda: sample("dartserve_stage_in_flight", "vision") == 0, "the late encode to end", timeout_s=5)
+        assert sample("dartserve_stage_calls_total", "vision", method="Encode", code="DEADLINE_EXCEEDED") == 1
+        assert sample("dartserve_stage_calls_total", "vision", method="Encode", code="OK") == 0
     finally:
         held.released.set()
         logger.removeHandler(held)
-        server.stop(grace_s=1)
+        logger.setLevel(level)
+        for server in servers:
+            server.stop(grace_s=1)
 
 
 def test_calls_whose_caller_gave_up_while_waiting_for_the_model_are_not_worked_on(engines):
