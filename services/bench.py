@@ -12,16 +12,14 @@ import io
 import os
 import statistics
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 from PIL import Image
 
 from dartserve.bench import cpu_name
 from services.config import DEFAULT_PRUNING
-from services.processes import free_port, start_dartserve, start_distributed, start_redis
+from services.processes import BenchRun, free_port, stop
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
@@ -242,68 +240,49 @@ def run_service_bench(
 
     model = model or default_model()
     embedded_port = free_port()
-    processes = []
-    with tempfile.TemporaryDirectory() as raw:
-        logs = Path(raw)
-        if redis_url is None:  # an empty server of its own: nothing an earlier run cached can help
-            redis_port = free_port()
-            processes.append(start_redis(redis_port))
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        base = {"DARTSERVE_MODEL": model, "DARTSERVE_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
-        if threads:
-            base["OMP_NUM_THREADS"] = str(threads)
-        try:
-            embedded = start_dartserve("serve", base | {"DARTSERVE_PORT": str(embedded_port)}, logs / "serve.log")
-            processes.append(embedded)
-            distributed = start_distributed(base, logs)
-            processes += distributed.processes.values()
-            urls = {"embedded": f"http://127.0.0.1:{embedded_port}", "distributed": distributed.url}
-            wait_ready(urls["embedded"], embedded)
-            wait_ready(urls["distributed"], distributed.processes["gateway"])
-            bodies = demo_requests(requests)
-            samples = {mode: {"ttft_ms": [], "e2e_ms": [], "kv_ms": [], "stages": [], "answers": []} for mode in urls}
-            kv_bytes = {"pruned": [], "unpruned": []}
-            with httpx.Client(timeout=120) as client:
-                for body in bodies[:3]:  # warm-up, not measured
-                    for url in urls.values():
-                        client.post(f"{url}/v1/answer", json=body).raise_for_status()
-                named = {"embedded": embedded, **distributed.processes}
-                faults_before = {name: minor_faults(process.pid) for name, process in named.items()}
-                for body in bodies:
-                    for mode, url in urls.items():
-                        started = time.perf_counter()
-                        reply = client.post(f"{url}/v1/answer", json=body)
-                        e2e = (time.perf_counter() - started) * 1e3
-                        reply.raise_for_status()
-                        answer = reply.json()
-                        timings = answer["timings"]
-                        samples[mode]["e2e_ms"].append(e2e)
-                        samples[mode]["ttft_ms"].append(timings["ttft_ms"])
-                        samples[mode]["kv_ms"].append(timings["kv_store_ms"])
-                        samples[mode]["stages"].append({stage: timings[f"{stage}_ms"] for stage in STAGE_TIMINGS})
-                        samples[mode]["answers"].append(answer["answer"])
-                    kv_bytes["pruned"].append(answer["usage"]["kv_bytes"])
-                faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults_before.items()}
-                for body in bodies:
-                    unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
-                    kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
-            round_trips = loopback_round_trips(f"127.0.0.1:{distributed.ports['vision']}")
-            generator = generator_calls(distributed.ports, bodies[0])
-            if threads:  # this process's calls, like the services', on that many threads
-                torch.set_num_threads(threads)
-            engine = Engine.load(model)
-            overheads = stage_overheads(distributed.ports, engine, bodies)
-            for process in processes[-5:]:  # the model services: the Redis measurement runs alone
-                process.terminate()
-                process.wait(timeout=30)
-            request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
-            pruned_cache = prefill(engine.adapter, [request], PruningConfig(**DEFAULT_PRUNING)).cache
-            redis_kv = _kv_store_throughput(redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=30)
+    with BenchRun(model, threads, redis_url) as run:
+        embedded = run.dartserve("serve", {"DARTSERVE_PORT": str(embedded_port)})
+        distributed = run.distributed()
+        urls = {"embedded": f"http://127.0.0.1:{embedded_port}", "distributed": distributed.url}
+        wait_ready(urls["embedded"], embedded)
+        wait_ready(urls["distributed"], distributed.processes["gateway"])
+        bodies = demo_requests(requests)
+        samples = {mode: {"ttft_ms": [], "e2e_ms": [], "kv_ms": [], "stages": [], "answers": []} for mode in urls}
+        kv_bytes = {"pruned": [], "unpruned": []}
+        with httpx.Client(timeout=120) as client:
+            for body in bodies[:3]:  # warm-up, not measured
+                for url in urls.values():
+                    client.post(f"{url}/v1/answer", json=body).raise_for_status()
+            named = {"embedded": embedded, **distributed.processes}
+            faults_before = {name: minor_faults(process.pid) for name, process in named.items()}
+            for body in bodies:
+                for mode, url in urls.items():
+                    started = time.perf_counter()
+                    reply = client.post(f"{url}/v1/answer", json=body)
+                    e2e = (time.perf_counter() - started) * 1e3
+                    reply.raise_for_status()
+                    answer = reply.json()
+                    timings = answer["timings"]
+                    samples[mode]["e2e_ms"].append(e2e)
+                    samples[mode]["ttft_ms"].append(timings["ttft_ms"])
+                    samples[mode]["kv_ms"].append(timings["kv_store_ms"])
+                    samples[mode]["stages"].append({stage: timings[f"{stage}_ms"] for stage in STAGE_TIMINGS})
+                    samples[mode]["answers"].append(answer["answer"])
+                kv_bytes["pruned"].append(answer["usage"]["kv_bytes"])
+            faults = {name: _per_answer(minor_faults(named[name].pid), before, len(bodies)) for name, before in faults_before.items()}
+            for body in bodies:
+                unpruned = client.post(f"{urls['distributed']}/v1/answer", json=body | {"pruning": {"method": "none"}})
+                kv_bytes["unpruned"].append(unpruned.json()["usage"]["kv_bytes"])
+        round_trips = loopback_round_trips(f"127.0.0.1:{distributed.ports['vision']}")
+        generator = generator_calls(distributed.ports, bodies[0])
+        if threads:  # this process's calls, like the services', on that many threads
+            torch.set_num_threads(threads)
+        engine = Engine.load(model)
+        overheads = stage_overheads(distributed.ports, engine, bodies)
+        stop([embedded, *distributed.processes.values()])  # the Redis measurement runs alone
+        request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
+        pruned_cache = prefill(engine.adapter, [request], PruningConfig(**DEFAULT_PRUNING)).cache
+        redis_kv = _kv_store_throughput(run.redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
 
     modes = {mode: {"ttft_ms": _percentiles(s["ttft_ms"]), "e2e_ms": _percentiles(s["e2e_ms"])} for mode, s in samples.items()}
     added = modes["distributed"]["e2e_ms"]["p50"] - modes["embedded"]["e2e_ms"]["p50"]

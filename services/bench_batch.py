@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
 from dartserve.bench import cpu_name
 from services.bench import demo_requests, wait_ready
-from services.processes import free_port, start_dartserve, start_distributed, start_redis
+from services.processes import BenchRun
 
 QUESTIONS = ("how many objects are there ?", "is there a red circle ?", "what colour is the square ?")
 POLL_S = 0.05
@@ -44,38 +42,23 @@ def run_batch_bench(requests: int = 200, runs: int = 3, model: str | None = None
 
     model = model or default_model()
     bodies = batch_requests(requests)
-    redis_port = free_port()
-    processes = [start_redis(redis_port)]
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    base = {"DARTSERVE_MODEL": model, "DARTSERVE_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1"}
-    if threads:
-        base["OMP_NUM_THREADS"] = str(threads)
     rates = {"one_by_one": [], "batch": []}
     answers = {}
-    with tempfile.TemporaryDirectory() as raw:
-        logs = Path(raw)
-        try:
-            distributed = start_distributed(base, logs)
-            url = distributed.url
-            processes += distributed.processes.values()
-            processes.append(start_dartserve("worker", distributed.env, logs / "worker.log"))
-            wait_ready(url, distributed.processes["gateway"])
-            client = redis.Redis.from_url(redis_url)
-            with httpx.Client(base_url=url, timeout=300) as http:
-                _one_by_one(http, bodies[:4])  # warm-up, not measured
-                for run in range(runs):
-                    order = ("one_by_one", "batch") if run % 2 == 0 else ("batch", "one_by_one")
-                    for mode in order:
-                        for key in client.scan_iter("dartserve:*", count=1000):
-                            client.delete(key)
-                        started = time.perf_counter()
-                        answers[mode] = _one_by_one(http, bodies) if mode == "one_by_one" else _batch(http, bodies, processes[-1])
-                        rates[mode].append(len(bodies) / (time.perf_counter() - started))
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=30)
+    with BenchRun(model, threads) as run:
+        distributed = run.distributed()
+        worker = run.dartserve("worker", distributed.env)
+        wait_ready(distributed.url, distributed.processes["gateway"])
+        client = redis.Redis.from_url(run.redis_url)
+        with httpx.Client(base_url=distributed.url, timeout=300) as http:
+            _one_by_one(http, bodies[:4])  # warm-up, not measured
+            for run_index in range(runs):
+                order = ("one_by_one", "batch") if run_index % 2 == 0 else ("batch", "one_by_one")
+                for mode in order:
+                    for key in client.scan_iter("dartserve:*", count=1000):
+                        client.delete(key)
+                    started = time.perf_counter()
+                    answers[mode] = _one_by_one(http, bodies) if mode == "one_by_one" else _batch(http, bodies, worker)
+                    rates[mode].append(len(bodies) / (time.perf_counter() - started))
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
     return {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",

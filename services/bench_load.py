@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dartserve.bench import cpu_name
 from services.bench import demo_requests, wait_ready
 from services.gateway.metrics import PEAK_MEMORY
-from services.processes import free_port, start_distributed, start_redis
+from services.processes import BenchRun
 
 DISTINCT_IMAGES = 50  # requests cycle over these: some images come again, as in use
 
@@ -37,23 +35,11 @@ def run_load_bench(
         return _report(result, metrics or {"gateway": f"{url}/metrics"}, url, requests, concurrency, threads)
     from dartserve.demo import default_model
 
-    redis_port = free_port()
-    processes = [start_redis(redis_port)]
-    env = {"DARTSERVE_MODEL": model or default_model(), "DARTSERVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "HF_HUB_OFFLINE": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.TemporaryDirectory() as logs:
-        try:
-            distributed = start_distributed(env, Path(logs))
-            processes += distributed.processes.values()
-            wait_ready(distributed.url, distributed.processes["gateway"])
-            result = asyncio.run(_load(distributed.url, bodies, requests, concurrency, duration_s))
-            return _report(result, distributed.metrics, "distributed mode started by the bench", requests, concurrency, threads)
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(timeout=30)
+    with BenchRun(model or default_model(), threads) as run:
+        distributed = run.distributed()
+        wait_ready(distributed.url, distributed.processes["gateway"])
+        result = asyncio.run(_load(distributed.url, bodies, requests, concurrency, duration_s))
+        return _report(result, distributed.metrics, "distributed mode started by the bench", requests, concurrency, threads)
 
 
 async def _load(url: str, bodies: list[dict], requests: int, concurrency: int, duration_s: float) -> dict:

@@ -1,5 +1,5 @@
-"""Starting dartserve's processes and a private redis-server on loopback: for the service
-benchmark and the tests, which run the services as users do."""
+"""Starting dartserve's processes and a private redis-server on loopback: for the benchmarks
+and the tests, which run the services as users do."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,3 +86,55 @@ def start_distributed(env: dict, logs: Path) -> Distributed:
     addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
     processes["gateway"] = start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
     return Distributed(processes, ports, metrics_ports, env | addresses)
+
+
+def stop(processes) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=30)
+
+
+class BenchRun:
+    """What a benchmark starts, as a user would: a private, empty redis-server unless it is
+    given one (nothing an earlier run cached can help), and dartserve's processes on ``model``
+    with ``threads`` torch threads each (``OMP_NUM_THREADS``; by default all cores each, which
+    oversubscribes a small machine running several), logging to a temporary folder. Everything
+    is stopped when the ``with`` block ends."""
+
+    def __init__(self, model: str, threads: int | None = None, redis_url: str | None = None) -> None:
+        self.model, self.threads, self.redis_url = model, threads, redis_url
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> BenchRun:
+        self._logs = tempfile.TemporaryDirectory()
+        self.logs = Path(self._logs.name)
+        try:
+            if self.redis_url is None:
+                port = free_port()
+                self.processes.append(start_redis(port))
+                self.redis_url = f"redis://127.0.0.1:{port}/0"
+        except BaseException:
+            self._logs.cleanup()
+            raise
+        self.env = {"DARTSERVE_MODEL": self.model, "DARTSERVE_REDIS_URL": self.redis_url, "HF_HUB_OFFLINE": "1"}
+        if self.threads:
+            self.env["OMP_NUM_THREADS"] = str(self.threads)
+        return self
+
+    def dartserve(self, command: str, env: dict | None = None) -> subprocess.Popen:
+        """``dartserve COMMAND`` with this run's settings and ``env``."""
+        process = start_dartserve(command, self.env | (env or {}), self.logs / f"{command}.log")
+        self.processes.append(process)
+        return process
+
+    def distributed(self) -> Distributed:
+        distributed = start_distributed(self.env, self.logs)
+        self.processes += distributed.processes.values()
+        return distributed
+
+    def __exit__(self, *error) -> None:
+        try:
+            stop(self.processes)
+        finally:
+            self._logs.cleanup()

@@ -559,7 +559,42 @@ def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an
     streamed = client.post("/v1/answer", json=body | {"stream": True})
     events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
     assert streamed.status_code == 200 and events[-1]["error"]["type"] == "server_error" and "[DONE]" not in streamed.text
-    assert 'dartserve_requests_total{endpoint="/v1/answer",status="500"} 1.0' in client.get("/metrics").text
+    # The stream's failure counts under the status it would have had without the 200 sent.
+    assert 'dartserve_requests_total{endpoint="/v1/answer",status="500"} 2.0' in client.get("/metrics").text
+    assert client.app.state.gateway.admission.active == 0
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_counts_it(monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from dartserve.demo.data import example
+    from dartserve.kv.store import StoreUnavailable
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    client = TestClient(create_app(embedded_gateway(Settings())))  # the demo model: answers have text
+    decode = client.app.state.gateway.backend.decode
+    generate = decode.generate
+
+    def store_lost(*args, **kwargs):  # the answer's new KV cannot be written: Redis went away
+        yield next(generate(*args, **kwargs))
+        raise StoreUnavailable("Redis is unreachable: connection refused")
+
+    monkeypatch.setattr(decode, "generate", store_lost)
+    item = example("test", 3)
+    image = base64.b64encode(png(item.image)).decode()
+    body = {"image": image, "question": item.question, "max_new_tokens": 4, "stream": True}
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}, {"type": "text", "text": item.question}]
+    chat = {"model": client.app.state.gateway.model_name, "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": content}]}
+    for path, request in (("/v1/answer", body), ("/v1/chat/completions", chat)):
+        streamed = client.post(path, json=request)
+        events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+        assert streamed.status_code == 200 and len(events) >= 2 and "[DONE]" not in streamed.text
+        assert events[-1]["error"] == {"type": "service_unavailable", "message": "Redis is unreachable: connection refused", "param": None}
+    metrics = client.get("/metrics").text
+    for path in ("/v1/answer", "/v1/chat/completions"):
+        assert f'dartserve_requests_total{{endpoint="{path}",status="503"}} 1.0' in metrics
+        assert f'dartserve_requests_total{{endpoint="{path}",status="200"}}' not in metrics
     assert client.app.state.gateway.admission.active == 0
 
 

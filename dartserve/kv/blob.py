@@ -15,11 +15,12 @@ import sys
 
 import torch
 
-from dartserve.kv.codec import CacheMiss
+from dartserve.kv import codec
+from dartserve.kv.codec import CacheMiss, tensor_bytes, tensor_from_bytes
 
 MAGIC = b"DSTB"
 VERSION = 1
-DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64)}
+DTYPES = codec.DTYPES | {"int64": torch.int64}  # token ids and positions travel too
 _PREFIX = struct.Struct("<HI")  # version, header length
 
 
@@ -29,7 +30,7 @@ def pack(kind: str, fingerprint: str, tensors: dict[str, torch.Tensor], meta: di
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype not in DTYPES:
             raise ValueError(f"cannot pack a {dtype} tensor")
-        parts.append(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        parts.append(tensor_bytes(tensor))
         described.append({"name": name, "dtype": dtype, "shape": list(tensor.shape), "bytes": len(parts[-1])})
     header = json.dumps(
         {"kind": kind, "fingerprint": fingerprint, "byteorder": sys.byteorder, "tensors": described, "meta": meta or {}},
@@ -58,8 +59,7 @@ def unpack(data: bytes, kind: str, fingerprint: str, device: str | torch.device 
             raise CacheMiss(f"{kind} value in another byte order")
         tensors, offset = {}, start + header_len
         for t in header["tensors"]:
-            raw = bytearray(body[offset : offset + t["bytes"]])
-            tensors[t["name"]] = torch.frombuffer(raw, dtype=torch.uint8).view(DTYPES[t["dtype"]]).view(t["shape"]).to(device)
+            tensors[t["name"]] = tensor_from_bytes(body[offset : offset + t["bytes"]], DTYPES[t["dtype"]], t["shape"], device)
             offset += t["bytes"]
         if offset != len(body):
             raise CacheMiss(f"{kind} value has trailing bytes")

@@ -27,8 +27,14 @@ class CacheMiss(Exception):
     """Cached bytes that are missing, stale, foreign or damaged."""
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's raw bytes, in this machine's byte order."""
     return tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(raw: bytes, dtype: torch.dtype, shape, device: str | torch.device) -> torch.Tensor:
+    """The inverse of ``tensor_bytes``, on ``device``; the tensor owns a copy of ``raw``."""
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(tuple(shape)).to(device)
 
 
 def encode(cache: RaggedKVCache, fingerprint: str, meta: dict | None = None) -> EncodedCache:
@@ -39,7 +45,7 @@ def encode(cache: RaggedKVCache, fingerprint: str, meta: dict | None = None) -> 
     dtype = str(cache.keys[0].dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise ValueError(f"cannot encode a {dtype} cache")
-    layers = [_tensor_bytes(k[0]) + _tensor_bytes(v[0]) for k, v in zip(cache.keys, cache.values)]
+    layers = [tensor_bytes(k[0]) + tensor_bytes(v[0]) for k, v in zip(cache.keys, cache.values)]
     header = {
         "fingerprint": fingerprint,
         "dtype": dtype,
@@ -102,7 +108,7 @@ def decode(encoded: EncodedCache, fingerprint: str, device: str | torch.device =
         if hashlib.sha256(layer).hexdigest() != checksum:
             raise CacheMiss("KV layer checksum mismatch")
         try:
-            key, value = torch.frombuffer(bytearray(layer), dtype=torch.uint8).view(dtype).view(2, *shape).to(device)
+            key, value = tensor_from_bytes(layer, dtype, (2, *shape), device)
         except (RuntimeError, TypeError, ValueError) as error:
             raise CacheMiss(f"KV layer does not match its shape: {error}") from None
         keys.append(key[None])

@@ -94,10 +94,15 @@ class Gateway:
                         self._finish(event, record_key, endpoint, started)
                     yield from (f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
                 yield "data: [DONE]\n\n"
+            # The 200 is sent: the client learns of the failure in the stream, the metrics under
+            # the status it would have had.
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
-                yield f"data: {json.dumps(_error_body(error, endpoint))}\n\n"
+                failure = as_api_error(error, endpoint)
+                self.metrics.requests.labels(endpoint, str(failure.status)).inc()
+                yield f"data: {json.dumps(failure.body())}\n\n"
             except Exception:  # a bug: the client learns that the answer failed, the log why
                 log.exception("an answer failed while streaming")
+                self.metrics.requests.labels(endpoint, "500").inc()
                 yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
                 end_turn()
@@ -118,12 +123,15 @@ class Gateway:
         self.metrics.requests.labels(endpoint, "200").inc()
 
 
-def _error_body(error: Exception, endpoint: str) -> dict:
+def as_api_error(error: ApiError | ValueError | Unavailable | StageMiss, endpoint: str) -> ApiError:
+    """The HTTP error that a library or stage error is, in a reply or in a stream."""
     if isinstance(error, ApiError):
-        return error.body()
+        return error
     if isinstance(error, ValueError):
-        return {"error": {"type": "invalid_request_error", "message": str(error), "param": _param(error, endpoint)}}
-    return {"error": {"type": "service_unavailable", "message": str(error), "param": None}}
+        return ApiError(400, str(error), _param(error, endpoint))
+    if isinstance(error, Overloaded):
+        return ApiError(429, str(error), kind="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER_S})
+    return ApiError(503, str(error), kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -145,21 +153,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         gateway.metrics.requests.labels(_endpoint(request), str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    @app.exception_handler(ValueError)
-    def value_error(request: Request, error: ValueError):
-        return api_error(request, ApiError(400, str(error), _param(error, _endpoint(request))))
+    def library_error(request: Request, error: ValueError | Unavailable | StageMiss):
+        return api_error(request, as_api_error(error, _endpoint(request)))
 
-    @app.exception_handler(Unavailable)
-    def unavailable(request: Request, error: Unavailable):
-        return api_error(request, ApiError(503, str(error), kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S}))
-
-    @app.exception_handler(Overloaded)
-    def overloaded(request: Request, error: Overloaded):
-        return api_error(request, ApiError(429, str(error), kind="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER_S}))
-
-    @app.exception_handler(StageMiss)
-    def stage_miss(request: Request, error: StageMiss):
-        return unavailable(request, Unavailable(str(error)))
+    for kind in (ValueError, Unavailable, StageMiss):
+        app.add_exception_handler(kind, library_error)
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, error: StarletteHTTPException):
