@@ -88,11 +88,16 @@ def start_distributed(env: dict, logs: Path) -> Distributed:
     return Distributed(processes, ports, metrics_ports, env | addresses)
 
 
-def stop(processes) -> None:
+def stop(processes, grace_s: float = 30) -> None:
+    """Asks each process to stop; one still running after ``grace_s`` is killed."""
     for process in processes:
         process.terminate()
     for process in processes:
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class BenchRun:

@@ -564,23 +564,32 @@ def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an
     assert client.app.state.gateway.admission.active == 0
 
 
-def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_counts_it(monkeypatch):
+@pytest.mark.parametrize(
+    "failure, status, kind",
+    [
+        ("store", 503, "service_unavailable"),  # the answer's new KV cannot be written: Redis went away
+        ("overloaded", 429, "rate_limit_exceeded"),  # a stage refuses the call: at its limit
+    ],
+)
+def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_counts_it(monkeypatch, failure, status, kind):
     from fastapi.testclient import TestClient
 
     from dartserve.demo.data import example
     from dartserve.kv.store import StoreUnavailable
     from services.gateway.app import create_app
+    from services.gateway.backends import Overloaded
     from services.launch import embedded_gateway
 
     client = TestClient(create_app(embedded_gateway(Settings())))  # the demo model: answers have text
     decode = client.app.state.gateway.backend.decode
     generate = decode.generate
+    error = StoreUnavailable("Redis is unreachable: connection refused") if failure == "store" else Overloaded("a stage is at its limit")
 
-    def store_lost(*args, **kwargs):  # the answer's new KV cannot be written: Redis went away
+    def broken(*args, **kwargs):
         yield next(generate(*args, **kwargs))
-        raise StoreUnavailable("Redis is unreachable: connection refused")
+        raise error
 
-    monkeypatch.setattr(decode, "generate", store_lost)
+    monkeypatch.setattr(decode, "generate", broken)
     item = example("test", 3)
     image = base64.b64encode(png(item.image)).decode()
     body = {"image": image, "question": item.question, "max_new_tokens": 4, "stream": True}
@@ -590,10 +599,13 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_count
         streamed = client.post(path, json=request)
         events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
         assert streamed.status_code == 200 and len(events) >= 2 and "[DONE]" not in streamed.text
-        assert events[-1]["error"] == {"type": "service_unavailable", "message": "Redis is unreachable: connection refused", "param": None}
+        assert events[-1]["error"] == {"type": kind, "message": str(error), "param": None}
+        # Not streamed, the same failure is the reply's status, with the same error.
+        replied = client.post(path, json=request | {"stream": False})
+        assert replied.status_code == status and replied.json()["error"]["type"] == kind and replied.headers["retry-after"] == "1"
     metrics = client.get("/metrics").text
     for path in ("/v1/answer", "/v1/chat/completions"):
-        assert f'dartserve_requests_total{{endpoint="{path}",status="503"}} 1.0' in metrics
+        assert f'dartserve_requests_total{{endpoint="{path}",status="{status}"}} 2.0' in metrics
         assert f'dartserve_requests_total{{endpoint="{path}",status="200"}}' not in metrics
     assert client.app.state.gateway.admission.active == 0
 

@@ -15,12 +15,11 @@ import sys
 
 import torch
 
-from dartserve.kv import codec
-from dartserve.kv.codec import CacheMiss, tensor_bytes, tensor_from_bytes
+from dartserve.kv.codec import DTYPES as KV_DTYPES, CacheMiss, tensor_bytes, tensor_from_bytes
 
 MAGIC = b"DSTB"
 VERSION = 1
-DTYPES = codec.DTYPES | {"int64": torch.int64}  # token ids and positions travel too
+DTYPES = KV_DTYPES | {"int64": torch.int64}  # token ids and positions travel too
 _PREFIX = struct.Struct("<HI")  # version, header length
 
 

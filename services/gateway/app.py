@@ -90,13 +90,14 @@ class Gateway:
         def stream_events():
             try:
                 for event in itertools.chain((first,), events):
-                    if isinstance(event, Final):
+                    bodies = [f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event)]
+                    if isinstance(event, Final):  # counted a 200 once nothing is left to fail
                         self._finish(event, record_key, endpoint, started)
-                    yield from (f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
+                    yield from bodies
                 yield "data: [DONE]\n\n"
-            # The 200 is sent: the client learns of the failure in the stream, the metrics under
-            # the status it would have had.
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
+                # The 200 is sent: the client learns of the failure in the stream, the metrics
+                # under the status it would have had.
                 failure = as_api_error(error, endpoint)
                 self.metrics.requests.labels(endpoint, str(failure.status)).inc()
                 yield f"data: {json.dumps(failure.body())}\n\n"
