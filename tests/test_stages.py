@@ -610,6 +610,72 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_count
     assert client.app.state.gateway.admission.active == 0
 
 
+def test_a_client_that_leaves_a_stream_is_counted_as_499_and_frees_its_slot(engines, monkeypatch):
+    """A real server (uvicorn on loopback) and a client that hangs up after the first streamed
+    token; the decode waits until the answer's response has been told, then goes on. The
+    request counts as a 499, not a 200 and not nothing, its decode stops, and its slot is
+    free again."""
+    import threading
+
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from starlette.responses import StreamingResponse
+
+    from services.gateway.app import create_app
+    from services.launch import embedded_gateway
+
+    app = create_app(embedded_gateway(Settings(), engines["llava"]))  # a random model: long answers
+    gateway = app.state.gateway
+    decode = gateway.backend.decode
+    generate, left, closed, produced = decode.generate, threading.Event(), threading.Event(), []
+
+    def held_until_the_client_left(*args, **kwargs):
+        try:
+            for chunk in generate(*args, **kwargs):
+                produced.append(chunk)
+                yield chunk
+                if chunk.text:  # out to the client: the stream reads the next one in a later step
+                    left.wait(30)
+        finally:
+            closed.set()
+
+    listen = StreamingResponse.listen_for_disconnect
+
+    async def listen_and_tell(response, receive):  # the answer's own response has heard it
+        await listen(response, receive)
+        left.set()
+
+    body = {"image": base64.b64encode(png(make_image(45))).decode(), "question": PROMPT, "max_new_tokens": 24}
+    with TestClient(app) as client:  # the whole answer, for comparison
+        whole = client.post("/v1/answer", json=body).json()["usage"]["completion_tokens"]
+    assert whole == 24
+    monkeypatch.setattr(StreamingResponse, "listen_for_disconnect", listen_and_tell)
+    monkeypatch.setattr(decode, "generate", held_until_the_client_left)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, "the gateway")
+        url = f"http://127.0.0.1:{server.config.port}"
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{url}/v1/answer", json=body | {"stream": True}) as response:
+                assert response.status_code == 200
+                assert next(line for line in response.iter_lines() if line.startswith("data: {"))
+            # Leaving the block closes the connection mid-answer.
+            wait_until(lambda: left.is_set() and gateway.admission.active == 0, "the slot's release", timeout_s=30)
+            counts = [line for line in client.get(f"{url}/metrics").text.splitlines() if line.startswith("dartserve_requests_total{")]
+        assert sorted(counts) == [  # the whole answer's 200, and the stream the client left
+            'dartserve_requests_total{endpoint="/v1/answer",status="200"} 1.0',
+            'dartserve_requests_total{endpoint="/v1/answer",status="499"} 1.0',
+        ]
+        # The decode was stopped once the client was known to have left, not run to its end.
+        assert closed.is_set() and len(produced) < whole
+    finally:
+        left.set()
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_gateway_limits_bodies_without_a_length_and_keeps_threads_for_health(tmp_path):
     import anyio.to_thread
     from fastapi.testclient import TestClient

@@ -30,6 +30,7 @@ from services.gateway.pipeline import Final, Question, answer
 
 log = logging.getLogger(__name__)
 SPARE_THREADS = 8
+CLIENT_LEFT = "499"  # nginx's status for a client that closed the connection before the answer ended
 SERVER_ERROR = {"error": {"type": "server_error", "message": "the server failed to answer; its log says why", "param": None}}
 
 
@@ -77,51 +78,65 @@ class Gateway:
         if not stream:
             try:
                 final = next(e for e in events if isinstance(e, Final))
-                self._finish(final, record_key, endpoint, started)
+                self._finish(final, record_key, started)
             finally:
                 end_turn()
-            return JSONResponse(shape.body(final))
+            response = JSONResponse(shape.body(final))
+            self.metrics.requests.labels(endpoint, "200").inc()
+            return response
         try:
             first = next(events)  # errors before the first token still get a proper status
         except BaseException:
             end_turn()
             raise
+        ended = []
+
+        def end(status: str) -> None:
+            """Counts the stream under the status it ended with, once, whichever way it ends."""
+            if not ended:
+                ended.append(status)
+                self.metrics.requests.labels(endpoint, status).inc()
 
         def stream_events():
             try:
                 for event in itertools.chain((first,), events):
                     bodies = [f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event)]
-                    if isinstance(event, Final):  # counted a 200 once nothing is left to fail
-                        self._finish(event, record_key, endpoint, started)
+                    if isinstance(event, Final):
+                        self._finish(event, record_key, started)
+                        end("200")
                     yield from bodies
                 yield "data: [DONE]\n\n"
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
                 # The 200 is sent: the client learns of the failure in the stream, the metrics
                 # under the status it would have had.
                 failure = as_api_error(error, endpoint)
-                self.metrics.requests.labels(endpoint, str(failure.status)).inc()
+                end(str(failure.status))
                 yield f"data: {json.dumps(failure.body())}\n\n"
             except Exception:  # a bug: the client learns that the answer failed, the log why
                 log.exception("an answer failed while streaming")
-                self.metrics.requests.labels(endpoint, "500").inc()
+                end("500")
                 yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
+                end(CLIENT_LEFT)  # unless it ended above: the client left mid-answer
                 end_turn()
                 slot.release()
 
-        def never_started():
+        stream = stream_events()
+
+        def after_stream():
+            """Runs once the response is over, however it ended. A stream the client left is
+            closed now, not whenever it is collected, which also stops its decode; one that
+            never began runs no ``finally``, so the turn and the slot are released here too."""
+            stream.close()
+            end(CLIENT_LEFT)
             end_turn()
             slot.release()
 
-        # The background task ends the turn and releases the slot too, should the stream never start.
-        return StreamingResponse(
-            stream_events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, background=BackgroundTask(never_started)
-        )
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, background=BackgroundTask(after_stream))
 
-    def _finish(self, final: Final, record_key, endpoint: str, started: float) -> None:
+    def _finish(self, final: Final, record_key, started: float) -> None:
         self.conversations.put(record_key(final), final.record, age_s=time.monotonic() - started)
         self.metrics.observe(final)
-        self.metrics.requests.labels(endpoint, "200").inc()
 
 
 def as_api_error(error: ApiError | ValueError | Unavailable | StageMiss, endpoint: str) -> ApiError:
