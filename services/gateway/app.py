@@ -72,7 +72,8 @@ class Gateway:
 
     def run(self, question: Question, previous: dict | None, record_key, shape, stream: bool, endpoint: str, slot: Slot, end_turn=_no_turn):
         """Answers ``question``; ``shape`` turns events into response bodies (one JSON, or SSE).
-        ``end_turn`` is called once the conversation's record is written, or the answer failed."""
+        ``end_turn`` is called once the conversation's record is written, or the answer failed
+        or its client left."""
         started = time.monotonic()
         events = answer(self.backend, question, previous, stream)
         if not stream:
@@ -117,6 +118,7 @@ class Gateway:
                 end("500")
                 yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
+                events.close()  # a client that left stops the decode, and a gRPC stream is cancelled
                 end(CLIENT_LEFT)  # unless it ended above: the client left mid-answer
                 end_turn()
                 slot.release()
@@ -125,8 +127,8 @@ class Gateway:
 
         def after_stream():
             """Runs once the response is over, however it ended. A stream the client left is
-            closed now, not whenever it is collected, which also stops its decode; one that
-            never began runs no ``finally``, so the turn and the slot are released here too."""
+            closed now, not whenever it is collected; one that never began runs no ``finally``,
+            so the turn and the slot are released here too."""
             stream.close()
             end(CLIENT_LEFT)
             end_turn()
