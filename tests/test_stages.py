@@ -32,6 +32,11 @@ def png(image) -> bytes:
     return buffer.getvalue()
 
 
+def sse_json(text: str) -> list[dict]:
+    """A server-sent event stream's JSON events, in order ([DONE] left out)."""
+    return [json.loads(event.removeprefix("data: ")) for event in text.split("\n\n") if event.startswith("data: {")]
+
+
 @pytest.mark.parametrize("pruning", [PruningConfig(method="none"), PruningConfig(method="dart", budget=10)], ids=["none", "dart"])
 def test_extend_equals_feeding_the_turn_token_by_token(engine, pruning):
     adapter = engine.adapter
@@ -435,8 +440,7 @@ def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
     assert fastv["pruning"] == {"method": "fastv", "budget": None, "ratio": 64 / 576, "layer": 2} and fastv["usage"]["kept_vision_tokens"] == 64
 
     for seed in range(3):  # hot sampling picks tokens that show no text until the next one
-        events = demo_client.post("/v1/answer", json=answer | {"temperature": 100.0, "seed": seed, "stream": True, "max_new_tokens": 6}).text.split("\n\n")
-        parsed = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
+        parsed = sse_json(demo_client.post("/v1/answer", json=answer | {"temperature": 100.0, "seed": seed, "stream": True, "max_new_tokens": 6}).text)
         deltas = [e["text"] for e in parsed if e["type"] == "delta"]
         assert all(deltas) and "".join(deltas).strip() == parsed[-1]["answer"], deltas
 
@@ -451,7 +455,7 @@ def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
     def chunks(body):
         text = demo_client.post("/v1/chat/completions", json=body).text
         assert text.endswith("data: [DONE]\n\n")
-        return [json.loads(event[len("data: ") :]) for event in text.split("\n\n") if event.startswith("data: {")]
+        return sse_json(text)
 
     plain, counted = chunks(chat), chunks(chat | {"stream_options": {"include_usage": True}})
     assert not any("usage" in c for c in plain) and plain[-1]["dartserve"]["pruning"]["method"] == "dart"
@@ -557,7 +561,7 @@ def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an
     failed = client.post("/v1/answer", json=body, headers={"X-Request-Id": "req-500"})
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error" and failed.headers["x-request-id"] == "req-500"
     streamed = client.post("/v1/answer", json=body | {"stream": True})
-    events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+    events = sse_json(streamed.text)
     assert streamed.status_code == 200 and events[-1]["error"]["type"] == "server_error" and "[DONE]" not in streamed.text
     # The stream's failure counts under the status it would have had without the 200 sent.
     assert 'dartserve_requests_total{endpoint="/v1/answer",status="500"} 2.0' in client.get("/metrics").text
@@ -597,7 +601,7 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_count
     chat = {"model": client.app.state.gateway.model_name, "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": content}]}
     for path, request in (("/v1/answer", body), ("/v1/chat/completions", chat)):
         streamed = client.post(path, json=request)
-        events = [json.loads(line.removeprefix("data: ")) for line in streamed.text.split("\n\n") if line.startswith("data: {")]
+        events = sse_json(streamed.text)
         assert streamed.status_code == 200 and len(events) >= 2 and "[DONE]" not in streamed.text
         assert events[-1]["error"] == {"type": kind, "message": str(error), "param": None}
         # Not streamed, the same failure is the reply's status, with the same error.
