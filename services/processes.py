@@ -79,12 +79,19 @@ def stage_env(env: dict, port: int, metrics_port: int) -> dict:
 
 
 def start_distributed(env: dict, logs: Path) -> Distributed:
-    """The three stages and the gateway, each its own process."""
+    """The three stages and the gateway, each its own process; if one cannot be started, those
+    started before it are stopped, since no caller holds them yet."""
     ports = {name: free_port() for name in (*STAGES, "gateway")}
     metrics_ports = {name: free_port() for name in STAGES}
-    processes = {name: start_dartserve(name, stage_env(env, ports[name], metrics_ports[name]), logs / f"{name}.log") for name in STAGES}
     addresses = {f"DARTSERVE_{name.upper()}_ADDR": f"127.0.0.1:{ports[name]}" for name in STAGES}
-    processes["gateway"] = start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
+    processes = {}
+    try:
+        for name in STAGES:
+            processes[name] = start_dartserve(name, stage_env(env, ports[name], metrics_ports[name]), logs / f"{name}.log")
+        processes["gateway"] = start_dartserve("gateway", env | addresses | {"DARTSERVE_PORT": str(ports["gateway"])}, logs / "gateway.log")
+    except BaseException:
+        stop(processes.values())
+        raise
     return Distributed(processes, ports, metrics_ports, env | addresses)
 
 
