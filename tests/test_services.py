@@ -293,7 +293,6 @@ def test_bench_pairs_each_request_across_the_modes():
     assert added_per_request(embedded, distributed) == 4.0
 
 
-
 def test_a_distributed_start_that_fails_stops_the_processes_it_started(monkeypatch, tmp_path):
     import subprocess
     import sys
@@ -313,6 +312,7 @@ def test_a_distributed_start_that_fails_stops_the_processes_it_started(monkeypat
         services.processes.start_distributed({}, tmp_path)
     assert len(started) == len(STAGES)
     assert all(process.poll() is not None for process in started)
+
 
 def test_bench_round_trips_reach_a_stage_in_both_regimes(cluster):
     from services.bench import loopback_round_trips
