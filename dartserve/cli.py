@@ -130,7 +130,9 @@ def _train_demo(args: argparse.Namespace) -> int:
 def _bench_service(args: argparse.Namespace) -> int:
     from services.bench import run_service_bench
 
-    result = run_service_bench(requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model, threads=args.threads)
+    result = run_service_bench(
+        requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model, threads=args.threads, ttl_s=args.ttl_s
+    )
     return _print_json(result, args.json)
 
 
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     service = _service_bench(suites, "service", "embedded vs distributed latency, KV bytes, Redis KV throughput", _bench_service, 30)
     service.add_argument("--kv-rounds", type=_positive_int, default=30)
     service.add_argument("--redis-url", help="default: a private, empty redis-server the bench starts")
+    service.add_argument("--ttl-s", type=_positive_int, default=10, help="the services' DARTSERVE_TTL_S; the warm-up takes 1.5 times as long")
     batch_bench = _service_bench(suites, "batch", "a batch on one Celery worker against the same requests one by one to /v1/answer", _bench_batch, 200)
     batch_bench.add_argument("--runs", type=_positive_int, default=3)
     load = _service_bench(suites, "load", "bounded load on a gateway: throughput, latency percentiles, errors, peak memory", _bench_load, 1000)

@@ -111,12 +111,13 @@ class BenchRun:
     """What a benchmark starts, as a user would: a private, empty redis-server unless it is
     given one (nothing an earlier run cached can help), and dartserve's processes on ``model``
     with ``threads`` torch threads each (``OMP_NUM_THREADS``; by default all cores each, which
-    oversubscribes a small machine running several), logging to a temporary folder. Everything
-    is stopped when the ``with`` block ends."""
+    oversubscribes a small machine running several) and the settings in ``env``, logging to a
+    temporary folder. Everything is stopped when the ``with`` block ends."""
 
-    def __init__(self, model: str, threads: int | None = None, redis_url: str | None = None) -> None:
-        self.model, self.threads, self.redis_url = model, threads, redis_url
+    def __init__(self, model: str, threads: int | None = None, redis_url: str | None = None, env: dict | None = None) -> None:
+        self.model, self.threads, self.redis_url, self.settings = model, threads, redis_url, env or {}
         self.processes: list[subprocess.Popen] = []
+        self.redis: subprocess.Popen | None = None  # the private redis-server
 
     def __enter__(self) -> BenchRun:
         self._logs = tempfile.TemporaryDirectory()
@@ -124,12 +125,13 @@ class BenchRun:
         try:
             if self.redis_url is None:
                 port = free_port()
-                self.processes.append(start_redis(port))
+                self.redis = start_redis(port)
+                self.processes.append(self.redis)
                 self.redis_url = f"redis://127.0.0.1:{port}/0"
         except BaseException:
             self._logs.cleanup()
             raise
-        self.env = {"DARTSERVE_MODEL": self.model, "DARTSERVE_REDIS_URL": self.redis_url, "HF_HUB_OFFLINE": "1"}
+        self.env = {"DARTSERVE_MODEL": self.model, "DARTSERVE_REDIS_URL": self.redis_url, "HF_HUB_OFFLINE": "1"} | self.settings
         if self.threads:
             self.env["OMP_NUM_THREADS"] = str(self.threads)
         return self

@@ -476,8 +476,9 @@ def test_bench_service_runs_both_modes_end_to_end():
     """`dartserve bench service` on a few requests: the figures exist and the modes agree."""
     from services.bench import run_service_bench
 
-    result = run_service_bench(requests=4, kv_rounds=2, threads=1)
+    result = run_service_bench(requests=4, kv_rounds=2, threads=1, ttl_s=2)
     assert result["same_answers"] is True and result["requests"] == 4
+    assert result["warm_up_answers"] >= 10 and set(result["minor_page_faults_per_answer"]) >= {"embedded", "redis"}
     for mode in ("embedded", "distributed"):
         for metric in ("ttft_ms", "e2e_ms"):
             figures = result["modes"][mode][metric]
