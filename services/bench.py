@@ -187,13 +187,12 @@ def stage_overheads(ports: dict[str, int], engine, bodies: list[dict], warmup: i
 
 
 def _kv_store_throughput(redis_url: str, encoded, rounds: int) -> dict:
-    """Store plus load of the same encoded cache through ``RedisStore`` and a plain pipeline."""
-    import redis
-
+    """Store plus load of the same encoded cache through ``RedisStore`` and a plain pipeline on
+    the same client, so that the two differ only in what the store adds."""
     from dartserve.kv.store import RedisStore
 
-    client = redis.Redis.from_url(redis_url)
-    store = RedisStore(client)
+    store = RedisStore.from_url(redis_url)
+    client = store.client
     values = [encoded.manifest, *encoded.layers]
     keys = [f"dartserve:bench:plain:{i}" for i in range(len(values))]
 

@@ -1,6 +1,8 @@
 """The KV cache codec and stores: bit-exact round trips, misses on anything stale or foreign,
 and a real private redis-server."""
 
+import os
+
 import pytest
 import torch
 
@@ -189,3 +191,12 @@ def test_redis_store_round_trip_with_ttl(redis_url):
     assert all(0 < store.client.ttl(k) <= 30 for k in keys)
     store.client.delete("dartserve:kv:test:layer:1")
     assert store.get("dartserve:kv:test", 2) is None
+
+
+def test_redis_store_values_of_every_size_round_trip(redis_url):
+    """The store's client writes values over 6000 bytes straight to the socket and joins the
+    rest into one buffer: values on both sides of that cut, and empty ones, come back exact."""
+    store = RedisStore.from_url(redis_url)
+    values = {f"dartserve:test:size:{n}:é": os.urandom(n) for n in (0, 1, 5999, 6000, 6001, 305_000, 3_000_000)}
+    store.set_values(values, ttl_s=30)
+    assert store.get_values(list(values)) == list(values.values())

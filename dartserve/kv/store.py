@@ -177,9 +177,7 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 5.0) -> RedisStore:
-        import redis
-
-        return cls(redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
+        return cls(redis_client(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
 
     def put(self, key: str, encoded: EncodedCache, ttl_s: int = DEFAULT_TTL_S) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -234,6 +232,19 @@ class RedisStore:
     def release(self, key: str, token: str) -> None:
         """Gives ``key`` back, unless its claim expired and someone else holds it now."""
         redis_call(self.client.eval, _RELEASE, 1, key, token)
+
+
+def redis_client(url: str, **options):
+    """A redis-py client that writes large values to the socket as they are. With hiredis
+    installed, redis-py packs each command into one new buffer, value included: 0.90 ms to
+    write a vision stage's 305 KB of image tokens against 0.22 ms this way (CPU, a 2-vCPU VM).
+    Replies are still parsed by hiredis."""
+    import redis
+    from redis.connection import Encoder, PythonRespSerializer
+
+    # redis-py's own defaults: values over 6000 bytes go out unjoined; str arguments as UTF-8.
+    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    return redis.Redis.from_url(url, command_packer=packer, **options)
 
 
 def redis_call(function, *args, **kwargs):
