@@ -34,15 +34,14 @@ def running_cluster(redis_url: str, logs: Path, extra_env: dict | None = None):
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "gateway", processes["gateway"], logs / "gateway.log")
         yield {"url": url, "ports": distributed.ports, "metrics_ports": distributed.metrics_ports, "processes": processes, "env": distributed.env, "logs": logs}
     finally:
-        for process in processes.values():
-            stop(process)
+        stop(processes.values())
 
 
 @contextlib.contextmanager
 def pruner_down(cluster, log):
     """The pruner stopped for the block, then started again on its ports."""
     port = cluster["ports"]["pruner"]
-    stop(cluster["processes"]["pruner"])
+    stop([cluster["processes"]["pruner"]])
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.processes import free_port, start_dartserve, start_redis
+from services.processes import free_port, start_dartserve, start_redis, stop
 
 
 class RedisServer:
@@ -29,8 +29,7 @@ class RedisServer:
         self.process = start_redis(self.port)
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        stop([self.process], grace_s=10)
 
 
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # offline, and light on a small machine
@@ -53,13 +52,3 @@ def wait_until(check, what: str, process: subprocess.Popen | None = None, log: P
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not come up in {timeout_s} s:\n{log.read_text() if log else ''}")
         time.sleep(0.2)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

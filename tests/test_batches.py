@@ -36,8 +36,7 @@ def worker(cluster, tmp_path):
         return process, log
 
     yield start
-    for process, _ in started:
-        stop(process)
+    stop([process for process, _ in started])
 
 
 def requests_for(count: int, images: int) -> list[dict]:
@@ -267,8 +266,7 @@ def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_serv
         unknown = subprocess.run([*cli, "status", "batch_nope", "--url", url], capture_output=True, text=True, env=keyed)
         assert unknown.returncode == 2 and "HTTP 404" in unknown.stderr
     finally:
-        stop(local)
-        stop(serve)
+        stop([local, serve])
 
 
 def test_probe_says_whether_each_service_on_this_host_is_healthy(cluster, worker):

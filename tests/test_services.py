@@ -436,7 +436,7 @@ def test_a_gateway_told_to_stop_finishes_its_streams_and_takes_no_new_requests(c
         # uvicorn shuts down cleanly, then ends by the signal it caught.
         assert serve.wait(timeout=30) in (0, -signal.SIGTERM) and "Finished server process" in (tmp_path / "serve.log").read_text()
     finally:
-        stop(serve)
+        stop([serve])
 
 
 def refused(url: str) -> bool:
@@ -469,7 +469,7 @@ def test_a_gateway_at_its_limit_answers_429_with_retry_after(tmp_path):
         assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_exceeded"
         assert httpx.post(f"{url}/v1/answer", json=body, timeout=60).status_code == 200  # the slot came back
     finally:
-        stop(serve)
+        stop([serve])
 
 
 def test_bench_service_runs_both_modes_end_to_end():

@@ -747,7 +747,7 @@ def test_dartserve_serve_answers_in_embedded_mode(tmp_path):
         assert reply.status_code == 200 and reply.json()["model"] == "dartserve-demo"
         assert httpx.get(f"{url}/readyz").json()["ready"] is True
     finally:
-        stop(process)
+        stop([process])
 
 
 def test_readme_documents_every_setting_as_the_code_describes_it():
