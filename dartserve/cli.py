@@ -131,7 +131,13 @@ def _bench_service(args: argparse.Namespace) -> int:
     from services.bench import run_service_bench
 
     result = run_service_bench(
-        requests=args.requests, redis_url=args.redis_url, kv_rounds=args.kv_rounds, model=args.model, threads=args.threads, ttl_s=args.ttl_s
+        requests=args.requests,
+        redis_url=args.redis_url,
+        kv_rounds=args.kv_rounds,
+        model=args.model,
+        threads=args.threads,
+        ttl_s=args.ttl_s,
+        floor_rounds=args.floor_rounds,
     )
     return _print_json(result, args.json)
 
@@ -354,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--kv-rounds", type=_positive_int, default=30)
     service.add_argument("--redis-url", help="default: a private, empty redis-server the bench starts")
     service.add_argument("--ttl-s", type=_positive_int, default=10, help="the services' DARTSERVE_TTL_S; the warm-up takes 1.5 times as long")
+    service.add_argument("--floor-rounds", type=_positive_int, default=100, help="rounds of the design's floor: bare gRPC stages that only wait")
     batch_bench = _service_bench(suites, "batch", "a batch on one Celery worker against the same requests one by one to /v1/answer", _bench_batch, 200)
     batch_bench.add_argument("--runs", type=_positive_int, default=3)
     load = _service_bench(suites, "load", "bounded load on a gateway: throughput, latency percentiles, errors, peak memory", _bench_load, 1000)

@@ -1,5 +1,6 @@
 """``dartserve bench service``: embedded against distributed mode on the same requests, KV
-bytes pruned against unpruned, and the Redis KV store against a plain redis-py pipeline.
+bytes pruned against unpruned, the Redis KV store against a plain redis-py pipeline, and the
+distributed design's floor on this machine (``services.bench_floor``).
 
 Every process is started here, as a user would start it, and both modes answer the same
 requests taking turns, so drift on the machine reaches both alike. They are measured in their
@@ -24,6 +25,7 @@ import httpx
 from PIL import Image
 
 from dartserve.bench import cpu_name
+from services.bench_floor import measure_floor
 from services.config import DEFAULT_PRUNING
 from services.processes import BenchRun, free_port, stop
 
@@ -248,15 +250,18 @@ def run_service_bench(
     model: str | None = None,
     threads: int | None = None,
     ttl_s: int = 10,
+    floor_rounds: int = 100,
 ) -> dict:
     """``redis_url``: by default a private, empty redis-server. ``threads``: torch threads in
     every process (``OMP_NUM_THREADS``); by default each process takes all cores, which
     oversubscribes a small machine running five of them. ``ttl_s``: every process's
-    ``DARTSERVE_TTL_S``; the warm-up lasts one and a half times as long."""
+    ``DARTSERVE_TTL_S``; the warm-up lasts one and a half times as long. ``floor_rounds``:
+    rounds of the design's floor (``services.bench_floor``)."""
     import torch
 
     from dartserve.demo import default_model
     from dartserve.engine import Engine
+    from dartserve.kv import blob
     from dartserve.kv.codec import encode
     from dartserve.models import prefill
     from dartserve.pruning import PruningConfig
@@ -305,6 +310,10 @@ def run_service_bench(
         request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
         pruned_cache = prefill(engine.adapter, [request], PruningConfig(**DEFAULT_PRUNING)).cache
         redis_kv = _kv_store_throughput(run.redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
+        stage_work = {mode: _stage_work(s["stages"], s["e2e_ms"]) for mode, s in samples.items()}
+        work = stage_work["distributed"]
+        image_tokens = len(blob.pack("features", engine.adapter.fingerprint, {"features": request.image_features}))
+        floor = measure_floor(run.redis_url, {"vision": work["encode"], "pruner": work["prefill"], "generator": work["decode"]}, image_tokens, floor_rounds)
 
     modes = {mode: {"ttft_ms": _percentiles(s["ttft_ms"]), "e2e_ms": _percentiles(s["e2e_ms"])} for mode, s in samples.items()}
     added = modes["distributed"]["e2e_ms"]["p50"] - modes["embedded"]["e2e_ms"]["p50"]
@@ -324,9 +333,11 @@ def run_service_bench(
         "distributed_added_p50_ms": added,
         "kv_transfer_p50_ms": kv_transfer,
         # Each stage's own work as it reports it, and what the answer took beyond it: where the gap is.
-        "stage_work_p50_ms": {mode: _stage_work(s["stages"], s["e2e_ms"]) for mode, s in samples.items()},
+        "stage_work_p50_ms": stage_work,
         "distributed_added_p50_ms_excluding_kv": without_kv["distributed"] - without_kv["embedded"],
         "distributed_added_per_request_p50_ms_excluding_kv": added_per_request(samples["embedded"], samples["distributed"]),
+        # What three bare calls and the claim check add on this machine before any of our code.
+        "design_floor": floor,
         "kv_bytes_per_request": {k: statistics.median(v) for k, v in kv_bytes.items()},
         "minor_page_faults_per_answer": faults,
         "grpc_round_trip": round_trips,

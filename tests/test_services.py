@@ -10,6 +10,7 @@ import time
 import grpc
 import httpx
 import pytest
+import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -40,8 +41,6 @@ def demo_engine():
 
 @pytest.mark.parametrize("pruning", [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}])
 def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, redis_server, pruning):
-    import redis
-
     from dartserve.kv.store import MemoryStore, RedisStore
     from dartserve.stages import DecodeStep, PrefillStep, VisionStep
     from services.gateway import conversations as conv
@@ -109,8 +108,6 @@ def test_follow_up_turn_prefills_only_its_own_tokens(cluster, demo_engine):
 
 
 def test_every_key_the_services_write_expires(cluster, redis_server):
-    import redis
-
     data, item = png(8)
     first = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question, "conversation_id": "ttl-check"}, timeout=60)
     assert first.status_code == 200
@@ -324,6 +321,20 @@ def test_bench_round_trips_reach_a_stage_in_both_regimes(cluster):
         loopback_round_trips(f"127.0.0.1:{free_port()}", rounds=1)
 
 
+def test_bench_design_floor_calls_bare_stages_that_hand_the_tokens_on_through_redis(redis_server):
+    from services.bench_floor import measure_floor
+
+    client = redis.Redis.from_url(redis_server.url)
+    before = set(client.keys("dartserve:bench:floor:*"))
+    result = measure_floor(redis_server.url, {"vision": 3.0, "pruner": 2.0, "generator": 1.0}, token_bytes=305_000, rounds=4, warmup=1)
+    written = set(client.keys("dartserve:bench:floor:*")) - before
+    assert len(written) == 5  # one claim check a round, warm-up included
+    assert {client.strlen(key) for key in written} == {305_000} and all(0 < client.ttl(key) <= 60 for key in written)
+    # Three calls between processes cost something beyond the same waits in one process.
+    assert 0 < result["calls_added_p50_ms"] < 1000 and 0 < result["calls_and_claim_check_added_p50_ms"] < 1000
+    assert result["rounds"] == 4 and result["token_bytes"] == 305_000
+
+
 def test_bench_generator_calls_time_both_paths_through_a_live_stage(cluster):
     from services.bench import generator_calls
 
@@ -476,7 +487,7 @@ def test_bench_service_runs_both_modes_end_to_end():
     """`dartserve bench service` on a few requests: the figures exist and the modes agree."""
     from services.bench import run_service_bench
 
-    result = run_service_bench(requests=4, kv_rounds=2, threads=1, ttl_s=2)
+    result = run_service_bench(requests=4, kv_rounds=2, threads=1, ttl_s=2, floor_rounds=3)
     assert result["same_answers"] is True and result["requests"] == 4
     assert result["warm_up_answers"] >= 10 and set(result["minor_page_faults_per_answer"]) >= {"embedded", "redis"}
     for mode in ("embedded", "distributed"):
@@ -488,3 +499,4 @@ def test_bench_service_runs_both_modes_end_to_end():
     assert abs(result["redis_kv"]["kv_bytes"] / result["kv_bytes_per_request"]["pruned"] - 1) < 0.01
     assert result["redis_kv"]["store_mb_per_s"] > 0 and result["redis_kv"]["plain_mb_per_s"] > 0
     assert set(result["stage_call_overhead_ms"]) == {"encode", "prefill", "generate"}
+    assert result["design_floor"]["rounds"] == 3 and result["design_floor"]["calls_and_claim_check_added_p50_ms"] > 0
