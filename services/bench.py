@@ -312,8 +312,8 @@ def run_service_bench(
         redis_kv = _kv_store_throughput(run.redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
         stage_work = {mode: _stage_work(s["stages"], s["e2e_ms"]) for mode, s in samples.items()}
         work = stage_work["distributed"]
-        image_tokens = len(blob.pack("features", engine.adapter.fingerprint, {"features": request.image_features}))
-        floor = measure_floor(run.redis_url, {"vision": work["encode"], "pruner": work["prefill"], "generator": work["decode"]}, image_tokens, floor_rounds)
+        image_token_bytes = len(blob.pack("features", engine.adapter.fingerprint, {"features": request.image_features}))
+        floor = measure_floor(run.redis_url, {"vision": work["encode"], "pruner": work["prefill"], "generator": work["decode"]}, image_token_bytes, floor_rounds)
 
     modes = {mode: {"ttft_ms": _percentiles(s["ttft_ms"]), "e2e_ms": _percentiles(s["e2e_ms"])} for mode, s in samples.items()}
     added = modes["distributed"]["e2e_ms"]["p50"] - modes["embedded"]["e2e_ms"]["p50"]

@@ -3,9 +3,10 @@ servers in their own processes, each waiting as long as its stage works, the fir
 the image tokens' bytes in Redis (the claim check) and the second reading them, against the
 same waits in one process.
 
-It is what three calls in turn and the claim check cost before any of dartserve's code runs,
-so what the distributed mode adds beyond it is dartserve's own. The waits are sleeps: the
-servers are idle when a call reaches them, as the stages are between one request and the next.
+It is what three calls in turn and the claim check cost before any of dartserve's code runs:
+what the distributed mode adds beyond it is roughly dartserve's own (the floor runs in a phase
+of its own, after the services). The waits are sleeps: the servers are idle when a call
+reaches them, as the stages are between one request and the next.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ METHOD = "/dartserve.bench.Floor/Call"
 STORE, LOAD = b"store", b"load:"
 
 
-def serve(port: int, redis_url: str, work_s: float, token_bytes: int) -> None:
-    """A stage with no model: ``store`` writes ``token_bytes`` to Redis and replies with what
-    the next stage loads; ``load:KEY`` reads that value first."""
+def serve(redis_url: str, work_s: float, token_bytes: int) -> None:
+    """A stage with no model, on a free port it prints: ``store`` writes ``token_bytes`` to
+    Redis and replies with what the next stage loads; ``load:KEY`` reads that value first."""
     import grpc
 
     from dartserve.kv.store import redis_client
@@ -32,8 +33,8 @@ def serve(port: int, redis_url: str, work_s: float, token_bytes: int) -> None:
     tokens = os.urandom(token_bytes)
 
     def call(request: bytes, context) -> bytes:
-        if request.startswith(LOAD):
-            client.get(request[len(LOAD) :])
+        if request.startswith(LOAD) and client.get(request[len(LOAD) :]) is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "the claim check is not in Redis")
         time.sleep(work_s)
         if request != STORE:
             return b""
@@ -44,9 +45,9 @@ def serve(port: int, redis_url: str, work_s: float, token_bytes: int) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     service, method = METHOD.strip("/").split("/")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(call)}),))
-    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
-        raise OSError(f"cannot bind 127.0.0.1:{port}")
+    port = server.add_insecure_port("127.0.0.1:0")  # no port chosen by the parent that another may take first
     server.start()
+    print(port, flush=True)
     server.wait_for_termination()
 
 
@@ -58,15 +59,18 @@ def measure_floor(redis_url: str, work_ms: dict[str, float], token_bytes: int, r
 
     import grpc
 
-    from services.processes import free_port, stop
+    from services.processes import stop
 
-    ports = [free_port() for _ in work_ms]
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "services.bench_floor", str(port), redis_url, str(ms / 1e3), str(token_bytes)])
-        for port, ms in zip(ports, work_ms.values())
-    ]
-    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+    processes, channels = [], []
     try:
+        for ms in work_ms.values():
+            command = [sys.executable, "-m", "services.bench_floor", redis_url, str(ms / 1e3), str(token_bytes)]
+            processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+        for process in processes:
+            port = process.stdout.readline().strip()
+            if not port:
+                raise RuntimeError(f"a floor stage exited with {process.wait()} before it served")
+            channels.append(grpc.insecure_channel(f"127.0.0.1:{port}"))
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=60)
         calls = [channel.unary_unary(METHOD) for channel in channels]
@@ -96,6 +100,8 @@ def measure_floor(redis_url: str, work_ms: dict[str, float], token_bytes: int, r
         for channel in channels:
             channel.close()
         stop(processes)
+        for process in processes:
+            process.stdout.close()
     baseline = times["in_process"]
     return {
         "work_ms": work_ms,
@@ -106,5 +112,5 @@ def measure_floor(redis_url: str, work_ms: dict[str, float], token_bytes: int, r
 
 
 if __name__ == "__main__":
-    port, redis_url, work_s, token_bytes = sys.argv[1:]
-    serve(int(port), redis_url, float(work_s), int(token_bytes))
+    redis_url, work_s, token_bytes = sys.argv[1:]
+    serve(redis_url, float(work_s), int(token_bytes))
