@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,13 @@ def _dtype(name: str | None):
 
 def _csv_ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -62,25 +70,39 @@ def _generate(args: argparse.Namespace) -> int:
 
     from dartserve.engine import Engine
     from dartserve.models import SamplingConfig
-    from dartserve.pruning import PruningConfig
+    from dartserve.models.loading import quiet_loading
+    from services.config import DEFAULT_PRUNING
+    from services.convert import merge_pruning
 
-    amount = args.budget is not None or args.ratio is not None
-    if not args.method and not amount and args.layer is not None:
-        raise ValueError("--layer needs --budget or --ratio: without either nothing is pruned")
-    method = args.method or ("dart" if amount else "none")
-    given = {"budget": args.budget, "ratio": args.ratio, "layer": args.layer}
-    pruning = PruningConfig(method=method, **{name: value for name, value in given.items() if value is not None})
+    # The server's default pruning for what the flags leave out, as a request's pruning gets it.
+    given = {"method": args.method, "budget": args.budget, "ratio": args.ratio, "layer": args.layer}
+    pruning = merge_pruning({name: value for name, value in given.items() if value is not None}, DEFAULT_PRUNING)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         images = [Image.open(path).convert("RGB") for path in args.image]  # read whole: a damaged file fails here
     except OSError as error:  # missing, unreadable or not an image
         raise ValueError(f"cannot read image: {error}") from None
-    engine = Engine.load(args.model, device=args.device, dtype=_dtype(args.dtype))
+    with quiet_loading():
+        engine = Engine.load(args.model, device=args.device, dtype=_dtype(args.dtype))
     result = engine.generate(images, args.prompt, pruning=pruning, sampling=sampling)
     print(result.text)
     if args.stats:
-        print(json.dumps(vars(result.stats)), file=sys.stderr)
+        print(json.dumps(rest_stats(result.stats, pruning)), file=sys.stderr)
     return 0
+
+
+def rest_stats(stats, pruning) -> dict:
+    """A one-shot answer's figures under the names /v1/answer gives them."""
+    usage = {
+        "prompt_tokens": stats.prompt_tokens,
+        "vision_tokens": stats.vision_tokens,
+        "kept_vision_tokens": stats.vision_tokens_kept,
+        "completion_tokens": stats.new_tokens,
+        "prefill_tokens": stats.prompt_tokens,
+        "kv_bytes": stats.kv_bytes,
+    }
+    timings = {"encode_ms": stats.vision_ms, "prefill_ms": stats.prefill_ms, "selection_ms": stats.selection_ms, "decode_ms": stats.decode_ms}
+    return {"usage": usage, "timings": {name: round(ms, 3) for name, ms in timings.items()}, "pruning": pruning.applied(stats.vision_tokens)}
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -176,7 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.command)
     keep_freed_memory()
-    settings = Settings.from_env()
+    flags = {"host": args.host, "port": args.port}
+    settings = dataclasses.replace(Settings.from_env(), **{name: value for name, value in flags.items() if value is not None})
     if args.command == "serve":
         serve_http(embedded_gateway(settings), settings)
     elif args.command == "gateway":
@@ -220,7 +243,11 @@ def _batch(args: argparse.Namespace) -> int:
         print(created["id"], flush=True)
         if not args.wait:
             return 0
-        status = client.wait(created["id"])
+        try:
+            status = client.wait(created["id"])
+        except KeyboardInterrupt:
+            print(f"stopped following {created['id']}, which runs on: 'dartserve batch status {created['id']}'", file=sys.stderr)
+            return 130
         print(json.dumps(status, indent=2))
         if args.output:
             Path(args.output).write_bytes(client.results(created["id"]))
@@ -236,6 +263,14 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pruning_flags(command: argparse.ArgumentParser) -> None:
+    """The pruning flags; what they leave out is the server's default (DART at layer 2, 64 of 576)."""
+    command.add_argument("--method", help="pruning method (default: dart); none keeps every vision token")
+    command.add_argument("--budget", type=int, help="vision tokens kept per request (default: 64 of 576, scaled to the image)")
+    command.add_argument("--ratio", type=float, help="fraction of vision tokens kept, in place of --budget")
+    command.add_argument("--layer", type=int, help="layer K at which tokens are pruned (default: 2)")
+
+
 def _service_bench(suites, name: str, text: str, run, requests: int) -> argparse.ArgumentParser:
     """A benchmark that starts dartserve's processes: the arguments they all take."""
     bench = suites.add_parser(name, help=text)
@@ -248,6 +283,8 @@ def _service_bench(suites, name: str, text: str, run, requests: int) -> argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.config import DEFAULT_PORTS
+
     parser = argparse.ArgumentParser(prog="dartserve", description="Multimodal LLM serving with DART visual-token pruning.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -255,28 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=default_model(), help="Hugging Face model id or local checkpoint folder")
     generate.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--method", help="default: dart when a budget or ratio is given, else none")
-    generate.add_argument("--budget", type=int, help="vision tokens kept per request")
-    generate.add_argument("--ratio", type=float, help="fraction of vision tokens kept")
-    generate.add_argument("--layer", type=int, help="layer K at which tokens are pruned (default: 2)")
+    _pruning_flags(generate)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
-    generate.add_argument("--stats", action="store_true", help="print the request's statistics as JSON on stderr")
+    generate.add_argument("--stats", action="store_true", help="print the answer's usage, timings and pruning as JSON on stderr, as /v1/answer names them")
     generate.set_defaults(run=_generate)
 
     ask = commands.add_parser("ask", help="ask the default model (the bundled demo) a question about one image")
     ask.add_argument("image", nargs=1)
     ask.add_argument("prompt")
     ask.add_argument("--model", default=default_model())
-    ask.add_argument("--method", help="default: dart when a budget or ratio is given, else none")
-    ask.add_argument("--budget", type=int)
-    ask.add_argument("--ratio", type=float)
-    ask.add_argument("--layer", type=int, help="layer K at which tokens are pruned (default: 2)")
-    ask.add_argument("--stats", action="store_true", help="print the request's statistics as JSON on stderr")
+    _pruning_flags(ask)
+    ask.add_argument("--stats", action="store_true", help="print the answer's usage, timings and pruning as JSON on stderr, as /v1/answer names them")
     ask.set_defaults(run=_generate, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0, device="cpu", dtype=None)
 
     evaluation = commands.add_parser("eval", help="accuracy of pruning methods on a dataset: JSON, markdown and a plot")
@@ -317,9 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "generator": "the decoding gRPC service",
     }
     for name, text in service_help.items():
-        commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}; configured by DARTSERVE_* environment variables (see the README).").set_defaults(run=_serve)
+        service = commands.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}; configured by DARTSERVE_* environment variables (docs/configuration.md).")
+        service.add_argument("--host", help="interface to bind (default: DARTSERVE_HOST, else 127.0.0.1)")
+        service.add_argument("--port", type=_port, help=f"port to listen on (default: DARTSERVE_PORT, else {DEFAULT_PORTS['gateway' if name == 'serve' else name]})")
+        service.set_defaults(run=_serve)
 
-    worker = commands.add_parser("worker", help="a Celery worker that answers batch items (see the README)")
+    worker = commands.add_parser("worker", help="a Celery worker that answers batch items (docs/api.md, Batches)")
     worker.add_argument("--local", action="store_true", help="run the stages in this process (embedded mode) instead of over gRPC")
     worker.add_argument("--concurrency", type=_positive_int, default=1, help="items at once, in threads")
     worker.set_defaults(run=_worker)
@@ -378,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"dartserve: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, and no traceback
+        print("dartserve: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TextIO
 
 from tqdm import tqdm
 
 POLL_S = 0.5
+LOG_EVERY_S = 10.0
 PATIENCE_S = 60.0  # how long --wait rides out a gateway that does not answer
 
 
@@ -31,14 +36,14 @@ class BatchClient:
     def results(self, batch_id: str) -> bytes:
         return self._call("GET", f"/v1/batches/{_quote(batch_id)}/results")
 
-    def wait(self, batch_id: str, progress: bool = True) -> dict:
-        """Polls until the batch finishes, with a progress bar of answered requests."""
+    def wait(self, batch_id: str, stream: TextIO | None = None) -> dict:
+        """Polls until the batch finishes, showing its progress on ``stream`` (stderr): a bar on
+        a terminal, else a line now and then."""
+        stream = stream or sys.stderr
         status = self.status(batch_id)
-        with tqdm(total=status["request_counts"]["total"], unit="req", disable=not progress) as bar:
+        with progress(stream, status["request_counts"]["total"]) as show:
             while True:
-                counts = status["request_counts"]
-                bar.update(counts["done"] + counts["failed"] - bar.n)
-                bar.set_postfix(status=status["status"], failed=counts["failed"])
+                show(status)
                 if status["status"] in ("completed", "failed", "cancelled"):
                     return status
                 time.sleep(POLL_S)
@@ -65,6 +70,39 @@ class BatchClient:
             raise kind(f"{method} {path}: HTTP {error.code}: {_message(error.read())}") from None
         except (urllib.error.URLError, OSError) as error:
             raise Unreachable(f"cannot reach the gateway at {self.url}: {getattr(error, 'reason', error)}") from None
+
+
+@contextmanager
+def progress(stream: TextIO, total: int) -> Iterator[Callable[[dict], None]]:
+    """A function that shows a batch's status: on a terminal, a progress bar redrawn in place;
+    in a log, lines that say what changed (see ``LogLines``)."""
+    if not stream.isatty():
+        yield LogLines(stream)
+        return
+    with tqdm(total=total, unit="req", file=stream) as bar:
+
+        def show(status: dict) -> None:
+            counts = status["request_counts"]
+            bar.update(counts["done"] + counts["failed"] - bar.n)
+            bar.set_postfix(status=status["status"], failed=counts["failed"])
+
+        yield show
+
+
+class LogLines:
+    """A batch's progress for a log: a line when its status changes, and while it runs at most
+    one every ``LOG_EVERY_S`` that tells of new answers, not one per poll."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.shown, self.last_at = stream, None, -LOG_EVERY_S
+
+    def __call__(self, status: dict) -> None:
+        counts = status["request_counts"]
+        line = f"{status['id']}: {status['status']}, {counts['done'] + counts['failed']} of {counts['total']} answered, {counts['failed']} failed"
+        changed = self.shown is None or status["status"] != self.shown[0]
+        if changed or (line != self.shown[1] and time.monotonic() - self.last_at >= LOG_EVERY_S):
+            print(line, file=self.stream, flush=True)
+            self.shown, self.last_at = (status["status"], line), time.monotonic()
 
 
 class Unreachable(ValueError):

@@ -1,4 +1,4 @@
-"""Service settings, read from environment variables (documented in the README)."""
+"""Service settings, read from environment variables; docs/configuration.md lists them (``make docs``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from dartserve.checks import MAX_PIXELS
 from dartserve.kv.store import DEFAULT_TTL_S
 
-# The server's pruning when a request names none: DART at layer 2 keeping 64 of 576 vision
-# tokens, scaled to the image's token count.
+# The pruning a request gets when it names none, from the server and from `dartserve ask`: DART
+# at layer 2 keeping 64 of LLaVA-1.5's 576 vision tokens, scaled to the image's token count.
 DEFAULT_PRUNING = {"method": "dart", "ratio": 64 / 576, "layer": 2}
 
 ENVIRONMENT = {

@@ -259,3 +259,10 @@ def test_random_is_seeded():
     assert torch.equal(pick(3), pick(3))
     assert not torch.equal(pick(3), pick(4))
     assert len(set(pick(3).tolist())) == 8
+
+
+def test_applied_pruning_gives_the_amount_in_tokens():
+    assert PruningConfig(method="dart", ratio=64 / 576).applied(576) == {"method": "dart", "budget": 64, "layer": 2, "pivot_image": 4, "pivot_text": 4}
+    assert PruningConfig(method="fastv", ratio=0.25).applied(100) == {"method": "fastv", "budget": 25, "layer": 2}
+    assert PruningConfig(method="random", budget=None, seed=3).applied(576) == {"method": "random", "budget": 576, "layer": 2, "seed": 3}  # keeps every token
+    assert PruningConfig(method="none").applied(576) == {"method": "none"}

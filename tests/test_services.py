@@ -60,7 +60,7 @@ def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, redis_se
         assert body["usage"]["completion_tokens"] == len(expected.token_ids)
         assert body["usage"]["kept_vision_tokens"] == expected.stats.vision_tokens_kept
         assert body["usage"]["vision_tokens"] == 576
-        assert body["pruning"] == PruningConfig(**pruning).to_dict()
+        assert body["pruning"] == PruningConfig(**pruning).applied(576)
         # The answers are a word or two: the KV cache the stages left in Redis is checked too,
         # against the same answer's cache left in memory by the stages run in this process.
         record = conv.Conversations(redis_store, 60).get(conv.by_id(body["conversation_id"]))
@@ -77,7 +77,7 @@ def test_default_pruning_is_dart_at_layer_2_keeping_64_of_576(cluster, demo_engi
     data, item = png(5)
     body = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question}, timeout=60).json()
     assert body["usage"]["kept_vision_tokens"] == 64
-    assert (body["pruning"]["method"], body["pruning"]["layer"]) == ("dart", 2)
+    assert body["pruning"] == {"method": "dart", "budget": 64, "layer": 2, "pivot_image": 4, "pivot_text": 4}
     assert body["answer"] == demo_engine.generate([item.image], item.question, PruningConfig(ratio=64 / 576), SamplingConfig()).text
 
 

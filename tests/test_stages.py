@@ -318,7 +318,8 @@ def test_several_images_through_rest_and_chat_equal_the_engine(engine):
     body = answer.json()
     expected = engine.generate(images, question, PruningConfig(**DEFAULT_PRUNING), sampling)
     assert body["answer"] == expected.text.strip()
-    assert body["pruning"] == PruningConfig(**DEFAULT_PRUNING).to_dict()
+    assert body["pruning"] == PruningConfig(**DEFAULT_PRUNING).applied(body["usage"]["vision_tokens"])
+    assert body["pruning"]["budget"] == body["usage"]["kept_vision_tokens"]
     usage = body["usage"]
     assert (usage["vision_tokens"], usage["kept_vision_tokens"], usage["completion_tokens"]) == (
         expected.stats.vision_tokens, expected.stats.vision_tokens_kept, len(expected.token_ids))
@@ -390,7 +391,8 @@ def test_what_a_request_cannot_use_is_refused_not_dropped(demo_client):
         ("/v1/chat/completions", with_part(url=image), "messages.0.content.0.image_url.url"),
         ("/v1/chat/completions", with_part(url="data:application/pdf;base64," + image), "messages.0.content.0.image_url.url"),
         ("/v1/chat/completions", chat | {"n": 2}, "n"),
-        ("/v1/chat/completions", chat | {"messages": [{"role": "system", "content": "be brief"}, *chat["messages"]]}, "messages.0"),
+        ("/v1/chat/completions", chat | {"messages": [*chat["messages"], {"role": "system", "content": "be brief"}]}, "messages.1"),
+        ("/v1/chat/completions", chat | {"messages": [{"role": "system", "content": chat["messages"][0]["content"]}, {"role": "user", "content": "hi"}]}, "messages.0.content.0"),
     ]
     for path, body, param in refused:
         reply = demo_client.post(path, json=body)
@@ -433,11 +435,13 @@ def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
     answer = {"image": image, "question": "how many objects are there ?", "max_new_tokens": 4}
     keep_all = demo_client.post("/v1/answer", json=answer | {"pruning": {"budget": None}}).json()
     assert keep_all["usage"]["kept_vision_tokens"] == keep_all["usage"]["vision_tokens"] == 576
+    assert keep_all["pruning"] == {"method": "dart", "budget": 576, "layer": 2, "pivot_image": 4, "pivot_text": 4}
     none = demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "none"}}).json()
     assert none["pruning"] == {"method": "none"}
     assert demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "none", "budget": None, "layer": None}}).json()["pruning"] == {"method": "none"}
     fastv = demo_client.post("/v1/answer", json=answer | {"pruning": {"method": "fastv"}}).json()
-    assert fastv["pruning"] == {"method": "fastv", "budget": None, "ratio": 64 / 576, "layer": 2} and fastv["usage"]["kept_vision_tokens"] == 64
+    # The reply echoes the amount applied in tokens, where the default gives it as a ratio.
+    assert fastv["pruning"] == {"method": "fastv", "budget": 64, "layer": 2} and fastv["usage"]["kept_vision_tokens"] == 64
 
     for seed in range(3):  # hot sampling picks tokens that show no text until the next one
         parsed = sse_json(demo_client.post("/v1/answer", json=answer | {"temperature": 100.0, "seed": seed, "stream": True, "max_new_tokens": 6}).text)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import transformers
+from transformers.utils import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from dartserve.models.base import ModelAdapter
@@ -29,6 +33,19 @@ def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = No
     # padded batch needs and still runs fused kernels when there is no padding.
     hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
     return ADAPTERS[model_type](hf_model.to(device), load_processor(model, model_type))
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loads without transformers' progress bars, which a one-shot answer on a terminal would
+    show above the answer."""
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -59,6 +59,14 @@ class PruningConfig:
         values = asdict(self)
         return {"method": self.method} | {name: values[name] for name in settings_read_by(self.method)}
 
+    def applied(self, num_vision_tokens: int) -> dict:
+        """``to_dict`` with the amount as it was applied to a request: the budget in tokens."""
+        values = self.to_dict()
+        if "budget" in values:
+            values["budget"] = self.total_budget(num_vision_tokens)
+            del values["ratio"]
+        return values
+
     @property
     def prunes(self) -> bool:
         return self.method != "none" and (self.budget is not None or self.ratio is not None)

@@ -12,7 +12,8 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +27,7 @@ from services.gateway.answers import AnswerIn, AnswerShape, Policy, answer_image
 from services.gateway.inputs import ApiError, json_body, json_object, media_type, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.pipeline import Final, Question, answer
+from services.gateway.schemas import Answer, Health, ModelCard, ModelList, Readiness, answered, drop_validation_errors
 
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = gateway.admission.limit + SPARE_THREADS
         yield
 
-    app = FastAPI(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning", lifespan=lifespan)
+    # /docs serves Swagger UI's files itself, so that it also works where no CDN can be reached.
+    app = FastAPIOffline(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning", lifespan=lifespan)
     app.state.gateway = gateway
 
     @app.exception_handler(ApiError)
@@ -193,7 +196,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         return await call_next(request)
 
 
-    @app.post("/v1/answer", openapi_extra=json_body(AnswerIn.model_json_schema()))
+    @app.post("/v1/answer", openapi_extra=json_body(AnswerIn.model_json_schema()), responses=answered(Answer, 400, 404, 409, 413, 415, 429, 503, stream=True))
     async def answer_endpoint(request: Request):
         async def read():
             fields, uploads = await _answer_fields(request)
@@ -204,29 +207,29 @@ def create_app(gateway: Gateway) -> FastAPI:
     def model_card() -> dict:
         return {"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "dartserve"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=answered(ModelList))
     def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=answered(ModelCard, 404))
     def model(model: str):
         if model != gateway.model_name:
             raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
         return model_card()
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: {"model": Health}})
     async def healthz():  # on the event loop: alive even when every worker thread is taken
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "a stage or the store does not answer"}})
     def readyz():
         stages = gateway.backend.readiness() | {"store": gateway.conversations.reachable()}
         ready = all(stages.values())
         return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format 0.0.4"}})
     async def metrics():
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.middleware("http")  # registered last, so it runs first: even a 401 or a 413 has an id
     async def request_id(request: Request, call_next):
@@ -247,6 +250,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     register_chat(app, gateway)
     if gateway.batches is not None:
         register_batches(app, gateway.batches)
+    drop_validation_errors(app)
     return app
 
 

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from services.gateway.answers import Policy, answer_images, first_turn, parse_answer
 from services.gateway.backends import Unavailable, store_errors
 from services.gateway.inputs import ApiError, json_body, json_object, media_type
+from services.gateway.schemas import Batch, InvalidBatch, answered, errors
 from services.worker.app import queue_items
 from services.worker.batches import FINISHED, UnknownBatch
 
@@ -170,7 +171,9 @@ async def _requests(request: Request) -> list[tuple[int, object]]:
 def register_batches(app: FastAPI, batches: Batches) -> None:
     batch_schema = {"type": "object", "required": ["requests"], "additionalProperties": False, "properties": {"requests": {"type": "array", "items": {"type": "object"}}}}
 
-    @app.post("/v1/batches", status_code=202, openapi_extra=json_body(batch_schema))
+    created = answered(Batch, 413, 415, 503, status=202) | {400: {"model": InvalidBatch, "description": "invalid lines; `errors` lists each"}}
+
+    @app.post("/v1/batches", status_code=202, openapi_extra=json_body(batch_schema), responses=created)
     async def create(request: Request):
         try:
             created = await run_in_threadpool(batches.submit, await _requests(request))
@@ -178,15 +181,15 @@ def register_batches(app: FastAPI, batches: Batches) -> None:
             return errors.response()
         return JSONResponse(created, status_code=202)
 
-    @app.get("/v1/batches/{batch_id}")
+    @app.get("/v1/batches/{batch_id}", responses=answered(Batch, 404, 503))
     def status(batch_id: str):
         return batches.status(batch_id)
 
-    @app.get("/v1/batches/{batch_id}/results")
+    @app.get("/v1/batches/{batch_id}/results", response_class=Response, responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}, "description": "one line per request, in input order"}} | errors(404, 503))
     def results(batch_id: str):
         lines = "".join(json.dumps(r) + "\n" for r in batches.results(batch_id))
         return Response(lines, media_type="application/jsonl")
 
-    @app.post("/v1/batches/{batch_id}/cancel")
+    @app.post("/v1/batches/{batch_id}/cancel", responses=answered(Batch, 404, 409, 503))
     def cancel(batch_id: str):
         return batches.cancel(batch_id)

@@ -1,6 +1,7 @@
 """``POST /v1/chat/completions``, compatible with OpenAI's chat API and its Python client.
 
-Images come as ``image_url`` content parts holding data URLs. Clients resend the whole
+Images come as ``image_url`` content parts holding data URLs. A first ``system`` message is
+rendered by the model's chat template, as its other turns are. Clients resend the whole
 conversation each turn; when its earlier turns match a conversation this gateway answered,
 only the new turn is prefilled, on top of the cached KV. Pruning is a dartserve extension
 field (``extra_body={"pruning": {...}}`` in the client). Sampling defaults to greedy.
@@ -20,6 +21,7 @@ from services.gateway.answers import PruningIn
 from services.gateway.app import Gateway
 from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, media_type, sampling, validated
 from services.gateway.pipeline import Delta, Final
+from services.gateway.schemas import ChatCompletion, answered
 
 
 class StreamOptions(BaseModel):
@@ -106,8 +108,8 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages.{i}.role")
         role, content = message["role"], message.get("content")
-        if role == "system":
-            raise ApiError(400, "system messages are not supported by the served models' templates", f"messages.{i}")
+        if role == "system" and i > 0:  # the chat templates render one, before the conversation
+            raise ApiError(400, "a system message may only be the first message", f"messages.{i}")
         _only(message, _MESSAGE_KEYS, f"messages.{i}")
         if isinstance(content, str):
             text = content
@@ -119,7 +121,7 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
                 if kind == "text" and isinstance(part.get("text"), str):
                     texts.append(part["text"])
                 elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-                    if turns:
+                    if role != "user" or any(turn["role"] == "user" for turn in turns):
                         raise ApiError(400, "images must be in the first user message", where)
                     images.append(_image(part["image_url"], f"{where}.image_url", image_urls))
                 else:
@@ -131,8 +133,9 @@ def parse_messages(messages: list[dict], image_urls=None) -> tuple[list[bytes], 
         turns.append({"role": role, "content": text})
     if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ApiError(400, "the last message must be the user's, with text", "messages")
-    for i, turn in enumerate(turns):
-        if turn["role"] != ("user" if i % 2 == 0 else "assistant"):
+    system = int(turns[0]["role"] == "system")
+    for i, turn in enumerate(turns[system:], start=system):
+        if turn["role"] != ("user" if (i - system) % 2 == 0 else "assistant"):
             raise ApiError(400, "user and assistant messages must alternate, starting with the user", f"messages.{i}")
     return images, turns
 
@@ -151,7 +154,7 @@ def _only(given: dict, allowed: set[str], where: str) -> None:
 
 
 def register_chat(app: FastAPI, gateway: Gateway) -> None:
-    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatIn.model_json_schema()))
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatIn.model_json_schema()), responses=answered(ChatCompletion, 400, 404, 413, 415, 429, 503, stream=True))
     async def chat(request: Request):
         async def read():
             if media_type(request) != "application/json":
@@ -174,7 +177,8 @@ def _chat(gateway: Gateway, body: ChatIn, slot):
         raise ApiError(400, "max_tokens and max_completion_tokens differ; give one of them", "max_tokens")
     config = _sampling(body, limits)
     hashes = [hashlib.sha256(image).hexdigest() for image in images]
-    previous = gateway.conversations.get(conv.by_content(gateway.model_name, hashes, turns[:-1])) if len(turns) > 1 else None
+    answered = any(turn["role"] == "assistant" for turn in turns)
+    previous = gateway.conversations.get(conv.by_content(gateway.model_name, hashes, turns[:-1])) if answered else None
     pruning = body.pruning.model_dump(exclude_unset=True) if body.pruning else None
     question = gateway.question(images, turns, pruning, config)
     if previous is not None and previous["pruning"] != question.pruning.to_dict():

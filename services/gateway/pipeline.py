@@ -35,7 +35,7 @@ class Final:
     record: dict  # what the conversation's next turn continues from
     usage: dict
     timings: dict
-    pruning: dict
+    pruning: dict  # as applied: the budget in tokens, also where the request gave a ratio
 
 
 def answer(backend, question: Question, previous: dict | None = None, stream: bool = True) -> Iterator[Delta | Final]:
@@ -100,7 +100,7 @@ def answer(backend, question: Question, previous: dict | None = None, stream: bo
             "kv_store_ms": prefilled.kv_store_ms + (last.kv_store_ms if last else 0.0),
             "total_ms": (time.perf_counter() - started) * 1e3,
         },
-        pruning=prefilled.pruning,
+        pruning=_applied(prefilled.pruning, prefilled.vision_tokens),
     )
 
 
@@ -141,8 +141,12 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
             "cached_images": 0,
         },
         timings={"encode_ms": 0.0, "prefill_ms": last.prefill_ms, "selection_ms": 0.0, "ttft_ms": ttft_ms, "decode_ms": last.decode_ms, "kv_store_ms": last.kv_store_ms, "total_ms": (time.perf_counter() - started) * 1e3},
-        pruning=previous["pruning"],
+        pruning=_applied(previous["pruning"], previous["vision_tokens"]),
     )
+
+
+def _applied(pruning: dict, vision_tokens: int) -> dict:
+    return PruningConfig.from_dict(pruning).applied(vision_tokens)
 
 
 def _encode_and_prefill(backend, question: Question):
