@@ -2,11 +2,10 @@
 
 By default glibc serves every allocation over 128 KiB (at first) with a fresh ``mmap`` and
 hands freed memory at the top of a heap back to the kernel. A model step allocates megabytes
-of activations and frees them at the end, so the next request touches fresh pages again: a
-measured 1,150 to 1,365 page faults per answer in the pruner process on the demo model, and
-3.8 to 9.8 ms more prefill than in the embedded process. Kept, the same pages serve the next
-request. jemalloc and tcmalloc, the allocators PyTorch recommends for CPU serving, keep freed
-pages for reuse too.
+of activations and frees them at the end, so the next request touches fresh pages again,
+and pays a page fault for each (docs/benchmarks.md has what that costs). Kept, the same pages
+serve the next request. jemalloc and tcmalloc, the allocators PyTorch recommends for CPU
+serving, keep freed pages for reuse too.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ steady state: with a short TTL, warm-up answers run until the stores drop as muc
 take, as a server does once it has run for its TTL. Before that, every answer grows the
 stores by its image tokens and KV cache (2 MB on the demo model), and the fresh pages that
 takes are paid by whatever touches them first: in the embedded process, the next answer's
-image processing (about 4 ms on a 2-vCPU VM); in distributed mode, Redis, mostly while it
-stores the KV cache.
+image processing; in distributed mode, Redis, mostly while it stores the KV cache.
 """
 
 from __future__ import annotations

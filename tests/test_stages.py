@@ -754,16 +754,6 @@ def test_dartserve_serve_answers_in_embedded_mode(tmp_path):
         stop([process])
 
 
-def test_readme_documents_every_setting_as_the_code_describes_it():
-    import re
-    from pathlib import Path
-
-    from services.config import ENVIRONMENT
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert dict(re.findall(r"^\| `(DARTSERVE_\w+)` \| (.*) \|$", readme, re.M)) == ENVIRONMENT
-
-
 def prefilled_request(engine, store, sampling):
     """The test image's prompt prefilled into ``store``, and a generator request that decodes from it."""
     from services.convert import sampling_to_proto
