@@ -111,6 +111,10 @@ def test_ask_prunes_as_the_server_does_and_names_its_figures_as_rest_does(served
     assert set(stats["usage"]) <= set(reply["usage"]) and set(stats["timings"]) <= set(reply["timings"])
     assert stats["pruning"] == reply["pruning"] == DEFAULT_APPLIED
     assert {k: stats["usage"][k] for k in ("prompt_tokens", "vision_tokens", "kept_vision_tokens")} == {k: reply["usage"][k] for k in ("prompt_tokens", "vision_tokens", "kept_vision_tokens")}
+    # docs/deploy.md sizes Redis with 2·d·s·(K·n + (L−K)·(n − v + b)); on the demo model (6 layers
+    # of 128 key channels, float32) with n = the prompt and the first answer token:
+    n = stats["usage"]["prompt_tokens"] + 1
+    assert stats["usage"]["kv_bytes"] == 2 * 128 * 4 * (2 * n + 4 * (n - 576 + 64))
 
 
 def test_openapi_declares_the_bodies_and_errors_that_replies_have(served):
