@@ -223,14 +223,19 @@ def test_ctrl_c_while_following_a_batch_stops_cleanly(served, tmp_path):
     """No worker runs: the batch stays queued while the CLI follows it, its stderr a file."""
     err = tmp_path / "stderr"
     with err.open("w") as stderr:
+        # As a terminal's foreground job gets it: a shell that started this test in the
+        # background may have passed SIGINT on ignored.
         follow = subprocess.Popen(
             [sys.executable, "-m", "dartserve.cli", "batch", "submit", str(QUESTIONS), "--wait", "--url", served],
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env(),
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-        batch_id = follow.stdout.readline().strip()
-        time.sleep(6 * POLL_S)  # a dozen polls
-        follow.send_signal(signal.SIGINT)
-        assert follow.wait(timeout=30) == 130
+        try:
+            batch_id = follow.stdout.readline().strip()
+            time.sleep(6 * POLL_S)  # a dozen polls
+            follow.send_signal(signal.SIGINT)
+            assert follow.wait(timeout=30) == 130
+        finally:
+            stop([follow])
     printed = err.read_text()
     assert "Traceback" not in printed, printed
     assert printed.splitlines() == [f"{batch_id}: queued, 0 of 4 answered, 0 failed", f"stopped following {batch_id}, which runs on: 'dartserve batch status {batch_id}'"]
@@ -278,7 +283,8 @@ def test_make_installs_once_and_run_only_what_serving_needs(tmp_path):
         (tmp_path / name).touch()
 
     def planned(target: str) -> str:
-        return subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        alone = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # not as a sub-make of `make test`
+        return subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True, text=True, check=True, env=alone).stdout
 
     first = planned("run")
     assert "pip install" in first and "'.[test]'" not in first and first.rstrip().endswith("dartserve serve")

@@ -136,7 +136,11 @@ def test_cli_generate(checkpoints, tmp_path, capsys):
     code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "9", "--max-new-tokens", "4", "--stats"])
     assert code == 0
     stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert stats["vision_tokens"] == 36 and stats["vision_tokens_kept"] == 9
+    assert stats["usage"]["vision_tokens"] == 36 and stats["usage"]["kept_vision_tokens"] == 9
+    assert stats["pruning"] == {"method": "dart", "budget": 9, "layer": 2, "pivot_image": 4, "pivot_text": 4}
+    # No flags: the server's default, 64 of every 576 vision tokens (4 of these 36).
+    assert main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "2", "--stats"]) == 0
+    assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["pruning"]["budget"] == 4
 
 
 def test_cli_reports_bad_input_as_an_error(checkpoints, tmp_path, capsys):
@@ -145,11 +149,11 @@ def test_cli_reports_bad_input_as_an_error(checkpoints, tmp_path, capsys):
     code = main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, "--budget", "99"])
     assert code == 2
     assert "larger than" in capsys.readouterr().err
-    # A zero amount is an amount (refused as one), and a layer alone prunes nothing.
-    for flags, says in ((["--budget", "0"], "budget"), (["--ratio", "0"], "ratio"), (["--layer", "3"], "--layer needs --budget or --ratio")):
+    # A zero amount is an amount (refused as one); keeping every token reads no layer.
+    for flags, says in ((["--budget", "0"], "budget must be"), (["--ratio", "0"], "ratio"), (["--method", "none", "--layer", "3"], "does not use layer")):
         assert main(["generate", "--model", str(checkpoints["llava"]), "--image", str(image), "--prompt", PROMPT, *flags]) == 2
         err = capsys.readouterr().err
-        assert says in err and "'none'" not in err, err
+        assert says in err, err
 
 
 def test_bench_prefill_rows(tmp_path):
