@@ -58,8 +58,9 @@ def bench_model(width: int, depth: int, device: str, dtype: torch.dtype) -> Llav
     return LlavaAdapter(model, processor=None)
 
 
-def bench_prompt(adapter: LlavaAdapter) -> EncodedPrompt:
-    generator = torch.Generator().manual_seed(0)
+def bench_prompt(adapter: LlavaAdapter, seed: int = 0) -> EncodedPrompt:
+    """LLaVA-1.5's prompt layout with random text and vision tokens; ``seed`` picks them."""
+    generator = torch.Generator().manual_seed(seed)
     text_ids = lambda n: torch.randint(3, 32000, (n,), generator=generator)  # noqa: E731
     ids = torch.cat([torch.tensor([1]), text_ids(TEXT_BEFORE - 1), torch.full((VISION_TOKENS,), IMAGE_TOKEN), text_ids(TEXT_AFTER)])
     width = adapter.text.config.hidden_size

@@ -58,8 +58,10 @@ def dart_reference(normed: torch.Tensor, keys: torch.Tensor, span, budget: int, 
 
 
 @torch.inference_mode()
-def masked_reference(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig, steps: int):
-    """Returns (logits per generated position ``[steps + 1, vocab]``, greedy tokens, kept positions, cache)."""
+def masked_reference(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig, steps: int, forced: list[int] = ()):
+    """Returns (logits per generated position ``[len(forced) + steps + 1, vocab]``, greedy tokens,
+    kept positions, the kept-token mask, cache). ``forced`` are fed after the prompt in place of
+    the greedy picks (a conversation's earlier answer and next turn); greedy decoding follows."""
     seq = len(request.input_ids)
     hidden = adapter.embed(request)[None]
     positions = request.positions[:, None, :]
@@ -105,8 +107,9 @@ def masked_reference(adapter: ModelAdapter, request: EncodedPrompt, pruning: Pru
     logits = [adapter.lm_head(adapter.text.norm(hidden[0, -1])).float()]
     tokens = [int(logits[-1].argmax())]
     next_position = int(request.positions.max()) + 1
-    for step in range(steps):
-        hidden = adapter.text.embed_tokens(torch.tensor([[tokens[-1]]]))
+    for step in range(len(forced) + steps):
+        fed = forced[step] if step < len(forced) else tokens[-1]
+        hidden = adapter.text.embed_tokens(torch.tensor([[fed]]))
         position = torch.full((positions.shape[0], 1, 1), next_position + step)
         step_cos_sin = adapter.rope(hidden, position)
         keys_seen = torch.cat([kept, torch.ones(step + 1, dtype=torch.bool)])

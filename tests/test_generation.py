@@ -199,13 +199,14 @@ def test_cli_reports_bad_models_devices_images_and_sizes_as_errors(checkpoints, 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_runs_every_method(checkpoints, dtype):
-    from dartserve.engine import Engine
+    from dartserve.engine import Engine, Request
     from dartserve.pruning import available_methods
 
     engine = Engine.load(str(checkpoints["qwen2_vl"]), dtype=getattr(torch, dtype))
     for method in available_methods():
         pruning = PruningConfig(method=method, budget=12) if method != "none" else PruningConfig(method="none")
-        result = engine.generate([make_image(2)], PROMPT, pruning=pruning, sampling=SamplingConfig(max_new_tokens=3))
+        request = Request([make_image(2)], PROMPT, SamplingConfig(max_new_tokens=3))
+        (result,) = engine.generate_batch([request], pruning, return_cache=True)
         assert result.stats.vision_tokens_kept == (12 if method != "none" else result.stats.vision_tokens)
         assert result.cache.keys[-1].dtype == getattr(torch, dtype)
 

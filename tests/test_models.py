@@ -1,14 +1,15 @@
-"""The engine against stock transformers (no pruning) and against the masked reference (pruning),
-for every model family, on tiny random checkpoints."""
+"""The engine against stock transformers (no pruning), the pruned cache's shape and the batch API,
+for every model family, on tiny random checkpoints (the core against the masked reference:
+``test_engine_core``)."""
 
 import pytest
 import torch
 
 from dartserve.engine import Request
-from dartserve.models import SamplingConfig, prefill
-from dartserve.models.decode import decode_step
-from dartserve.pruning import PruningConfig, available_methods
-from reference import masked_reference
+from dartserve.engine.core import EngineCore
+from dartserve.engine.requests import CoreRequest
+from dartserve.models import SamplingConfig
+from dartserve.pruning import PruningConfig
 from tiny_checkpoints import make_image
 
 STEPS = 5
@@ -16,22 +17,21 @@ ATOL = 1e-4
 PROMPT = "Describe the picture in a few words."
 
 
-def run_engine(adapter, request, pruning, steps=STEPS):
-    """Prefill, then greedy decode step by step, keeping every step's logits."""
-    result = prefill(adapter, [request], pruning)
-    logits = [result.logits[0]]
-    tokens = [int(logits[-1].argmax())]
-    for _ in range(steps):
-        logits.append(decode_step(adapter, result.cache, torch.tensor([tokens[-1]]))[0])
-        tokens.append(int(logits[-1].argmax()))
-    return torch.stack(logits), tokens, result
+def run_engine(engine, request, pruning, steps=STEPS):
+    """The core alone on one request, greedy, keeping every step's logits and the cache."""
+    core = EngineCore(engine.adapter)
+    core.add_request(CoreRequest("r", request, pruning, SamplingConfig(max_new_tokens=steps + 1, ignore_eos=True), export_cache=True, keep_logits=True))
+    outputs = []
+    while core.has_work:
+        outputs += core.step()
+    return torch.stack([l for o in outputs for l in o.logits]), [t for o in outputs for t in o.tokens], outputs
 
 
 def test_unpruned_matches_stock_generate(engine):
     adapter = engine.adapter
     images = [make_image(3)]
     request = engine.vision.encode(images, PROMPT)
-    logits, tokens, _ = run_engine(adapter, request, PruningConfig(method="none"))
+    logits, tokens, _ = run_engine(engine, request, PruningConfig(method="none"))
 
     inputs = adapter.processor(text=[adapter.prompt_text(PROMPT, 1)], images=images, return_tensors="pt")
     stock = adapter.model.generate(
@@ -53,35 +53,6 @@ def test_engine_generate_matches_stock_tokens(engine):
     assert result.stats.vision_tokens == result.stats.vision_tokens_kept == int((inputs["input_ids"] == adapter.image_token_id).sum())
 
 
-METHODS = [m for m in available_methods() if m != "none"]
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("images", [1, 2], ids=["one-image", "two-images"])
-def test_pruned_matches_masked_reference(engine, method, images):
-    adapter = engine.adapter
-    request = engine.vision.encode([make_image(10 + i) for i in range(images)], PROMPT)
-    pruning = PruningConfig(method=method, budget=10 * images, layer=2)
-    logits, tokens, result = run_engine(adapter, request, pruning)
-    ref_logits, ref_tokens, ref_kept, ref_token_mask, ref_cache = masked_reference(adapter, request, pruning, STEPS)
-
-    assert result.kept_positions[0].tolist() == ref_kept.tolist()
-    assert len(result.kept_positions[0]) == 10 * images
-    assert tokens == ref_tokens
-    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
-
-    # The ragged cache holds exactly the reference's keys and values of the tokens each layer kept.
-    seq = len(request.input_ids)
-    kept_slots = torch.cat([ref_token_mask, torch.ones(STEPS, dtype=torch.bool)])
-    for layer in range(adapter.num_layers):
-        want_keys, want_values = ref_cache.layers[layer].keys, ref_cache.layers[layer].values
-        if layer >= pruning.layer:
-            want_keys, want_values = want_keys[:, :, kept_slots], want_values[:, :, kept_slots]
-        torch.testing.assert_close(result.cache.keys[layer], want_keys, atol=ATOL, rtol=0)
-        torch.testing.assert_close(result.cache.values[layer], want_values, atol=ATOL, rtol=0)
-    assert result.cache.kept_tokens() == [seq + STEPS, seq - request.num_vision_tokens + 10 * images + STEPS]
-
-
 def test_grid_methods_refuse_budgets_past_the_grid_before_any_layer_runs(engines):
     adapter = engines["llava_next"].adapter
     request = engines["llava_next"].vision.encode([make_image(5)], PROMPT)
@@ -93,21 +64,22 @@ def test_grid_methods_refuse_budgets_past_the_grid_before_any_layer_runs(engines
     try:
         for method in ("pooling", "window_fastv"):
             with pytest.raises(ValueError, match="grid cells only"):
-                prefill(adapter, [request], PruningConfig(method=method, budget=cells + 1))
+                EngineCore(adapter).add_request(CoreRequest("r", request, PruningConfig(method=method, budget=cells + 1)))
         assert not layers_run
-        assert len(prefill(adapter, [request], PruningConfig(method="pooling", budget=cells)).kept_positions[0]) == cells
+        _, _, outputs = run_engine(engines["llava_next"], request, PruningConfig(method="pooling", budget=cells))
+        assert len(outputs[0].kept_positions) == cells
     finally:
         hook.remove()
 
 
 def test_pruning_shrinks_the_cache_from_layer_k(engine):
     request = engine.vision.encode([make_image(5)], PROMPT)
-    full = prefill(engine.adapter, [request], PruningConfig(method="none"))
-    pruned = prefill(engine.adapter, [request], PruningConfig(method="dart", budget=8, layer=1))
+    full = run_engine(engine, request, PruningConfig(method="none"), steps=0)[2][-1].cache
+    pruned = run_engine(engine, request, PruningConfig(method="dart", budget=8, layer=1), steps=0)[2][-1].cache
     seq = len(request.input_ids)
-    assert pruned.cache.kept_tokens() == [seq, seq - request.num_vision_tokens + 8]
-    assert [pruned.cache.keys[i].shape[2] for i in range(4)] == [seq] + [seq - request.num_vision_tokens + 8] * 3
-    assert pruned.cache.nbytes() < full.cache.nbytes()
+    assert pruned.kept_tokens() == [seq, seq - request.num_vision_tokens + 8]
+    assert [pruned.keys[i].shape[2] for i in range(4)] == [seq] + [seq - request.num_vision_tokens + 8] * 3
+    assert pruned.nbytes() < full.nbytes()
 
 
 @pytest.mark.parametrize("pruning", [PruningConfig(method="dart", ratio=0.3), PruningConfig(method="none")], ids=["dart", "none"])
@@ -117,8 +89,8 @@ def test_batch_equals_single_runs(engine, pruning):
         Request([make_image(21, (120, 64)), make_image(22)], "Compare the two images in detail please.", SamplingConfig(max_new_tokens=4)),
         Request([make_image(23, (64, 112))], "Is it dark?", SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.8, seed=7)),
     ]
-    batch = engine.generate_batch(requests, pruning)
-    singles = [engine.generate_batch([r], pruning)[0] for r in requests]
+    batch = engine.generate_batch(requests, pruning, return_cache=True)
+    singles = [engine.generate_batch([r], pruning, return_cache=True)[0] for r in requests]
     for got, want in zip(batch, singles):
         assert got.token_ids == want.token_ids
         assert got.kept_positions == want.kept_positions
@@ -126,9 +98,3 @@ def test_batch_equals_single_runs(engine, pruning):
         for layer in range(engine.adapter.num_layers):
             torch.testing.assert_close(got.cache.keys[layer], want.cache.keys[layer], atol=ATOL, rtol=0)
             torch.testing.assert_close(got.cache.values[layer], want.cache.values[layer], atol=ATOL, rtol=0)
-
-    encoded = [engine.vision.encode(r.images, r.prompt) for r in requests]
-    batched = prefill(engine.adapter, encoded, pruning)
-    for b, request in enumerate(encoded):
-        single = prefill(engine.adapter, [request], pruning)
-        torch.testing.assert_close(batched.logits[b], single.logits[0], atol=ATOL, rtol=0)

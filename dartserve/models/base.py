@@ -88,10 +88,11 @@ class ModelAdapter:
         """The chat template applied to a question, or to a conversation (``chat_messages``) whose
         first user turn carries the images; it ends where the assistant's answer begins."""
         messages = chat_messages(prompt)
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         rendered = [
             {
                 "role": m["role"],
-                "content": [{"type": "image"}] * (num_images if i == 0 else 0) + [{"type": "text", "text": m["content"]}],
+                "content": [{"type": "image"}] * (num_images if i == first_user else 0) + [{"type": "text", "text": m["content"]}],
             }
             for i, m in enumerate(messages)
         ]
@@ -160,20 +161,22 @@ class ModelAdapter:
 
 def chat_messages(prompt) -> list[dict]:
     """A question as one user turn, or a checked conversation: ``{"role", "content"}`` turns,
-    user and assistant alternating, text only, starting and ending with the user."""
+    text only, an optional system turn first, then user and assistant alternating, starting and
+    ending with the user."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise ValueError("a prompt is a string or a non-empty list of chat messages")
+    system = isinstance(prompt[0], dict) and prompt[0].get("role") == "system"
     for i, message in enumerate(prompt):
-        role = "user" if i % 2 == 0 else "assistant"
+        role = "system" if system and i == 0 else "user" if (i - system) % 2 == 0 else "assistant"
         if not isinstance(message, dict) or message.get("role") != role or not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} must be {{'role': '{role}', 'content': str}}: turns alternate, starting with the user")
+            raise ValueError(f"message {i} must be {{'role': '{role}', 'content': str}}: an optional system turn, then turns alternate, starting with the user")
         try:
             message["content"].encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError(f"message {i} is not valid Unicode text (a lone surrogate?)") from None
-    if len(prompt) % 2 == 0:
+    if (len(prompt) - system) % 2 == 0:
         raise ValueError("a conversation must end with the user's turn")
     return prompt
 

@@ -26,6 +26,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # the model's end-of-sequence tokens do not end the answer (benchmarks)
 
     def __post_init__(self) -> None:
         require_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -40,6 +41,8 @@ class SamplingConfig:
             raise ValueError(f"stop_token_ids must be a tuple of token ids, got {self.stop_token_ids!r}")
         for token in self.stop_token_ids:
             require_int("a stop token id", token, minimum=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
 
 def pick_token(logits: torch.Tensor, sampling: SamplingConfig, step: int) -> int:
@@ -119,7 +122,7 @@ def extend(adapter: ModelAdapter, cache: RaggedKVCache, token_ids: list[int]) ->
 
 
 def stop_tokens(adapter: ModelAdapter, sampling: SamplingConfig) -> set[int]:
-    return set(sampling.stop_token_ids) | adapter.eos_token_ids
+    return set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else adapter.eos_token_ids)
 
 
 def decode(

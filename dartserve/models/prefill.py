@@ -12,8 +12,9 @@ from dartserve.checks import SettingError
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models.attention import attention_mask, last_token_attention
 from dartserve.models.base import EncodedPrompt, ModelAdapter
-from dartserve.pruning.base import ImageSpan, Selection, SelectionContext
-from dartserve.pruning.config import GRID_METHODS, PruningConfig
+from dartserve.models.selection import check_request, check_selection, reduce_rows
+from dartserve.pruning.base import SelectionContext
+from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.registry import get_method
 from dartserve.timing import stopwatch
 
@@ -110,7 +111,7 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
                 selections = [method(ctx, span, budget, pruning) for span, budget in zip(request.spans, budgets[b])]
             for span, budget, selection in zip(request.spans, budgets[b], selections):
                 check_selection(pruning.method, span, budget, selection)
-            rows, index = _reduce(ctx.hidden, request, selections)
+            rows, index = reduce_rows(ctx.hidden, request, selections)
             reduced.append(rows)
             kept_index.append(index)
             kept_positions.append(_cat_positions([s.positions for s in selections]))
@@ -123,55 +124,3 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     last = (token_index >= 0).sum(dim=1) - 1
     final = adapter.text.norm(hidden[torch.arange(len(requests), device=device), last])
     return PrefillResult(cache, adapter.lm_head(final).float(), kept_positions, sum(selection_times))
-
-
-def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig, shares: list[int]) -> None:
-    """Rejects an encoded request that does not fit the model, before any layer runs; ``shares``
-    are its images' budgets.
-
-    Requests may come from another process, so nothing about them is taken on trust.
-    """
-    seq = len(request.input_ids)
-    if seq == 0:
-        raise ValueError("the prompt is empty")
-    if request.positions.shape != (adapter.position_dims, seq):
-        raise ValueError(f"positions must have shape ({adapter.position_dims}, {seq}), got {tuple(request.positions.shape)}")
-    placeholders = (request.input_ids == adapter.image_token_id).nonzero().flatten().tolist()
-    if [p for s in request.spans for p in range(s.start, s.end)] != placeholders:
-        raise ValueError("the image spans do not match the prompt's image placeholder tokens")
-    if request.image_features.shape != (len(placeholders), adapter.text.config.hidden_size):
-        raise ValueError(f"expected {len(placeholders)} vision tokens of width {adapter.text.config.hidden_size}, got {tuple(request.image_features.shape)}")
-    if int(request.positions.max()) >= adapter.max_positions:
-        raise SettingError(f"the prompt needs {int(request.positions.max()) + 1} positions; the model has {adapter.max_positions}", "images" if len(request.spans) > 1 else "question")
-    if pruning.prunes and request.spans and request.spans[-1].end == seq:
-        raise ValueError("a pruned prompt must end with text, not with an image")
-    if pruning.prunes and pruning.method in GRID_METHODS:
-        for span, share in zip(request.spans, shares):
-            cells = sum(g.size for g in span.grids)
-            if share > cells:
-                raise SettingError(f"{pruning.method} keeps grid cells only: an image's share of the budget ({share}) is more than its {cells} cells", pruning.amount_param)
-
-
-def check_selection(method: str, span: ImageSpan, budget: int, selection: Selection) -> None:
-    positions = selection.positions.tolist()
-    if len(positions) != budget or positions != sorted(set(positions)):
-        raise ValueError(f"pruning method {method!r} must return {budget} distinct sorted positions, got {len(positions)}")
-    if positions and not span.start <= positions[0] <= positions[-1] < span.end:
-        raise ValueError(f"pruning method {method!r} returned positions outside the image")
-
-
-def _reduce(hidden: torch.Tensor, request: EncodedPrompt, selections: list[Selection]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One request's kept rows of ``hidden`` and their sequence indices: all text, and each span's selection."""
-    device = hidden.device
-    keep = torch.ones(len(request.input_ids), dtype=torch.bool, device=device)
-    for span, selection in zip(request.spans, selections):
-        keep[span.start : span.end] = False
-        keep[selection.positions.to(device)] = True
-    index = keep.nonzero().flatten()
-    reduced = hidden[index]
-    for span, selection in zip(request.spans, selections):
-        if selection.weights is not None:
-            slots = torch.searchsorted(index, selection.positions.to(device))
-            merged = selection.weights.to(device, torch.float32) @ hidden[span.start : span.end].float()
-            reduced[slots] = merged.to(hidden.dtype)
-    return reduced, index

@@ -5,14 +5,18 @@ The same stage objects run in one process (embedded mode, tests) and behind gRPC
 
 from __future__ import annotations
 
+import threading
+import uuid
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
+from dartserve.engine.core import CoreConfig, EngineCore
+from dartserve.engine.loop import EngineLoop, RequestStream
+from dartserve.engine.requests import CoreRequest
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models import EncodedPrompt, ModelAdapter, PrefillResult, SamplingConfig, decode, load_adapter, prefill
-from dartserve.models.decode import check_room
 from dartserve.pruning.config import PruningConfig
 from dartserve.timing import stopwatch
 
@@ -68,7 +72,7 @@ class GenerationStats:
     kv_bytes: int
     cached_tokens: list[int]  # per layer group: below K, and from K on when pruned
     vision_ms: float
-    # A batch shares one prefill and one decode loop: these three are the batch's.
+    # The steps a request runs in are shared with the others of its batch: these are those steps'.
     prefill_ms: float
     selection_ms: float
     decode_ms: float
@@ -80,7 +84,7 @@ class GenerationResult:
     token_ids: list[int]
     kept_positions: list[int]  # sequence indices of the vision tokens kept at layer K
     stats: GenerationStats
-    cache: RaggedKVCache = field(repr=False)
+    cache: RaggedKVCache | None = field(repr=False)  # with ``return_cache``
 
 
 @dataclass
@@ -91,17 +95,28 @@ class Request:
 
 
 class Engine:
-    """A loaded model and its three stages."""
+    """A loaded model, its three stages, and the engine core that runs every request."""
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, core_config: CoreConfig | None = None) -> None:
         self.adapter = adapter
         self.vision = VisionStage(adapter)
         self.pruner = PrunerStage(adapter)
         self.generator = GeneratorStage(adapter)
+        self.core_config = core_config or CoreConfig()
+        self._loop: EngineLoop | None = None
+        self._loop_lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Engine:
-        return cls(load_adapter(model, device=device, dtype=dtype))
+    def load(cls, model: str, device: str = "cpu", dtype: torch.dtype | None = None, core_config: CoreConfig | None = None) -> Engine:
+        return cls(load_adapter(model, device=device, dtype=dtype), core_config)
+
+    @property
+    def loop(self) -> EngineLoop:
+        """The engine core, started on first use: one per engine, shared by every caller."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = EngineLoop(EngineCore(self.adapter, self.core_config))
+            return self._loop
 
     def generate(
         self,
@@ -115,42 +130,44 @@ class Engine:
         request = Request(images, prompt, sampling or SamplingConfig())
         return self.generate_batch([request], pruning)[0]
 
-    def generate_batch(self, requests: list[Request], pruning: PruningConfig | None = None) -> list[GenerationResult]:
-        """Runs several requests through one prefill and one decode loop; each is pruned on its own."""
+    def generate_batch(self, requests: list[Request], pruning: PruningConfig | None = None, return_cache: bool = False) -> list[GenerationResult]:
+        """Runs the requests through the engine core together; each is pruned on its own, and
+        each gives the same tokens it gives alone. ``return_cache``: each result carries its
+        request's KV cache (prompt and every answer token but the last)."""
         if pruning is not None and not isinstance(pruning, PruningConfig):
             raise ValueError(f"pruning must be a PruningConfig, got {type(pruning).__name__}")
         pruning = pruning or PruningConfig(method="none")
-        device = self.adapter.device
         vision_s: list[float] = []
-        encoded = []
+        submitted = []
         for request in requests:
-            with stopwatch(device, vision_s):
-                encoded.append(self.vision.encode(request.images, request.prompt))
-            check_room(self.adapter, int(encoded[-1].positions.max()) + 1, request.sampling)
-        prefill_s: list[float] = []
-        with stopwatch(device, prefill_s):
-            result = self.pruner.prefill(encoded, pruning)
-        decode_s: list[float] = []
-        with stopwatch(device, decode_s):
-            outputs = self.generator.decode(result.cache, result.logits, [r.sampling for r in requests])
-        results = []
-        for b, (request, tokens) in enumerate(zip(encoded, outputs)):
-            cache = result.cache.select(b)
-            stats = GenerationStats(
-                prompt_tokens=len(request.input_ids),
-                vision_tokens=request.num_vision_tokens,
-                vision_tokens_kept=len(result.kept_positions[b]),
-                new_tokens=len(tokens),
-                kv_bytes=cache.nbytes(),
-                cached_tokens=cache.kept_tokens(),
-                vision_ms=vision_s[b] * 1e3,
-                prefill_ms=prefill_s[0] * 1e3,
-                selection_ms=result.selection_s * 1e3,
-                decode_ms=decode_s[0] * 1e3,
-            )
-            results.append(
-                GenerationResult(
-                    self.generator.detokenize(tokens), tokens, result.kept_positions[b].tolist(), stats, cache
-                )
-            )
-        return results
+            with stopwatch(self.adapter.device, vision_s):
+                encoded = self.vision.encode(request.images, request.prompt)
+            core_request = CoreRequest(uuid.uuid4().hex, encoded, pruning, request.sampling, export_cache=return_cache)
+            self.loop.core.check(core_request)
+            submitted.append(core_request)
+        streams = [self.loop.submit(r) for r in submitted]
+        return [self._result(stream, ms * 1e3) for stream, ms in zip(streams, vision_s)]
+
+    def _result(self, stream: RequestStream, vision_ms: float) -> GenerationResult:
+        tokens, kept = [], []
+        for output in stream:
+            if output.error is not None:
+                raise output.error
+            tokens += output.tokens
+            kept = output.kept_positions if output.kept_positions is not None else kept
+        state = output.state
+        prompt, metrics = state.request.prompt, state.metrics
+        layout = state.layout
+        stats = GenerationStats(
+            prompt_tokens=len(prompt.input_ids),
+            vision_tokens=prompt.num_vision_tokens,
+            vision_tokens_kept=len(kept),
+            new_tokens=len(tokens),
+            kv_bytes=sum(layout.layer_length(i) for i in range(layout.num_layers)) * self.loop.core.pool.slot_bytes,
+            cached_tokens=list(layout.lengths),
+            vision_ms=vision_ms,
+            prefill_ms=metrics.prefill_s * 1e3,
+            selection_ms=metrics.selection_s * 1e3,
+            decode_ms=(metrics.finished - metrics.first_token) * 1e3,
+        )
+        return GenerationResult(self.generator.detokenize(tokens), tokens, kept, stats, output.cache)

@@ -1,0 +1,263 @@
+"""``dartserve bench engine``: the engine core under closed-loop load, at several concurrencies.
+
+``concurrency`` clients each submit a request, read its tokens as they come, and submit the
+next when it is done, until the workload's requests are answered. Workloads:
+
+- ``decode``: the LLaVA-shaped random model of ``bench prefill`` (``--width``, ``--depth``),
+  576 vision tokens per request (each its own random image and question), DART keeping 64 at
+  K=2, 64 new tokens with EOS ignored;
+- ``demo``: the bundled model on the demo task's test questions, with the server's default
+  pruning, greedy, up to 8 new tokens.
+
+Prompts are encoded before the clock starts: this measures the core. Every setting runs
+``runs`` times and reports medians; ``exact`` says whether every answer equals the request's
+answer at concurrency 1. For the decode workload the rows also give the ceiling (the
+workload's FLOPs per output token against this machine's matmul rate, measured in the same
+run) and how many requests a pool sized for ``--pool-requests`` unpruned prompts holds with
+DART-64 (counted by admitting prompts into it, and seen in a run at full concurrency).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from dartserve.bench import bench_model, bench_prompt, cpu_name
+from dartserve.engine.core import CoreConfig, EngineCore
+from dartserve.engine.loop import EngineLoop
+from dartserve.engine.requests import CoreRequest, RequestState
+from dartserve.kv.pool import KVPool
+from dartserve.models.base import EncodedPrompt, ModelAdapter
+from dartserve.models.decode import SamplingConfig
+from dartserve.pruning.config import PruningConfig
+DEFAULT_PRUNING = {"method": "dart", "ratio": 64 / 576, "layer": 2}
+
+WORKLOADS = ("decode", "demo")
+
+
+@dataclass
+class Workload:
+    name: str
+    adapter: ModelAdapter
+    prompts: list[EncodedPrompt]
+    pruning: PruningConfig
+    sampling: SamplingConfig
+
+
+def decode_workload(requests: int, width: int, depth: int, device: str, dtype: torch.dtype) -> Workload:
+    adapter = bench_model(width, depth, device, dtype)
+    prompts = [bench_prompt(adapter, seed) for seed in range(requests)]
+    return Workload("decode", adapter, prompts, PruningConfig(method="dart", budget=64, layer=2), SamplingConfig(max_new_tokens=64, ignore_eos=True))
+
+
+def demo_workload(requests: int, device: str, dtype: torch.dtype | None) -> Workload:
+    from dartserve.demo import default_model
+    from dartserve.engine import Engine
+    from dartserve.evaluation import synthetic_items
+
+    engine = Engine.load(default_model(), device=device, dtype=dtype)
+    prompts = [engine.vision.encode([item.load_image()], item.question) for item in synthetic_items("test", requests)]
+    return Workload("demo", engine.adapter, prompts, PruningConfig(**DEFAULT_PRUNING), SamplingConfig(max_new_tokens=8))
+
+
+@dataclass
+class Run:
+    answers: list[list[int]]
+    elapsed_s: float
+    ttft_s: list[float]
+    itl_s: list[float]
+
+
+def closed_loop(loop: EngineLoop, workload: Workload, concurrency: int) -> Run:
+    """``concurrency`` clients answer the workload's requests in turn."""
+    answers: list[list[int]] = [[] for _ in workload.prompts]
+    ttft, itl, errors = [], [], []
+    todo = iter(range(len(workload.prompts)))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                index = next(todo, None)
+            if index is None:
+                return
+            request = CoreRequest(uuid.uuid4().hex, workload.prompts[index], workload.pruning, workload.sampling)
+            sent = last = time.perf_counter()
+            for output in loop.submit(request):
+                now = time.perf_counter()
+                if output.error is not None:
+                    errors.append(output.error)
+                if output.tokens:
+                    (ttft if not answers[index] else itl).append(now - (sent if not answers[index] else last))
+                    answers[index] += output.tokens
+                    last = now
+
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return Run(answers, elapsed, ttft, itl)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def measure(workload: Workload, concurrency: int, runs: int, config: CoreConfig, solo: list[list[int]] | None) -> tuple[dict, list[list[int]]]:
+    loop = EngineLoop(EngineCore(workload.adapter, config))
+    core = loop.core
+    closed_loop(loop, Workload(workload.name, workload.adapter, workload.prompts[:2], workload.pruning, workload.sampling), min(2, concurrency))  # warm-up
+    figures, exact, answers = [], True, None
+    for _ in range(runs):
+        core.stats.decode_batch.clear()
+        core.stats.max_running = 0
+        core.pool.peak_used = core.pool.num_used
+        run = closed_loop(loop, workload, concurrency)
+        answers = run.answers
+        exact &= solo is None or run.answers == solo
+        tokens = sum(map(len, run.answers))
+        decoding = [b for b in core.stats.decode_batch if b]
+        figures.append(
+            {
+                "request_throughput": len(run.answers) / run.elapsed_s,
+                "output_throughput": tokens / run.elapsed_s,
+                "ttft_p50_ms": percentile(run.ttft_s, 0.5) * 1e3,
+                "ttft_p95_ms": percentile(run.ttft_s, 0.95) * 1e3,
+                "itl_p50_ms": percentile(run.itl_s, 0.5) * 1e3,
+                "itl_p95_ms": percentile(run.itl_s, 0.95) * 1e3,
+                "mean_decode_batch": statistics.mean(decoding) if decoding else 0.0,
+                "max_running": core.stats.max_running,
+                "kv_pool_peak_bytes": core.pool.peak_used * KVPool.block_bytes(core.pool.block_size, *core.pool.keys.shape[2:], core.pool.keys.dtype),
+            }
+        )
+    loop.stop()
+    row = {"workload": workload.name, "concurrency": concurrency, "requests": len(workload.prompts), "runs": runs}
+    row |= {name: round(statistics.median(f[name] for f in figures), 3) for name in figures[0]}
+    row["exact"] = exact
+    return row, answers
+
+
+def matmul_gflops(width: int, device: str, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """The rate of a prefill-sized matmul (2048 tokens through an MLP projection) on this machine."""
+    a = torch.randn(2048, width, device=device, dtype=dtype)
+    b = torch.randn(width, int(width * 2.6875), device=device, dtype=dtype)
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    (a @ b).sum().item()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        (a @ b).sum().item()
+        count += 1
+    return flops * count / (time.perf_counter() - started) / 1e9
+
+
+def flops_per_output_token(workload: Workload) -> float:
+    """Multiply-adds (x2) of one request of the workload, over its new tokens: weights of every
+    layer for each token it holds there, attention over the cache, and the LM head per new token."""
+    adapter, prompt = workload.adapter, workload.prompts[0]
+    layer = adapter.layers[0]
+    per_token = 2 * sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    hidden, depth = adapter.text.config.hidden_size, adapter.num_layers
+    full = len(prompt.input_ids)
+    kept = full - prompt.num_vision_tokens + workload.pruning.total_budget(prompt.num_vision_tokens)
+    cut = workload.pruning.layer
+    new = workload.sampling.max_new_tokens
+    lengths = [full if i < cut else kept for i in range(depth)]
+    prefill = sum(per_token * n + 2 * hidden * n * n for n in lengths)  # QK and AV over a causal square
+    decode = sum(per_token + 4 * hidden * (n + step) for step in range(new - 1) for n in lengths)
+    head = 2 * hidden * adapter.lm_head.out_features * new
+    return (prefill + decode + head) / new
+
+
+def pool_capacity(workload: Workload, unpruned: int, block_size: int) -> dict:
+    """How many prompts of the workload a pool sized for ``unpruned`` unpruned ones holds, pruned
+    as the workload prunes them, counted by admitting them into it; and the token-count bound."""
+    adapter, prompt = workload.adapter, workload.prompts[0]
+    text = adapter.text.config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    block_bytes = KVPool.block_bytes(block_size, text.num_key_value_heads, head_dim, adapter.dtype)
+    full = len(prompt.input_ids)
+    blocks = unpruned * adapter.num_layers * -(-full // block_size)
+    kv_cache_mb = (blocks + 1) * block_bytes / 2**20
+
+    def admitted(pruning: PruningConfig) -> int:
+        core = EngineCore(adapter, CoreConfig(kv_cache_mb=kv_cache_mb, block_size=block_size))
+        count = 0
+        while True:
+            state = RequestState(CoreRequest(str(count), prompt, pruning), adapter.num_layers)
+            if not core.kv.grow(state.layout, state.target_lengths()):
+                return count
+            count += 1
+
+    kept = full - prompt.num_vision_tokens + workload.pruning.total_budget(prompt.num_vision_tokens)
+    depth, cut = adapter.num_layers, workload.pruning.layer
+    bound = depth * full / (cut * full + (depth - cut) * kept) * unpruned
+    pruned = admitted(workload.pruning)
+    return {
+        "kv_cache_mb": round(kv_cache_mb, 3),
+        "unpruned_requests": admitted(PruningConfig(method="none")),
+        "pruned_requests": pruned,
+        "pruned_bound": round(bound, 2),
+        "pruned_of_bound": round(pruned / bound, 3),
+    }
+
+
+def run_engine_bench(
+    workloads: tuple[str, ...] = ("decode",),
+    concurrencies: tuple[int, ...] = (1, 4, 16),
+    runs: int = 3,
+    requests: int | None = None,
+    width: int = 1024,
+    depth: int = 8,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: CoreConfig = CoreConfig(),
+    pool_requests: int = 8,
+) -> list[dict]:
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
+    machine = f"{device}: {torch.cuda.get_device_name() if device.startswith('cuda') else cpu_name()}, {torch.get_num_threads()} threads"
+    rows = []
+    for name in workloads:
+        if name == "decode":
+            workload = decode_workload(requests or 32, width, depth, device, dtype)
+        else:
+            workload = demo_workload(requests or 64, device, None if dtype == torch.float32 else dtype)
+        solo = None
+        measured = []
+        for concurrency in sorted(set(concurrencies) | {1}):
+            row, answers = measure(workload, concurrency, runs if concurrency in concurrencies else 1, config, solo)
+            solo = solo or answers
+            if concurrency in concurrencies:
+                measured.append(row)
+        extra = {"machine": machine, "dtype": str(workload.adapter.dtype).removeprefix("torch.")}
+        if name == "decode":
+            rate = matmul_gflops(width, device, dtype)
+            ceiling = rate * 1e9 / flops_per_output_token(workload)
+            capacity = pool_capacity(workload, pool_requests, config.block_size)
+            everyone = len(workload.prompts)
+            full_pool = EngineLoop(EngineCore(workload.adapter, CoreConfig(capacity["kv_cache_mb"], config.block_size, max(config.max_num_batched_tokens, everyone), everyone)))
+            closed_loop(full_pool, workload, everyone)
+            full_pool.stop()
+            extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "ceiling_output_throughput": round(ceiling, 2)}
+            extra |= {"pool_" + key: value for key, value in capacity.items()} | {"pool_max_running_pruned": full_pool.core.stats.max_running}
+        baseline = next((r["output_throughput"] for r in measured if r["concurrency"] == 1), None)
+        for row in measured:
+            row |= extra
+            if baseline:
+                row["output_throughput_vs_concurrency_1"] = round(row["output_throughput"] / baseline, 3)
+            if "ceiling_output_throughput" in row:
+                row["of_ceiling"] = round(row["output_throughput"] / row["ceiling_output_throughput"], 3)
+        rows += measured
+    return rows
