@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from dartserve.bench import bench_model, bench_prompt, cpu_name
-from dartserve.engine.core import CoreConfig, EngineCore
+from dartserve.engine.core import CoreConfig, EngineCore, StepLog
 from dartserve.engine.loop import EngineLoop
 from dartserve.engine.requests import CoreRequest, RequestState
 from dartserve.kv.pool import KVPool
@@ -115,19 +115,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(workload: Workload, concurrency: int, runs: int, config: CoreConfig, solo: list[list[int]] | None) -> tuple[dict, list[list[int]]]:
-    loop = EngineLoop(EngineCore(workload.adapter, config))
+    log = StepLog()
+    loop = EngineLoop(EngineCore(workload.adapter, config, observers=(log,)))
     core = loop.core
     closed_loop(loop, Workload(workload.name, workload.adapter, workload.prompts[:2], workload.pruning, workload.sampling), min(2, concurrency))  # warm-up
     figures, exact, answers = [], True, None
     for _ in range(runs):
-        core.stats.decode_batch.clear()
-        core.stats.max_running = 0
+        log.steps.clear()
         core.pool.peak_used = core.pool.num_used
         run = closed_loop(loop, workload, concurrency)
         answers = run.answers
         exact &= solo is None or run.answers == solo
         tokens = sum(map(len, run.answers))
-        decoding = [b for b in core.stats.decode_batch if b]
+        decoding = [b for b in log.decode_batch if b]
         figures.append(
             {
                 "request_throughput": len(run.answers) / run.elapsed_s,
@@ -137,7 +137,7 @@ def measure(workload: Workload, concurrency: int, runs: int, config: CoreConfig,
                 "itl_p50_ms": percentile(run.itl_s, 0.5) * 1e3,
                 "itl_p95_ms": percentile(run.itl_s, 0.95) * 1e3,
                 "mean_decode_batch": statistics.mean(decoding) if decoding else 0.0,
-                "max_running": core.stats.max_running,
+                "max_running": log.max_running,
                 "kv_pool_peak_bytes": core.pool.peak_used * KVPool.block_bytes(core.pool.block_size, *core.pool.keys.shape[2:], core.pool.keys.dtype),
             }
         )
@@ -247,11 +247,12 @@ def run_engine_bench(
             ceiling = rate * 1e9 / flops_per_output_token(workload)
             capacity = pool_capacity(workload, pool_requests, config.block_size)
             everyone = len(workload.prompts)
-            full_pool = EngineLoop(EngineCore(workload.adapter, CoreConfig(capacity["kv_cache_mb"], config.block_size, max(config.max_num_batched_tokens, everyone), everyone)))
+            full_log = StepLog()
+            full_pool = EngineLoop(EngineCore(workload.adapter, CoreConfig(capacity["kv_cache_mb"], config.block_size, max(config.max_num_batched_tokens, everyone), everyone), (full_log,)))
             closed_loop(full_pool, workload, everyone)
             full_pool.stop()
             extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "ceiling_output_throughput": round(ceiling, 2)}
-            extra |= {"pool_" + key: value for key, value in capacity.items()} | {"pool_max_running_pruned": full_pool.core.stats.max_running}
+            extra |= {"pool_" + key: value for key, value in capacity.items()} | {"pool_max_running_pruned": full_log.max_running}
         baseline = next((r["output_throughput"] for r in measured if r["concurrency"] == 1), None)
         for row in measured:
             row |= extra

@@ -65,6 +65,38 @@ def _bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_engine(args: argparse.Namespace) -> int:
+    from dartserve.bench_engine import run_engine_bench
+    from dartserve.engine.core import CoreConfig
+
+    given = {"kv_cache_mb": args.kv_cache_mb, "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs}
+    config = CoreConfig(**{name: value for name, value in given.items() if value is not None})
+    rows = run_engine_bench(
+        workloads=tuple(args.workloads.split(",")),
+        concurrencies=args.concurrency,
+        runs=args.runs,
+        requests=args.requests,
+        width=args.width,
+        depth=args.depth,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        config=config,
+        pool_requests=args.pool_requests,
+    )
+    print(f"{'workload':<8} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'x c=1':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'batch':>6} {'exact':>6}")
+    for row in rows:
+        print(
+            f"{row['workload']:<8} {row['concurrency']:>4} {row['request_throughput']:>7.2f} {row['output_throughput']:>8.1f} "
+            f"{row.get('output_throughput_vs_concurrency_1', 0):>6.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} "
+            f"{row['itl_p95_ms']:>8.1f} {row['mean_decode_batch']:>6.2f} {str(row['exact']):>6}"
+        )
+    print(rows[0]["machine"])
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=2)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -390,6 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.add_argument("--device", default="cpu")
     prefill.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     prefill.set_defaults(run=_bench_prefill)
+    engine = suites.add_parser("engine", help="the engine core under closed-loop load: throughput, TTFT, inter-token latency, KV pool")
+    engine.add_argument("--json", help="write the rows to this file")
+    engine.add_argument("--workloads", default="decode", help="comma-separated: decode (LLaVA-shaped random model), demo (the bundled model)")
+    engine.add_argument("--concurrency", type=_csv_ints, default=(1, 4, 16), help="clients, comma-separated")
+    engine.add_argument("--runs", type=_positive_int, default=3)
+    engine.add_argument("--requests", type=_positive_int, help="requests per run (default: 32 decode, 64 demo)")
+    engine.add_argument("--width", type=_positive_int, default=1024, help="the decode workload's hidden size (LLaVA-1.5-7B: 4096)")
+    engine.add_argument("--depth", type=_positive_int, default=8, help="the decode workload's decoder layers (LLaVA-1.5-7B: 32)")
+    engine.add_argument("--device", default="cpu")
+    engine.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    engine.add_argument("--kv-cache-mb", type=float, help="the KV pool (default: 80%% of free CUDA memory, or 2048 MB on the CPU)")
+    engine.add_argument("--max-num-batched-tokens", type=_positive_int, help="tokens one step runs at most (default 2048)")
+    engine.add_argument("--max-num-seqs", type=_positive_int, help="requests running at once at most (default 64)")
+    engine.add_argument("--pool-requests", type=_positive_int, default=8, help="the pool of the capacity count holds this many unpruned prompts")
+    engine.set_defaults(run=_bench_engine)
     service = _service_bench(suites, "service", "embedded vs distributed latency, KV bytes, Redis KV throughput", _bench_service, 30)
     service.add_argument("--kv-rounds", type=_positive_int, default=30)
     service.add_argument("--redis-url", help="default: a private, empty redis-server the bench starts")

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from dartserve.engine.core import CoreConfig, EngineCore
+from dartserve.engine.core import CoreConfig, EngineCore, StepLog
 from dartserve.engine.loop import EngineLoop
 from dartserve.engine.requests import CoreRequest
 from dartserve.kv.pool import KVPool
@@ -75,13 +75,14 @@ def assert_same(got, want):
 def test_requests_joining_a_running_batch_give_what_they_give_alone(engine, budget):
     requests = mixed(engine)
     solo = {r.request_id: alone(engine, r) for r in requests}
-    core = EngineCore(engine.adapter, CoreConfig(max_num_batched_tokens=budget, max_num_seqs=8))
+    log = StepLog()
+    core = EngineCore(engine.adapter, CoreConfig(max_num_batched_tokens=budget, max_num_seqs=8), observers=(log,))
     together = run(core, requests, arrivals=[0, 0, 1, 2, 3, 5])
     for request in requests:
         assert_same(together[request.request_id], solo[request.request_id])
-    assert max(core.stats.decode_batch) >= (4 if budget > 24 else 2)  # they did run together
+    assert max(log.decode_batch) >= (4 if budget > 24 else 2)  # they did run together
     if budget == 24:
-        assert any(d and p for d, p in zip(core.stats.decode_batch, core.stats.prefill_tokens))  # chunks beside decodes
+        assert any(d and p for d, p in zip(log.decode_batch, log.prefill_tokens))  # chunks beside decodes
     assert core.pool.num_used == 0
 
 
@@ -155,11 +156,12 @@ def test_a_full_pool_makes_requests_wait_preempts_when_decodes_outgrow_it_and_ne
     engine = engines["llava"]
     requests = [CoreRequest(f"r{i}", engine.vision.encode([make_image(40 + i)], "What is it?"), PruningConfig(method="none"), sampling(30)) for i in range(4)]
     prompt_blocks = 4 * -(-len(requests[0].prompt.input_ids) // 16)  # 4 layers
-    core = EngineCore(engine.adapter, CoreConfig(kv_cache_mb=block_mb(engine, 2 * prompt_blocks + 2)))
+    log = StepLog()
+    core = EngineCore(engine.adapter, CoreConfig(kv_cache_mb=block_mb(engine, 2 * prompt_blocks + 2)), observers=(log,))
     together = run(core, requests)
     for request in requests:
         assert tokens(together[request.request_id]) == tokens(alone(engine, request))
-    assert core.stats.max_running == 2  # two prompts fit; the others waited
+    assert log.max_running == 2  # two prompts fit; the others waited
     assert sum(o[-1].state.metrics.preemptions for o in together.values()) > 0  # their answers outgrew the pool
     assert core.pool.peak_used <= core.pool.num_blocks and core.pool.num_used == 0
 

@@ -9,6 +9,7 @@ thread of its own and serves callers from any thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,19 +38,40 @@ class CoreConfig:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
 
 
-@dataclass
-class StepStats:
-    """What the core has done, for metrics and benchmarks."""
+@dataclass(frozen=True)
+class Step:
+    """One step the core ran, as its observers see it (metrics, benchmarks)."""
 
-    steps: int = 0
-    decode_batch: list[int] = field(default_factory=list)  # running requests decoded, per step
-    prefill_tokens: list[int] = field(default_factory=list)  # prompt and fed tokens, per step
-    step_s: list[float] = field(default_factory=list)
-    max_running: int = 0
+    decodes: int  # requests that each got one token
+    prefill_tokens: int  # prompt and fed tokens
+    requests: int  # requests in the step
+    seconds: float
+
+
+@dataclass
+class StepLog:
+    """An observer that keeps every step, for a benchmark or a test."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    def __call__(self, step: Step) -> None:
+        self.steps.append(step)
+
+    @property
+    def decode_batch(self) -> list[int]:
+        return [s.decodes for s in self.steps]
+
+    @property
+    def prefill_tokens(self) -> list[int]:
+        return [s.prefill_tokens for s in self.steps]
+
+    @property
+    def max_running(self) -> int:
+        return max((s.requests for s in self.steps), default=0)
 
 
 class EngineCore:
-    def __init__(self, adapter: ModelAdapter, config: CoreConfig = CoreConfig()) -> None:
+    def __init__(self, adapter: ModelAdapter, config: CoreConfig = CoreConfig(), observers: tuple[Callable[[Step], None], ...] = ()) -> None:
         text = adapter.text.config
         kv_heads = text.num_key_value_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -61,7 +83,7 @@ class EngineCore:
         self.kv = KVCacheManager(self.pool)
         self.scheduler = Scheduler(adapter, self.kv, config.max_num_batched_tokens, config.max_num_seqs)
         self.runner = ModelRunner(adapter, self.pool)
-        self.stats = StepStats()
+        self.observers = list(observers)
         self._ids: set[str] = set()
 
     def check(self, request: CoreRequest) -> None:
@@ -132,7 +154,9 @@ class EngineCore:
         by_id = {o.request_id: o for o in stepped}
         for state in finished:
             self._release(state, by_id[state.request_id])
-        self._record(plan, times[0])
+        step = Step(len(plan.decodes), sum(w.count for w in plan.chunks), len(plan.decodes) + len(plan.chunks), times[0])
+        for observer in self.observers:
+            observer(step)
         return outputs + stepped
 
     def _release(self, state: RequestState, output: RequestOutput) -> None:
@@ -164,14 +188,6 @@ class EngineCore:
     def _free(self, state: RequestState) -> None:
         self.kv.free(state.layout)
         self._ids.discard(state.request_id)
-
-    def _record(self, plan: SchedulerOutput, step_s: float) -> None:
-        stats = self.stats
-        stats.steps += 1
-        stats.decode_batch.append(len(plan.decodes))
-        stats.prefill_tokens.append(sum(w.count for w in plan.chunks))
-        stats.step_s.append(step_s)
-        stats.max_running = max(stats.max_running, len(plan.decodes) + len(plan.chunks))
 
     def usage(self) -> dict:
         """Blocks in use per layer group (below K, from K on) and kept for reuse, and the pool's size."""

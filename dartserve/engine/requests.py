@@ -63,6 +63,7 @@ class RequestOutput:
 
     request_id: str
     tokens: list[int] = field(default_factory=list)
+    time: float = 0.0  # perf_counter when its step ended
     logits: list[torch.Tensor] = field(default_factory=list)
     kept_positions: list[int] | None = None  # with the first token of a pruned prompt
     finished: bool = False
