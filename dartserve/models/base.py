@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
+from transformers.utils.chat_template_utils import mark_control_tokens
 
 from dartserve.pruning.base import Grid, ImageSpan
 
@@ -86,31 +88,54 @@ class ModelAdapter:
 
     def prompt_text(self, prompt: str | list[dict], num_images: int) -> str:
         """The chat template applied to a question, or to a conversation (``chat_messages``) whose
-        first user turn carries the images; it ends where the assistant's answer begins."""
+        first user turn carries the images; it ends where the assistant's answer begins. What the
+        turns say is marked as text (``_user_text``), so that tokenizing with
+        ``sanitize_control_tokens`` makes no control token of it."""
         messages = chat_messages(prompt)
         first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         rendered = [
             {
                 "role": m["role"],
-                "content": [{"type": "image"}] * (num_images if i == first_user else 0) + [{"type": "text", "text": m["content"]}],
+                "content": [{"type": "image"}] * (num_images if i == first_user else 0) + [{"type": "text", "text": self._user_text(m["content"])}],
             }
             for i, m in enumerate(messages)
         ]
         return self.processor.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
 
+    def _user_text(self, text: str) -> str:
+        """``text`` with every added token in it (``</s>``, ``<image>``, ``<|im_end|>``, ...)
+        marked, so that a tokenizer called with ``sanitize_control_tokens`` encodes it as the
+        plain characters it is: a turn's text never ends the turn, opens another, or stands for
+        an image. Markers already in ``text`` are dropped first, so none can be forged."""
+        return mark_control_tokens(text, self._added_tokens)
+
+    @functools.cached_property
+    def _added_tokens(self) -> re.Pattern:
+        tokens = sorted(self.processor.tokenizer.added_tokens_encoder, key=len, reverse=True)  # longest first
+        return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+    @functools.cached_property
+    def _leading_special_text(self) -> str:
+        """What the tokenizer puts before a text of its own accord (LLaVA's ``<s>``, nothing for
+        Qwen), as text: a marked prompt is tokenized without special tokens added, so the
+        rendered prompt carries them itself."""
+        tokenizer = self.processor.tokenizer
+        return tokenizer.decode(tokenizer("", add_special_tokens=True)["input_ids"])
+
     def turn_ids(self, pending: int, question: str) -> list[int]:
         """The tokens that carry a conversation from an answer whose last token ``pending`` is
-        picked but not yet in the cache to the start of the answer to ``question``."""
+        picked but not yet in the cache to the start of the answer to ``question``; the question
+        is tokenized as text, as it is in a whole conversation's prompt."""
         answered = self.prompt_text("x", 0)
         closed = self._render([("user", "x"), ("assistant", "y")])
         opened = self.prompt_text([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": question}], 0)
         if not (closed.startswith(answered) and opened.startswith(closed) and closed.rfind("y") >= len(answered)):
             raise ValueError("this model's chat template cannot continue a conversation from its cache")
         after_answer = closed[closed.rfind("y") + 1 :]  # the end-of-turn text, "</s>" or "<|im_end|>\n"
-        tokenizer = self.processor.tokenizer
         if pending in self.eos_token_ids:  # the answer's own end-of-sequence token closes the turn
-            after_answer = after_answer.removeprefix(tokenizer.decode([pending]))
-        return [pending] + tokenizer(after_answer + opened[len(closed) :], add_special_tokens=False)["input_ids"]
+            after_answer = after_answer.removeprefix(self.processor.tokenizer.decode([pending]))
+        rest = self.processor.tokenizer(after_answer + opened[len(closed) :], add_special_tokens=False, sanitize_control_tokens=True)
+        return [pending] + rest["input_ids"]
 
     def _render(self, turns: list[tuple[str, str]]) -> str:
         messages = [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in turns]
@@ -121,8 +146,9 @@ class ModelAdapter:
         """Runs the processor and the vision tower for one request, one image at a time, so an
         image's tokens do not depend on its neighbours. ``known[i]``, when given, are image i's
         projected tokens from an earlier run, and its tower pass is skipped."""
+        text = self._leading_special_text + self.prompt_text(prompt, len(images))
         inputs = self.processor(
-            text=[self.prompt_text(prompt, len(images))], images=images or None, return_tensors="pt"
+            text=[text], images=images or None, return_tensors="pt", add_special_tokens=False, sanitize_control_tokens=True
         ).to(self.device)
         input_ids = inputs["input_ids"][0]
         known = known or [None] * len(images)

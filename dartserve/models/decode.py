@@ -53,8 +53,10 @@ def pick_token(logits: torch.Tensor, sampling: SamplingConfig, step: int) -> int
     probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest head whose mass reaches top_p; the most likely token always stays.
+        # Keep the smallest head whose mass reaches top_p. The most likely token always stays,
+        # also for a top_p that rounds to 0 in the logits' float32, which would leave nothing.
         outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p
+        outside[0] = False
         probs[order[outside]] = 0.0
     return int(torch.multinomial(probs, 1, generator=generator))
 
