@@ -77,15 +77,19 @@ def masked_reference(adapter: ModelAdapter, request: EncodedPrompt, pruning: Pru
     kept = torch.ones(seq, dtype=torch.bool)
     kept_vision = []
     if cut < adapter.num_layers:
-        keys = cache.layers[cut - 1].keys[0]
         vision = {p for span in request.spans for p in range(span.start, span.start + span.length)}
-        ctx = SelectionContext(
-            hidden=hidden[0],
-            normed=adapter.text.norm(hidden[0]),
-            keys=keys.transpose(0, 1).reshape(seq, -1),
-            vision=torch.tensor([p in vision for p in range(seq)]),
-            last_attention_fn=lambda: _attention_row(adapter, cut - 1, layer_input, cos_sin, causal),
-        )
+        vision_mask = torch.tensor([p in vision for p in range(seq)])
+        if cut == 0:  # before the LLM: the embeddings stand in for the states and the keys
+            ctx = SelectionContext(hidden=hidden[0], normed=hidden[0], keys=hidden[0], vision=vision_mask, last_attention_fn=None)
+        else:
+            keys = cache.layers[cut - 1].keys[0]
+            ctx = SelectionContext(
+                hidden=hidden[0],
+                normed=adapter.text.norm(hidden[0]),
+                keys=keys.transpose(0, 1).reshape(seq, -1),
+                vision=vision_mask,
+                last_attention_fn=lambda: _attention_row(adapter, cut - 1, layer_input, cos_sin, causal),
+            )
         method = get_method(pruning.method)
         budgets = pruning.span_budgets([s.length for s in request.spans])
         hidden = hidden.clone()

@@ -12,6 +12,7 @@ from dartserve.engine.requests import CoreRequest
 from dartserve.kv.pool import KVPool
 from dartserve.models import SamplingConfig
 from dartserve.pruning import PruningConfig, available_methods
+from dartserve.pruning.registry import method_spec
 from reference import masked_reference
 from tiny_checkpoints import make_image
 
@@ -89,12 +90,17 @@ def test_requests_joining_a_running_batch_give_what_they_give_alone(engine, budg
 METHODS = [m for m in available_methods() if m != "none"]
 
 
+@pytest.mark.parametrize("layer", [0, 2], ids=["before-the-llm", "at-k2"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("images", [1, 2], ids=["one-image", "two-images"])
-def test_the_core_equals_the_masked_reference(engine, method, images):
+def test_the_core_equals_the_masked_reference(engine, method, images, layer):
+    if layer == 0 and method_spec(method).needs_attention:
+        with pytest.raises(ValueError, match="cannot prune before the LLM"):
+            PruningConfig(method=method, budget=10, layer=0)
+        return
     adapter = engine.adapter
     prompt = engine.vision.encode([make_image(10 + i) for i in range(images)], "Describe the picture in a few words.")
-    pruning = PruningConfig(method=method, budget=10 * images, layer=2)
+    pruning = PruningConfig(method=method, budget=10 * images, layer=layer)
     outputs = alone(engine, CoreRequest("r", prompt, pruning, sampling(STEPS + 1), export_cache=True, keep_logits=True))
     ref_logits, ref_tokens, ref_kept, ref_token_mask, ref_cache = masked_reference(adapter, prompt, pruning, STEPS)
 

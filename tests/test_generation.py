@@ -122,8 +122,7 @@ def test_a_misbehaving_method_is_caught(engines, monkeypatch):
     def overspend(ctx, span, budget, config):
         return Selection(torch.arange(span.start, span.start + budget + 1))
 
-    monkeypatch.setitem(registry._METHODS, "test_overspend", overspend)
-    monkeypatch.setitem(registry._SETTINGS, "test_overspend", ())
+    monkeypatch.setitem(registry._METHODS, "test_overspend", registry.MethodSpec("test_overspend", overspend, (), False, False, None, None))
 
     engine = engines["llava"]
     with pytest.raises(ValueError, match="test_overspend"):

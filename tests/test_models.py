@@ -98,3 +98,29 @@ def test_batch_equals_single_runs(engine, pruning):
         for layer in range(engine.adapter.num_layers):
             torch.testing.assert_close(got.cache.keys[layer], want.cache.keys[layer], atol=ATOL, rtol=0)
             torch.testing.assert_close(got.cache.values[layer], want.cache.values[layer], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_each_role_loads_only_its_weights_and_together_they_answer_as_the_whole_model(checkpoints, engines, family):
+    from dartserve.models.loading import load_adapter
+
+    whole = engines[family]
+    vision = load_adapter(str(checkpoints[family]), parts=("vision",))
+    language = load_adapter(str(checkpoints[family]), parts=("language",))
+    assert vision.fingerprint == language.fingerprint == whole.adapter.fingerprint
+    count = lambda adapter: sum(p.numel() for p in adapter.model.parameters())  # noqa: E731
+    assert count(vision) + count(language) == count(whole.adapter)  # nothing held twice
+    assert not vision.layers and vision.lm_head is None
+    assert all(getattr(language.model.model, name) is None for name in language.vision_modules)
+
+    prompt = vision.encode([make_image(6)], PROMPT)
+    pruning = PruningConfig(budget=10)
+    core = EngineCore(language)
+    core.add_request(CoreRequest("r", prompt, pruning, SamplingConfig(max_new_tokens=5)))
+    outputs = []
+    while core.has_work:
+        outputs += core.step()
+    want = whole.generate([make_image(6)], PROMPT, pruning=pruning, sampling=SamplingConfig(max_new_tokens=5))
+    assert [t for o in outputs for t in o.tokens] == want.token_ids
+    with pytest.raises(ValueError, match="parts"):
+        load_adapter(str(checkpoints[family]), parts=("everything",))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dartserve.pruning import Grid, ImageSpan, PruningConfig, SelectionContext, dart_select, get_method, split_proportional
+from dartserve.pruning import Grid, ImageSpan, PruningConfig, SelectionContext, dart_select, divprune_select, get_method, split_proportional
+from dartserve.pruning.cdpruner import greedy_map, relevance_scores
 from dartserve.pruning.spatial import grid_regions, span_regions
 
 
@@ -128,6 +129,70 @@ def test_dart_rejects_bad_arguments(kwargs):
         dart_select(torch.randn(20, 4), torch.randn(20, 4), **kwargs)
 
 
+# --- DivPrune -----------------------------------------------------------------------------
+
+
+def test_divprune_picks_the_farthest_nearest_neighbour_then_max_min():
+    # Tokens 0 and 1 are close, 2 and 3 are close, 4 sits apart: its nearest neighbour is the
+    # farthest, so it comes first; then the token farthest from it, then the farthest from both.
+    features = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert divprune_select(features, 1).tolist() == [4]
+    assert divprune_select(features, 3).tolist() == [0, 2, 4]
+    # Budget n-1: tokens 1 and 3 are each 0.005 from a kept token; the tie goes to the lower.
+    assert divprune_select(features, 4).tolist() == [0, 1, 2, 4]
+    assert divprune_select(features, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_divprune_ties_go_to_the_lowest_position_and_duplicates_are_never_taken_twice():
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # every nearest neighbour equally far
+    assert divprune_select(square, 1).tolist() == [0]
+    assert divprune_select(square, 2).tolist() == [0, 2]  # opposite of 0 is farthest
+    twins = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # all the same direction: distances all 0
+    assert divprune_select(twins, 3).tolist() == [0, 1, 2]
+    assert divprune_select(twins, 1).tolist() == [0]
+
+
+@pytest.mark.parametrize("budget", [-1, 6, 2.5])
+def test_divprune_rejects_bad_budgets(budget):
+    with pytest.raises(ValueError):
+        divprune_select(torch.randn(5, 3), budget)
+
+
+# --- CDPruner -----------------------------------------------------------------------------
+
+
+def _log_det(kernel, items):
+    return torch.logdet(kernel[items][:, items].double()) if items else torch.tensor(0.0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cdpruner_greedy_map_takes_the_best_log_det_gain_at_every_step(seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(7, 5, generator=generator)
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    relevance = torch.rand(7, generator=generator) + 0.5
+    kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
+    picked = greedy_map(kernel, 4).tolist()
+    chosen = []
+    for step in range(4):  # exhaustive: every candidate's log det, the largest taken
+        gains = {j: float(_log_det(kernel, chosen + [j])) for j in range(7) if j not in chosen}
+        best = max(gains.values())
+        assert gains[picked[step]] == pytest.approx(best, abs=1e-9)
+        chosen.append(picked[step])
+
+
+def test_cdpruner_beyond_the_kernel_s_rank_takes_the_rest_by_relevance():
+    unit = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=-1)
+    relevance = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]
+    picked = greedy_map(kernel, 4).tolist()
+    assert sorted(picked) == [0, 1, 2, 3] and picked[0] == 2  # the most relevant first; rank 2 spent after two
+    assert relevance_scores(unit, unit[:0], 0.5).tolist() == [1.0] * 4  # no question: diversity alone
+    scores = relevance_scores(unit, unit[2:3], 0.5)
+    assert int(scores.argmax()) == 2 and float(scores.min()) > 0
+    assert relevance_scores(unit, unit[2:3], 0.0).tolist() == [1.0] * 4  # theta 0 ignores relevance
+
+
 # --- configuration ------------------------------------------------------------------------
 
 
@@ -141,7 +206,11 @@ def test_dart_rejects_bad_arguments(kwargs):
         (dict(budget=0), "budget"),
         (dict(budget=2.5), "budget"),
         (dict(budget=10, ratio=0.5), "either"),
-        (dict(layer=0), "layer"),
+        (dict(layer=-1), "layer"),
+        (dict(method="fastv", budget=8, layer=0), "cannot prune before the LLM"),
+        (dict(method="window_fastv", budget=8, layer=0), "cannot prune before the LLM"),
+        (dict(method="cdpruner", relevance_weight=1.0), "relevance_weight"),
+        (dict(method="cdpruner", relevance_weight=-0.1), "relevance_weight"),
         (dict(pivot_image=-1), "pivot"),
         (dict(pivot_image=0, pivot_text=0), "pivot"),
     ],
@@ -159,6 +228,7 @@ def test_config_budget_checks():
     with pytest.raises(ValueError, match="outside the model's layers"):
         PruningConfig(budget=64, layer=32).check_layers(32)
     PruningConfig(budget=64, layer=31).check_layers(32)
+    PruningConfig(budget=64, layer=0).check_layers(32)  # before the LLM
     assert PruningConfig(ratio=0.111).total_budget(576) == 64
     assert [PruningConfig(ratio=0.5).total_budget(n) for n in (5, 7, 9, 11)] == [3, 4, 5, 6]  # halves round up
     assert PruningConfig(method="none").total_budget(576) == 576

@@ -214,8 +214,8 @@ def check_cache(adapter: ModelAdapter, cache: RaggedKVCache) -> None:
     if len(cache.keys) != adapter.num_layers or len(cache.layer_group) != adapter.num_layers:
         raise ValueError(f"the cache has {len(cache.keys)} layers; the model has {adapter.num_layers}")
     groups = cache.layer_group
-    if list(groups) != sorted(groups) or set(groups) - {0, 1} or len(cache.token_index) != len(set(groups)):
-        raise ValueError("the cache's layer groups must be 0 below K and 1 from K on")
+    if list(groups) != sorted(groups) or set(groups) - {0, 1} or len(cache.token_index) != max(groups) + 1:
+        raise ValueError("the cache's layer groups must be 0 below K and 1 from K on, with a token index for each")
     for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
         index = cache.token_index[groups[i]]
         if k.shape != v.shape or k.dim() != 4 or k.shape[2] != index.shape[1] or bool((index < 0).any()):

@@ -74,6 +74,12 @@ class _Work:
     rows: list[int]
     past: list[int]
     row_at: list[int] = field(default_factory=list)
+    input_row: int = 0  # where its tokens are in the step's input, before layer 0
+
+    def rows_into(self, layer: int) -> tuple[int, int]:
+        """Where its rows entering ``layer`` are, and how many: the previous layer's output, or
+        the step's input for layer 0."""
+        return (self.row_at[layer - 1], self.rows[layer - 1]) if layer else (self.input_row, self.count)
 
 
 class ModelRunner:
@@ -93,6 +99,10 @@ class ModelRunner:
         works = [self._decode_work(s) for s in plan.decodes] + [self._chunk_work(w) for w in plan.chunks]
         if not works:
             return {}
+        row = 0
+        for work in works:
+            work.input_row = row
+            row += work.count
         for i in range(self.num_layers):
             row = 0
             for work in works:
@@ -101,14 +111,15 @@ class ModelRunner:
         decodes = len(plan.decodes)
         steps = self._layer_steps(works, decodes)
         hidden, positions = self._inputs(works)
-        cos_sin = self.adapter.rope(hidden, positions[:, None])
         sampled: dict[str, Sampled] = {w.state.request_id: Sampled(None) for w in works}
-        layer_input, input_cos_sin = hidden, cos_sin
+        layer_input = input_cos_sin = cos_sin = None
         for i, layer in enumerate(self.adapter.layers):
-            if i and any(w.rows[i] != w.rows[i - 1] for w in works):
+            if any(w.rows_into(i)[1] != w.rows[i] for w in works):
                 hidden, positions = self._cut(works, i, hidden, positions, layer_input, input_cos_sin, sampled)
                 if not hidden.shape[1]:  # only prompt chunks that wait at K for the rest of their prompt
                     return sampled
+                cos_sin = None
+            if cos_sin is None:
                 cos_sin = self.adapter.rope(hidden, positions[:, None])
             layer_input, input_cos_sin = hidden, cos_sin
             hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, pool_step=steps)
@@ -213,10 +224,11 @@ class ModelRunner:
         keeps, or, when more of it is still to come, waits for its last chunk."""
         pieces, places = [], []
         for work in works:
-            before, after = work.rows[layer - 1], work.rows[layer]
+            start, before = work.rows_into(layer)
+            after = work.rows[layer]
             if not before:
                 continue
-            rows = slice(work.row_at[layer - 1], work.row_at[layer - 1] + before)
+            rows = slice(start, start + before)
             if before == after:
                 pieces.append(hidden[0, rows])
                 places.append(positions[:, rows])
@@ -232,23 +244,29 @@ class ModelRunner:
         return torch.cat(pieces)[None], torch.cat(places, dim=1)
 
     def _select(self, work: _Work, layer: int, rows: torch.Tensor, layer_input, cos_sin) -> tuple[torch.Tensor, torch.Tensor, Sampled]:
-        """Runs the request's pruning method on its whole prompt as layer ``layer - 1`` left it."""
+        """Runs the request's pruning method on its whole prompt as layer ``layer - 1`` left it,
+        or, at layer 0, on its input embeddings (whose L1 norms stand in for the keys)."""
         state = work.state
         prompt, pruning = state.request.prompt, state.request.pruning
         device = self.adapter.device
         hidden = torch.cat([*state.stash, rows])
         state.stash = []
         n = len(prompt.input_ids)
-        keys = self._read(state.layout, layer - 1, n)[0]  # [n, kv_heads, head_dim]
-        last = work.row_at[layer - 1] + work.rows[layer - 1] - 1
-        cos, sin = cos_sin
-        ctx = SelectionContext(
-            hidden=hidden,
-            normed=self.adapter.text.norm(hidden),
-            keys=keys.reshape(n, -1),
-            vision=prompt.input_ids.to(device) == self.adapter.image_token_id,
-            last_attention_fn=partial(last_token_attention, self.adapter.layers[layer - 1], layer_input[0, last], cos[0, last], sin[0, last], keys.transpose(0, 1)),
-        )
+        vision = prompt.input_ids.to(device) == self.adapter.image_token_id
+        if layer == 0:
+            ctx = SelectionContext(hidden=hidden, normed=hidden, keys=hidden, vision=vision, last_attention_fn=_no_attention)
+        else:
+            keys = self._read(state.layout, layer - 1, n)[0]  # [n, kv_heads, head_dim]
+            start, count = work.rows_into(layer)
+            cos, sin = cos_sin
+            last = start + count - 1
+            ctx = SelectionContext(
+                hidden=hidden,
+                normed=self.adapter.text.norm(hidden),
+                keys=keys.reshape(n, -1),
+                vision=vision,
+                last_attention_fn=partial(last_token_attention, self.adapter.layers[layer - 1], layer_input[0, last], cos[0, last], sin[0, last], keys.transpose(0, 1)),
+            )
         method = get_method(pruning.method)
         times: list[float] = []
         with stopwatch(device, times):
@@ -293,6 +311,10 @@ class ModelRunner:
             keys.index_copy_(0, slots, k.transpose(0, 1).to(device, keys.dtype))
             values.index_copy_(0, slots, v.transpose(0, 1).to(device, values.dtype))
         state.base = None
+
+
+def _no_attention() -> torch.Tensor:
+    raise ValueError("no attention before the first layer: this method cannot prune at layer 0")
 
 
 def _slots(table: torch.Tensor, start: int, count: int, block_size: int) -> torch.Tensor:

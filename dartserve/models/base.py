@@ -42,6 +42,7 @@ class ModelAdapter:
 
     model_types: tuple[str, ...] = ()
     position_dims = 1
+    vision_modules: tuple[str, ...] = ("vision_tower", "multi_modal_projector")  # of ``model.model``
 
     def __init__(self, model, processor) -> None:
         self.model = model.eval()
@@ -52,6 +53,23 @@ class ModelAdapter:
         self.image_token_id = model.config.image_token_id
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
+        self.parts = PARTS
+
+    def keep_only(self, parts: tuple[str, ...]) -> None:
+        """Drops the weights a process does not run: a vision service needs no language model,
+        a pruner or generator no vision tower. The fingerprint, taken first, still names the
+        whole checkpoint, so the services of one deployment agree on it."""
+        unknown = set(parts) - set(PARTS)
+        if unknown or not parts:
+            raise ValueError(f"parts are some of {', '.join(PARTS)}, got {parts!r}")
+        self.fingerprint  # noqa: B018 - computed over every weight before any goes
+        if "language" not in parts:
+            self.text.layers = self.layers = torch.nn.ModuleList()
+            self.text.embed_tokens = self.text.norm = self.model.lm_head = self.lm_head = None
+        if "vision" not in parts:
+            for name in self.vision_modules:
+                setattr(self.model.model, name, None)
+        self.parts = tuple(p for p in PARTS if p in parts)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -80,11 +98,11 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
 
     def prompt_text(self, prompt: str | list[dict], num_images: int) -> str:
         """The chat template applied to a question, or to a conversation (``chat_messages``) whose
@@ -183,6 +201,9 @@ class ModelAdapter:
     def positions(self, inputs) -> torch.Tensor:
         seq = inputs["input_ids"].shape[1]
         return torch.arange(seq, device=self.device)[None]
+
+
+PARTS = ("vision", "language")  # the vision tower and projector; the language model and its head
 
 
 def chat_messages(prompt) -> list[dict]:

@@ -10,7 +10,7 @@ import transformers
 from transformers.utils import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from dartserve.models.base import ModelAdapter
+from dartserve.models.base import PARTS, ModelAdapter
 from dartserve.models.llava import LlavaAdapter
 from dartserve.models.llava_next import LlavaNextAdapter
 from dartserve.models.qwen2_vl import Qwen2VLAdapter
@@ -20,8 +20,9 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 }
 
 
-def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = None) -> ModelAdapter:
-    """Loads a Hugging Face checkpoint (hub id or local folder) with its processor."""
+def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = None, parts: tuple[str, ...] = PARTS) -> ModelAdapter:
+    """Loads a Hugging Face checkpoint (hub id or local folder) with its processor; only the
+    ``parts`` a process runs go to the device (``ModelAdapter.keep_only``)."""
     check_device(device)
     try:
         model_type = AutoConfig.from_pretrained(model).model_type
@@ -32,7 +33,11 @@ def load_adapter(model: str, device: str = "cpu", dtype: torch.dtype | None = No
     # SDPA: the one attention implementation that takes the per-layer boolean masks a ragged,
     # padded batch needs and still runs fused kernels when there is no padding.
     hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype or "auto", attn_implementation="sdpa")
-    return ADAPTERS[model_type](hf_model.to(device), load_processor(model, model_type))
+    adapter = ADAPTERS[model_type](hf_model, load_processor(model, model_type))
+    if tuple(parts) != PARTS:
+        adapter.keep_only(tuple(parts))
+    adapter.model.to(device)
+    return adapter
 
 
 @contextmanager

@@ -64,6 +64,8 @@ def prefill(adapter: ModelAdapter, requests: list[EncodedPrompt], pruning: Pruni
     if not requests:
         raise ValueError("prefill needs at least one request")
     pruning.check_layers(adapter.num_layers)
+    if pruning.prunes and pruning.layer == 0:
+        raise ValueError("pruning before the LLM (layer 0) runs in the engine core (dartserve.engine)")
     budgets = [pruning.span_budgets([s.length for s in r.spans]) for r in requests]
     for request, shares in zip(requests, budgets):
         check_request(adapter, request, pruning, shares)

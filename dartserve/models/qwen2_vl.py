@@ -11,6 +11,7 @@ from dartserve.pruning.base import Grid
 class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     position_dims = 3
+    vision_modules = ("visual",)
 
     def image_features(self, inputs) -> list[torch.Tensor]:
         out = self.model.model.get_image_features(

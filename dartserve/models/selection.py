@@ -7,7 +7,8 @@ import torch
 from dartserve.checks import SettingError
 from dartserve.models.base import EncodedPrompt, ModelAdapter
 from dartserve.pruning.base import ImageSpan, Selection
-from dartserve.pruning.config import GRID_METHODS, PruningConfig
+from dartserve.pruning.config import PruningConfig
+from dartserve.pruning.registry import method_spec
 
 
 def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: PruningConfig, shares: list[int]) -> None:
@@ -30,7 +31,7 @@ def check_request(adapter: ModelAdapter, request: EncodedPrompt, pruning: Prunin
         raise SettingError(f"the prompt needs {int(request.positions.max()) + 1} positions; the model has {adapter.max_positions}", "images" if len(request.spans) > 1 else "question")
     if pruning.prunes and request.spans and request.spans[-1].end == seq:
         raise ValueError("a pruned prompt must end with text, not with an image")
-    if pruning.prunes and pruning.method in GRID_METHODS:
+    if pruning.prunes and method_spec(pruning.method).grid_cells:
         for span, share in zip(request.spans, shares):
             cells = sum(g.size for g in span.grids)
             if share > cells:

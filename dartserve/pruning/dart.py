@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dartserve.checks import require_int
+from dartserve.checks import SettingError, require_int
 from dartserve.pruning.base import ImageSpan, Selection, SelectionContext, stable_top
 from dartserve.pruning.config import PruningConfig
-from dartserve.pruning.registry import register
+from dartserve.pruning.registry import Setting, register
 
 
 def dart_select(
@@ -75,7 +75,23 @@ def dart_select(
     return (torch.cat(claimed).sort().values + image_start).to(torch.long)
 
 
-@register("dart", settings=("pivot_image", "pivot_text"))
+def _check(config: PruningConfig) -> None:
+    if config.pivot_image + config.pivot_text < 1:
+        raise ValueError("dart needs at least one pivot")
+
+
+def _check_share(config: PruningConfig, share: int) -> None:
+    if share < config.pivot_image:
+        raise SettingError(f"an image's share of the budget ({share}) is smaller than pivot_image={config.pivot_image}", config.amount_param)
+
+
+SETTINGS = (
+    Setting("pivot_image", int, 4, "image tokens with the largest key norms taken as pivots; they are kept", minimum=0),
+    Setting("pivot_text", int, 4, "text tokens after the image with the largest key norms taken as pivots; they only guide", minimum=0),
+)
+
+
+@register("dart", settings=SETTINGS, check=_check, check_share=_check_share)
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     positions = dart_select(
         ctx.normed, ctx.keys, span.start, span.length, budget, config.pivot_image, config.pivot_text, text=~ctx.vision

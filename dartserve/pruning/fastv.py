@@ -7,7 +7,7 @@ from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.registry import register
 
 
-@register("fastv")
+@register("fastv", needs_attention=True)
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     scores = ctx.last_attention()[span.start : span.end]
     return Selection(stable_top(scores, budget).sort().values + span.start)

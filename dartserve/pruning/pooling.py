@@ -15,7 +15,7 @@ from dartserve.pruning.registry import register
 from dartserve.pruning.spatial import span_regions
 
 
-@register("pooling")
+@register("pooling", grid_cells=True)
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     regions = sorted(span_regions(span, budget), key=lambda region: region.centre)
     weights = torch.zeros(budget, span.length)

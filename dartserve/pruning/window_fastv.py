@@ -13,7 +13,7 @@ from dartserve.pruning.spatial import span_regions
 WINDOWS = 16  # a 4 x 4 tiling of a square image; fewer when the budget is smaller
 
 
-@register("window_fastv")
+@register("window_fastv", needs_attention=True, grid_cells=True)
 def select(ctx: SelectionContext, span: ImageSpan, budget: int, config: PruningConfig) -> Selection:
     scores = ctx.last_attention()[span.start : span.end].cpu()  # one row: cheap to rank window by window on the host
     windows = span_regions(span, min(WINDOWS, budget))
