@@ -34,8 +34,7 @@ from dartserve.engine.requests import CoreRequest, RequestState
 from dartserve.kv.pool import KVPool
 from dartserve.models.base import EncodedPrompt, ModelAdapter
 from dartserve.models.decode import SamplingConfig
-from dartserve.pruning.config import PruningConfig
-DEFAULT_PRUNING = {"method": "dart", "ratio": 64 / 576, "layer": 2}
+from dartserve.pruning.config import DEFAULT_PRUNING, PruningConfig
 
 WORKLOADS = ("decode", "demo")
 
