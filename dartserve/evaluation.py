@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dartserve.engine import Engine, Request
 from dartserve.models import SamplingConfig
 from dartserve.pruning import PruningConfig
+from dartserve.pruning.registry import method_spec
 
 SPLIT_SIZES = {"validation": 500, "test": 500}
 
@@ -169,9 +170,11 @@ def _row(pruning: PruningConfig, items: list[Item], correct: list[bool], kept: l
 
 
 def settings_grid(methods: list[str], budgets: list[int], layers: list[int]) -> list[PruningConfig]:
-    """``none`` once (the baseline), then every pruning method at every budget and layer."""
+    """``none`` once (the baseline), then every pruning method at every budget and layer it can
+    prune at (a method that reads attention has none before the LLM, at layer 0)."""
     grid = [PruningConfig(method="none")]
     for method in methods:
         if method != "none":
-            grid += [PruningConfig(method=method, budget=b, layer=k) for k in layers for b in budgets]
+            usable = [k for k in layers if k or not method_spec(method).needs_attention]
+            grid += [PruningConfig(method=method, budget=b, layer=k) for k in usable for b in budgets]
     return grid

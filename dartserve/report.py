@@ -55,7 +55,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes.set_ylabel("accuracy (%)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
