@@ -2,6 +2,7 @@
 and what the masked reference gives, in every model family; the pool's accounting holds."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -271,3 +272,39 @@ def test_the_engine_bench_reports_every_figure_and_exact_answers():
     assert decode["pool_unpruned_requests"] == 2 and decode["pool_pruned_requests"] > 2
     assert 0.9 <= decode["pool_pruned_of_bound"] <= 1 and decode["pool_max_running_pruned"] >= decode["pool_pruned_requests"] - 1
     assert decode["ceiling_output_throughput"] > 0 and decode["of_ceiling"] > 0
+
+
+def test_concurrent_encodes_share_tower_forwards_and_equal_lone_encodes(engines):
+    engine = engines["llava_next"]
+    adapter = engine.adapter
+    calls = []
+
+    def tower(images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            time.sleep(0.3)  # while the first forward runs, the other callers' images queue up
+        return adapter.image_features_many(images)
+
+    loop = EngineLoop(None, tower)
+    images = [[make_image(50 + i, (60 + 20 * i, 80)), make_image(60 + i)] for i in range(6)]
+    encoded = [None] * len(images)
+
+    def encode(i):
+        encoded[i] = adapter.encode(images[i], "What is here?", tower=loop.encode_images)
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(len(images))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join()
+    assert sum(calls) == 12 and len(calls) < len(images)  # several callers' images in one forward
+    for pair, got in zip(images, encoded):
+        want = adapter.encode(pair, "What is here?")
+        assert torch.equal(got.input_ids, want.input_ids) and got.spans == want.spans
+        torch.testing.assert_close(got.image_features, want.image_features, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no language model"):
+        loop.submit(CoreRequest("r", encoded[0]))
+    loop.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        loop.encode_images([])

@@ -3,13 +3,20 @@
 ``submit`` checks a request in the caller's thread (so a bad one fails there, at once) and
 hands it to the loop, which adds it between two steps; the caller reads the request's outputs
 from its ``RequestStream`` as the steps produce them, and ``abort`` takes it out between steps.
+
+The vision tower runs in the same thread, between steps (``encode_images``): the images that
+callers sent meanwhile go through it in one forward. One thread runs the model at a time, so
+the two never share the cores, which on a CPU costs each of them far more than waiting.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+import torch
 
 from dartserve.engine.core import EngineCore
 from dartserve.engine.requests import CoreRequest, RequestOutput
@@ -40,8 +47,13 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore | None, tower: Callable[[list[dict]], list[torch.Tensor]] | None = None, max_images: int = 32) -> None:
+        """``core`` runs requests, ``tower`` images (``ModelAdapter.image_features_many``); a
+        process that runs only one of them passes None for the other."""
         self.core = core
+        self.tower = tower
+        self.max_images = max_images
+        self._stopped = False
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
@@ -49,6 +61,10 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, request: CoreRequest) -> RequestStream:
+        if self.core is None:
+            raise ValueError("this process runs no language model")
+        if self._stopped:
+            raise RuntimeError("the engine has stopped")
         self.core.check(request)
         stream = RequestStream(self, request.request_id)
         with self._lock:
@@ -61,25 +77,68 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def encode_images(self, images: list[dict]) -> list[torch.Tensor]:
+        """The projected tokens of each image (its ``image_inputs``), from the loop's thread."""
+        if self.tower is None:
+            raise ValueError("this process runs no vision tower")
+        if self._stopped:
+            raise RuntimeError("the engine has stopped")
+        done: Future = Future()
+        self._inbox.put(("vision", (images, done)))
+        return done.result()
+
     def stop(self) -> None:
         """Ends the loop after the step in progress; requests still running are aborted."""
         self._inbox.put(("stop", None))
         self._thread.join()
 
+    @property
+    def _has_work(self) -> bool:
+        return self.core is not None and self.core.has_work
+
     def _run(self) -> None:
         while True:
+            vision = []
             try:
-                if not self._drain(block=not self.core.has_work):
+                if not self._drain(block=not self._has_work, vision=vision):
                     break
-                if self.core.has_work:
+                if vision:
+                    self._encode(vision)
+                if self._has_work:
                     for output in self.core.step():
                         self._deliver(output)
             except Exception as error:  # noqa: BLE001 - a fault of the loop fails what it holds, never hangs it
                 self._fail_all(error)
+        self._stopped = True
         self._fail_all(None)
+        stopped = RuntimeError("the engine has stopped")
+        while True:  # what came with or after the stop is refused, never left waiting
+            for _, done in vision:
+                done.set_exception(stopped)
+            try:
+                kind, value = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            vision = [value] if kind == "vision" else []
+            if kind == "add":
+                self._deliver(RequestOutput(value.request_id, finished=True, finish_reason="error", error=stopped))
 
-    def _drain(self, block: bool) -> bool:
-        """Takes in what callers sent; False once asked to stop."""
+    def _encode(self, jobs: list[tuple[list[dict], Future]]) -> None:
+        """Runs the tower on the queued images, ``max_images`` at a time, and answers each caller."""
+        images = [image for inputs, _ in jobs for image in inputs]
+        try:
+            features = [f for start in range(0, len(images), self.max_images) for f in self.tower(images[start : start + self.max_images])]
+        except Exception as error:  # noqa: BLE001 - the callers get the error, the loop goes on
+            for _, done in jobs:
+                done.set_exception(error)
+            return
+        taken = 0
+        for inputs, done in jobs:
+            done.set_result(features[taken : taken + len(inputs)])
+            taken += len(inputs)
+
+    def _drain(self, block: bool, vision: list) -> bool:
+        """Takes in what callers sent, images into ``vision``; False once asked to stop."""
         try:
             item = self._inbox.get() if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -88,7 +147,9 @@ class EngineLoop:
             kind, value = item
             if kind == "stop":
                 return False
-            if kind == "add":
+            if kind == "vision":
+                vision.append(value)
+            elif kind == "add":
                 try:
                     self.core.add_request(value)
                 except Exception as error:  # noqa: BLE001 - e.g. a request id taken meanwhile
@@ -109,6 +170,8 @@ class EngineLoop:
             stream._outputs.put(output)
 
     def _fail_all(self, error: Exception | None) -> None:
+        if self.core is None:
+            return
         with self._lock:
             ids = list(self._streams)
         for request_id in ids:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +23,13 @@ from dartserve.timing import stopwatch
 
 
 class VisionStage:
-    """Images and a prompt in, projected vision tokens placed in the prompt out."""
+    """Images and a prompt in, projected vision tokens placed in the prompt out. ``tower`` runs
+    the vision tower on images' inputs (``ModelAdapter.image_features_many``, or the engine
+    loop's, which batches concurrent callers)."""
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, tower: Callable[[list[dict]], list[torch.Tensor]] | None = None) -> None:
         self.adapter = adapter
+        self.tower = tower
 
     def encode(
         self, images: list[Image.Image], prompt: str | list[dict], known: list[torch.Tensor | None] | None = None
@@ -37,7 +41,7 @@ class VisionStage:
         for image in images:
             if not isinstance(image, Image.Image):
                 raise ValueError(f"images must be PIL images, got {type(image).__name__}")
-        return self.adapter.encode([image.convert("RGB") for image in images], prompt, known)
+        return self.adapter.encode([image.convert("RGB") for image in images], prompt, known, self.tower)
 
 
 class PrunerStage:
@@ -99,7 +103,7 @@ class Engine:
 
     def __init__(self, adapter: ModelAdapter, core_config: CoreConfig | None = None) -> None:
         self.adapter = adapter
-        self.vision = VisionStage(adapter)
+        self.vision = VisionStage(adapter, tower=lambda images: self.loop.encode_images(images))
         self.pruner = PrunerStage(adapter)
         self.generator = GeneratorStage(adapter)
         self.core_config = core_config or CoreConfig()
@@ -112,10 +116,13 @@ class Engine:
 
     @property
     def loop(self) -> EngineLoop:
-        """The engine core, started on first use: one per engine, shared by every caller."""
+        """The engine core and the vision tower in one thread, started on first use: one per engine,
+        shared by every caller (a process that loaded only one of them runs only that one)."""
         with self._loop_lock:
             if self._loop is None:
-                self._loop = EngineLoop(EngineCore(self.adapter, self.core_config))
+                core = EngineCore(self.adapter, self.core_config) if "language" in self.adapter.parts else None
+                tower = self.adapter.image_features_many if "vision" in self.adapter.parts else None
+                self._loop = EngineLoop(core, tower)
             return self._loop
 
     def generate(

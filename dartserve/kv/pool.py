@@ -28,10 +28,12 @@ class KVPool:
         shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         # Uninitialised: a block is zeroed when first handed out (``_fresh``), so the memory the
         # pool takes grows with its peak use, and the slots attention masks out are never NaN.
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
-        self.keys[0] = 0
-        self.values[0] = 0
+        # Never inference tensors, which only inference mode may write to, even when made in it.
+        with torch.inference_mode(False):
+            self.keys = torch.empty(shape, dtype=dtype, device=device)
+            self.values = torch.empty(shape, dtype=dtype, device=device)
+            self.keys[0] = 0
+            self.values[0] = 0
         self._free: list[int] = []
         self._fresh = 1  # blocks from here on were never handed out
         self.peak_used = 0

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,17 +161,26 @@ class ModelAdapter:
         return self.processor.apply_chat_template(messages, tokenize=False)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image], prompt: str | list[dict], known: list[torch.Tensor | None] | None = None) -> EncodedPrompt:
-        """Runs the processor and the vision tower for one request, one image at a time, so an
-        image's tokens do not depend on its neighbours. ``known[i]``, when given, are image i's
-        projected tokens from an earlier run, and its tower pass is skipped."""
+    def encode(
+        self,
+        images: list[Image.Image],
+        prompt: str | list[dict],
+        known: list[torch.Tensor | None] | None = None,
+        tower: Callable[[list[dict]], list[torch.Tensor]] | None = None,
+    ) -> EncodedPrompt:
+        """Runs the processor and the vision tower for one request. ``known[i]``, when given, are
+        image i's projected tokens from an earlier run, and its tower pass is skipped. ``tower``
+        runs the tower on the other images' inputs (``image_inputs``); by default in one forward
+        (``image_features_many``), or, given, where the caller batches them with other requests'."""
         text = self._leading_special_text + self.prompt_text(prompt, len(images))
         inputs = self.processor(
             text=[text], images=images or None, return_tensors="pt", add_special_tokens=False, sanitize_control_tokens=True
         ).to(self.device)
         input_ids = inputs["input_ids"][0]
         known = known or [None] * len(images)
-        features = [f.to(self.device, self.dtype) if f is not None else self.image_features(self.image_inputs(inputs, i))[0] for i, f in enumerate(known)]
+        new = [i for i, f in enumerate(known) if f is None]
+        encoded = iter((tower or self.image_features_many)([self.image_inputs(inputs, i) for i in new]) if new else ())
+        features = [f.to(self.device, self.dtype) if f is not None else next(encoded) for f in known]
         grids = [self.grids(inputs, i, f) for i, f in enumerate(features)]
         spans = image_spans(input_ids, self.image_token_id, grids, [len(f) for f in features])
         hidden = self.text.config.hidden_size
@@ -180,6 +190,12 @@ class ModelAdapter:
     def image_inputs(self, inputs, index: int) -> dict:
         """The processor's tensors for image ``index`` alone."""
         return {"pixel_values": inputs["pixel_values"][index : index + 1]}
+
+    @torch.inference_mode()
+    def image_features_many(self, images: list[dict]) -> list[torch.Tensor]:
+        """``image_features`` of several images' ``image_inputs``, in one tower forward: the tower
+        attends within an image only, so an image's tokens do not depend on the others'."""
+        return self.image_features({"pixel_values": torch.cat([i["pixel_values"] for i in images])})
 
     def embed(self, request: EncodedPrompt) -> torch.Tensor:
         embeds = self.text.embed_tokens(request.input_ids.to(self.device))

@@ -4,7 +4,7 @@ unpadded to the image's aspect ratio with an image-newline token closing every r
 from __future__ import annotations
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image
 
 from dartserve.models.base import ModelAdapter
 from dartserve.pruning.base import Grid
@@ -25,6 +25,15 @@ class LlavaNextAdapter(ModelAdapter):
 
     def image_inputs(self, inputs, index: int) -> dict:
         return {"pixel_values": inputs["pixel_values"][index : index + 1], "image_sizes": inputs["image_sizes"][index : index + 1]}
+
+    def image_features_many(self, images: list[dict]) -> list[torch.Tensor]:
+        config = self.model.config
+        # Each image's tiles, unpadded: requests pad their images to different tile counts.
+        tiles = [
+            i["pixel_values"][0, : image_size_to_num_patches(i["image_sizes"][0], config.image_grid_pinpoints, config.vision_config.image_size)]
+            for i in images
+        ]
+        return self.image_features({"pixel_values": torch.cat(tiles), "image_sizes": torch.cat([i["image_sizes"] for i in images])})
 
     def grids(self, inputs, image_index: int, features: torch.Tensor) -> tuple[Grid, ...]:
         config = self.model.config

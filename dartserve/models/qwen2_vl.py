@@ -25,6 +25,9 @@ class Qwen2VLAdapter(ModelAdapter):
         start = sum(patches[:index])
         return {"pixel_values": inputs["pixel_values"][start : start + patches[index]], "image_grid_thw": grid[index : index + 1]}
 
+    def image_features_many(self, images: list[dict]) -> list[torch.Tensor]:
+        return self.image_features({"pixel_values": torch.cat([i["pixel_values"] for i in images]), "image_grid_thw": torch.cat([i["image_grid_thw"] for i in images])})
+
     def grids(self, inputs, image_index: int, features: torch.Tensor) -> tuple[Grid, ...]:
         merge = self.model.config.vision_config.spatial_merge_size
         t, h, w = inputs["image_grid_thw"][image_index].tolist()
