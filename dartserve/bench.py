@@ -9,8 +9,11 @@ prefill measured in the same run.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import statistics
+import tempfile
+from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -56,6 +59,37 @@ def bench_model(width: int, depth: int, device: str, dtype: torch.dtype) -> Llav
     finally:
         torch.set_default_dtype(previous)
     return LlavaAdapter(model, processor=None)
+
+
+def servable_checkpoint(width: int, depth: int, cache: Path) -> Path:
+    """A checkpoint a server can load: the demo model's tokenizer, processor and vision tower with
+    a random LLaVA-shaped language model of ``width`` and ``depth`` (and a projector to it), saved
+    once under ``cache``, in a folder named by the shape and the demo checkpoint it came from."""
+    from dartserve.demo import CHECKPOINT
+    from dartserve.models.loading import load_processor
+
+    demo_id = hashlib.sha256((CHECKPOINT / "model.safetensors").read_bytes()).hexdigest()[:12]
+    folder = Path(cache) / f"bench-{width}x{depth}-{demo_id}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    demo = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT)
+    text = bench_model(width, 1, "cpu", torch.float32).text.config  # LLaVA-1.5's shape, scaled
+    text.num_hidden_layers = depth
+    text.vocab_size = demo.config.text_config.vocab_size  # the demo's words: its tokenizer reads them
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(text, name, getattr(demo.config.text_config, name))
+    config = LlavaConfig(text_config=text, vision_config=demo.config.vision_config, image_token_index=demo.config.image_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(demo.model.vision_tower.state_dict())
+    model.generation_config = demo.generation_config
+    staging = Path(tempfile.mkdtemp(prefix=folder.name, dir=folder.parent if folder.parent.exists() else None))
+    model.save_pretrained(staging)
+    load_processor(str(CHECKPOINT), "llava").save_pretrained(staging)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging.replace(folder)  # whole or not at all: a server never finds half a checkpoint
+    return folder
 
 
 def bench_prompt(adapter: LlavaAdapter, seed: int = 0) -> EncodedPrompt:
