@@ -139,11 +139,14 @@ class VisionStep(_Step):
         super().__init__(engine, store, ttl_s)
         self.max_pixels = max_pixels
 
-    def encode(self, images: list[bytes], prompt: str | list[dict], wanted: Callable[[], bool] | None = None) -> Encoded:
+    def encode(self, images: list[bytes], prompt: str | list[dict], wanted: Callable[[], bool] | None = None, cache_scope: str = "") -> Encoded:
+        """``cache_scope``: whose images these are. An image's tokens are cached under its hash
+        within its scope, so a caller can learn nothing (``images_cached``, the time taken) of
+        the images another scope sent."""
         started = time.perf_counter()
         messages = chat_messages(prompt)
         decoded = [open_image(data, self.max_pixels) for data in images]  # checks them first
-        hashes = [hashlib.sha256(data).hexdigest() for data in images]
+        hashes = [image_hash(data, cache_scope) for data in images]
         feature_keys = [feature_key(self.fingerprint, h) for h in hashes]
         # Image tokens found live on with the prompt that names them.
         known = [self._features(data) for data in self.store.get_values(feature_keys, refresh_ttl_s=self.ttl_s)]
@@ -321,6 +324,11 @@ def pack_prompt(request: EncodedPrompt, image_hashes: list[str], feature_keys: l
     spans = [{"start": s.start, "length": s.length, "grids": [[g.offset, g.h, g.w, g.stride] for g in s.grids]} for s in request.spans]
     tensors = {"input_ids": request.input_ids, "positions": request.positions}
     return blob.pack("prompt", fingerprint, tensors, {"spans": spans, "image_hashes": image_hashes, "feature_keys": feature_keys})
+
+
+def image_hash(data: bytes, cache_scope: str = "") -> str:
+    """The SHA-256 of an image file, of the scope and the file when there is a scope."""
+    return hashlib.sha256(cache_scope.encode() + b"\0" + data if cache_scope else data).hexdigest()
 
 
 def feature_key(fingerprint: str, image_hash: str) -> str:

@@ -17,7 +17,8 @@ ENVIRONMENT = {
     "DARTSERVE_MODEL": "checkpoint directory or Hugging Face id (default: the bundled demo model)",
     "DARTSERVE_DEVICE": "cpu, cuda, cuda:1, ... (default cpu)",
     "DARTSERVE_DTYPE": "float32, float16 or bfloat16 (default: the checkpoint's)",
-    "DARTSERVE_REDIS_URL": "Redis for claim checks and KV caches (default redis://127.0.0.1:6379/0)",
+    "DARTSERVE_REDIS_URL": "Redis for image tokens, claim checks, KV caches and conversations: a cache, which may evict (default redis://127.0.0.1:6379/0)",
+    "DARTSERVE_BATCH_REDIS_URL": "Redis for the batch queue, batch records and conversations' turn holds, which must persist (AOF) and never evict (noeviction); see docs/deploy.md (default: DARTSERVE_REDIS_URL)",
     "DARTSERVE_HOST": "interface a server binds to (default 127.0.0.1)",
     "DARTSERVE_PORT": "port a server listens on (defaults: gateway 8000, vision 50051, pruner 50052, generator 50053)",
     "DARTSERVE_METRICS_PORT": "a gRPC stage's Prometheus /metrics port (defaults: vision 9101, pruner 9102, generator 9103; 0 turns them off)",
@@ -37,6 +38,9 @@ ENVIRONMENT = {
     "DARTSERVE_CONNECTION_AGE_S": "seconds a gRPC stage keeps a client's connection before asking it to reconnect, so that replicas added since get their share (default 120)",
     "DARTSERVE_MAX_QUEUE": "calls a gRPC stage keeps waiting beyond those; more get RESOURCE_EXHAUSTED, which the gateway answers with 429 (default 32)",
     "DARTSERVE_MAX_REQUESTS": "requests the gateway answers at once; more get 429 with Retry-After (default 64)",
+    "DARTSERVE_MAX_UPLOADS": "request bodies the gateway receives at once, apart from those it answers; more get 429 with Retry-After (default 256)",
+    "DARTSERVE_BODY_TIMEOUT_S": "seconds a request body may take to arrive once its headers have; a slower one gets 408 (default 30)",
+    "DARTSERVE_STAGE_TOKEN_FILE": "a file holding the token (16 or more printable ASCII characters; a mounted secret) that the gRPC stages require of their callers and the gateway and workers send; a stage with neither it nor DARTSERVE_TLS_CLIENT_CA listens on 127.0.0.1 only",
     "DARTSERVE_TLS_CERT": "a gRPC stage's certificate (PEM); with DARTSERVE_TLS_KEY, the stage serves TLS only",
     "DARTSERVE_TLS_KEY": "the private key (PEM) of DARTSERVE_TLS_CERT",
     "DARTSERVE_TLS_CLIENT_CA": "a gRPC stage accepts only clients with a certificate from this CA (mutual TLS)",
@@ -54,6 +58,7 @@ ENVIRONMENT = {
     "DARTSERVE_BATCH_VISIBILITY_S": "seconds before a batch item taken by a worker that died is delivered again (default 300)",
 }
 
+PLACEHOLDER = "replace-me"  # how the secrets shipped in k8s/base begin
 TLS_FILES = ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_client_cert", "tls_client_key")
 DEFAULT_PORTS = {"gateway": 8000, "vision": 50051, "pruner": 50052, "generator": 50053}
 DEFAULT_METRICS_PORTS = {"vision": 9101, "pruner": 9102, "generator": 9103}
@@ -65,6 +70,7 @@ class Settings:
     device: str = "cpu"
     dtype: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
+    batch_redis_url: str | None = None  # None: redis_url
     host: str = "127.0.0.1"
     port: int | None = None
     metrics_port: int | None = None  # 0: no metrics server
@@ -84,7 +90,10 @@ class Settings:
     drain_s: float = 2.0
     connection_age_s: float = 120.0
     max_requests: int = 64
+    max_uploads: int = 256
+    body_timeout_s: float = 30.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # never printed or logged
+    stage_token: str | None = field(default=None, repr=False)  # never printed or logged
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -127,6 +136,7 @@ class Settings:
             device=read("DARTSERVE_DEVICE", str, cls.device),
             dtype=read("DARTSERVE_DTYPE", str, None),
             redis_url=read("DARTSERVE_REDIS_URL", str, cls.redis_url),
+            batch_redis_url=read("DARTSERVE_BATCH_REDIS_URL", str, None),
             host=read("DARTSERVE_HOST", str, cls.host),
             port=read("DARTSERVE_PORT", int, None),
             metrics_port=read("DARTSERVE_METRICS_PORT", int, None, least=0),
@@ -146,7 +156,10 @@ class Settings:
             drain_s=read("DARTSERVE_DRAIN_S", float, cls.drain_s, least=0),
             connection_age_s=read("DARTSERVE_CONNECTION_AGE_S", float, cls.connection_age_s),
             max_requests=read("DARTSERVE_MAX_REQUESTS", int, cls.max_requests),
+            max_uploads=read("DARTSERVE_MAX_UPLOADS", int, cls.max_uploads),
+            body_timeout_s=read("DARTSERVE_BODY_TIMEOUT_S", float, cls.body_timeout_s),
             api_keys=_api_keys(env),
+            stage_token=_stage_token(env.get("DARTSERVE_STAGE_TOKEN_FILE")),
             **{name: read(f"DARTSERVE_{name.upper()}", str, None) for name in TLS_FILES},
             open_paths=read("DARTSERVE_OPEN_PATHS", _paths, cls.open_paths),
             batch_ttl_s=read("DARTSERVE_BATCH_TTL_S", int, cls.batch_ttl_s),
@@ -167,6 +180,10 @@ class Settings:
         return self.metrics_port if self.metrics_port is not None else DEFAULT_METRICS_PORTS[stage]
 
     @property
+    def batch_redis(self) -> str:
+        return self.batch_redis_url or self.redis_url
+
+    @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
@@ -175,15 +192,33 @@ def _api_keys(env) -> tuple[str, ...]:
     keys = [k.strip() for k in env.get("DARTSERVE_API_KEYS", "").split(",")]
     path = env.get("DARTSERVE_API_KEYS_FILE")
     if path:
-        try:
-            with open(path, encoding="utf-8") as lines:
-                keys += [line.strip() for line in lines]
-        except OSError as error:
-            raise ValueError(f"DARTSERVE_API_KEYS_FILE: cannot read {path}: {error.strerror}") from None
+        keys += [line.strip() for line in _secret("DARTSERVE_API_KEYS_FILE", path).splitlines()]
     keys = tuple(k for k in keys if k)
-    if any(k.startswith("replace-me") for k in keys):  # k8s/base/api-keys.txt, never to be served as is
+    if any(k.startswith(PLACEHOLDER) for k in keys):  # k8s/base/api-keys.txt, never to be served as is
         raise ValueError("an API key is still the placeholder; put real keys in DARTSERVE_API_KEYS(_FILE)")
     return keys
+
+
+def _stage_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = _secret("DARTSERVE_STAGE_TOKEN_FILE", path).strip()
+    if token.startswith(PLACEHOLDER):  # k8s/base/stage-token.txt, never to be used as is
+        raise ValueError("DARTSERVE_STAGE_TOKEN_FILE still holds the placeholder; put a generated token there")
+    # gRPC metadata values are printable ASCII.
+    if len(token) < 16 or not all("!" <= c <= "~" for c in token):
+        raise ValueError(f"DARTSERVE_STAGE_TOKEN_FILE: the token in {path} must be 16 or more printable ASCII characters, without spaces")
+    return token
+
+
+def _secret(name: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as secret:
+            return secret.read()
+    except OSError as error:
+        raise ValueError(f"{name}: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: {path} is not UTF-8 text") from None
 
 
 def _paths(raw: str) -> tuple[str, ...]:

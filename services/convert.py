@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from dartserve.checks import SettingError
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig, refuse_unread, settings_read_by
 from services.rpc.dartserve.v1 import common_pb2
@@ -36,7 +37,7 @@ def pruning_to_proto(config: PruningConfig) -> common_pb2.Pruning:
     message = common_pb2.Pruning(method=config.method)
     for name, value in config.to_dict().items():
         if name != "method" and value is not None:
-            setattr(message, name, value)
+            _set(message, name, value, f"pruning.{name}")
     return message
 
 
@@ -46,13 +47,23 @@ def pruning_from_proto(message: common_pb2.Pruning) -> PruningConfig:
 
 
 def sampling_to_proto(config: SamplingConfig) -> common_pb2.Sampling:
-    return common_pb2.Sampling(
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        seed=config.seed,
-        stop_token_ids=list(config.stop_token_ids),
-    )
+    message = common_pb2.Sampling()
+    for name in ("max_new_tokens", "temperature", "top_p", "seed"):
+        _set(message, name, getattr(config, name), name)
+    try:
+        message.stop_token_ids.extend(config.stop_token_ids)
+    except ValueError:
+        raise SettingError("a stop token id is out of range", "stop_token_ids") from None
+    return message
+
+
+def _set(message, name: str, value, param: str) -> None:
+    """A field of ``message``, or an error that names the request's setting when the value is
+    past what the field holds (a budget over 2**31, say)."""
+    try:
+        setattr(message, name, value)
+    except ValueError:
+        raise SettingError(f"{param} is out of range: {value}", param) from None
 
 
 def sampling_from_proto(message: common_pb2.Sampling) -> SamplingConfig:

@@ -17,6 +17,7 @@ from dartserve.checks import SettingError
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import Abandoned, StageMiss
 from services import tls
+from services.stage_auth import StageAuth, bind_host
 from services.stage_calls import StageCalls
 
 PARAM_KEY = "dartserve-param"  # trailing metadata: which request setting an INVALID_ARGUMENT is about
@@ -58,9 +59,11 @@ class Server:
     def __init__(self, stage: str, service_name: str, register, settings, port: int) -> None:
         limit = settings.max_message_bytes
         self.metrics = StageCalls(stage, service_name)
+        # The metrics come first: a call refused for its token is counted too (UNAUTHENTICATED).
+        interceptors = [self.metrics] + ([StageAuth(settings.stage_token)] if settings.stage_token else [])
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers),
-            interceptors=[self.metrics],
+            interceptors=interceptors,
             # Calls beyond those served and queued are refused at once (RESOURCE_EXHAUSTED).
             maximum_concurrent_rpcs=settings.workers + settings.max_queue,
             options=[
@@ -79,14 +82,15 @@ class Server:
             (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
         )
         credentials = tls.server_credentials(settings)
-        address = f"{settings.host}:{port}"
+        host = bind_host(settings, stage)
+        address = f"{host}:{port}"
         self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind {settings.host}:{port}")
+            raise OSError(f"cannot bind {address}")
         # On SIGTERM calls in flight may run to their deadline: a decode is not cut off halfway.
         self.service_name, self.drain_s, self.grace_s = service_name, settings.drain_s, settings.rpc_timeout_s
         if settings.metrics:
-            self.metrics.serve(settings.host, settings.metrics_port_for(stage))
+            self.metrics.serve(host, settings.metrics_port_for(stage))
         self.server.start()
         for name in ("", service_name):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -6,7 +6,7 @@ import torch
 
 from dartserve.demo import default_model
 from dartserve.engine import Engine
-from dartserve.kv.store import MemoryStore, RedisStore
+from dartserve.kv.store import MemoryStore, RedisStore, redis_client
 from dartserve.stages import DecodeStep, PrefillStep, VisionStep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,6 +43,8 @@ def start_stage(name: str, settings, engine: Engine | None = None, store=None, p
 def embedded_gateway(settings, engine: Engine | None = None):
     """The gateway with every stage in this process and an in-memory store (``dartserve serve``)."""
     from services.gateway.backends import LocalBackend
+    from services.gateway.prompt_limits import PromptLimits
+    from services.gateway.turns import LocalLeases
 
     engine = engine or load_engine(settings)
     store = MemoryStore(settings.memory_store_mb << 20)
@@ -51,34 +53,35 @@ def embedded_gateway(settings, engine: Engine | None = None):
         PrefillStep(engine, store, settings.ttl_s),
         DecodeStep(engine, store, settings.ttl_s),
     )
-    return _gateway(backend, store, settings)
+    return _gateway(backend, store, LocalLeases(), PromptLimits.of_adapter(engine.adapter), settings)
 
 
 def distributed_gateway(settings):
-    """The gateway in front of the gRPC stages, keeping conversations in Redis."""
+    """The gateway in front of the gRPC stages, keeping conversations in Redis; it loads the
+    model's processor and configuration (to refuse prompts that cannot fit), not its weights."""
     from services.gateway.backends import GrpcBackend
+    from services.gateway.prompt_limits import PromptLimits
+    from services.gateway.turns import RedisLeases
 
-    return _gateway(GrpcBackend(settings), RedisStore.from_url(settings.redis_url), settings)
+    leases = RedisLeases(redis_client(settings.batch_redis, socket_timeout=5.0, socket_connect_timeout=5.0))
+    limits = PromptLimits.for_model(settings.model or default_model())
+    return _gateway(GrpcBackend(settings), RedisStore.from_url(settings.redis_url), leases, limits, settings)
 
 
-def _gateway(backend, store, settings):
+def _gateway(backend, store, leases, limits, settings):
     """In both modes batches go through Redis (the Celery broker and the batch store), which a
     batch needs only when one is sent."""
     from services.gateway.app import Gateway
     from services.gateway.answers import Policy
     from services.gateway.batch_api import Batches
     from services.gateway.conversations import Conversations
+    from services.gateway.turns import TurnHolds
     from services.worker.app import make_celery
     from services.worker.batches import BatchStore
 
-    batches = Batches(
-        BatchStore.from_url(settings.redis_url, settings.batch_ttl_s), make_celery(settings), model_name(settings), Policy.from_settings(settings), settings.batch_max_requests
-    )
-    # A turn makes at most ten stage calls, each within the timeout: two encodes and two
-    # prefills, all of them again when the KV cache goes before decoding, and two decodes. A
-    # hold left by a gateway that died lapses with the conversation at the latest.
-    conversations = Conversations(store, settings.ttl_s, turn_s=min(10 * int(settings.rpc_timeout_s) + 10, settings.ttl_s))
-    return Gateway(backend, conversations, model_name(settings), settings, batches)
+    policy = Policy.from_settings(settings, limits)
+    batches = Batches(BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s), make_celery(settings), model_name(settings), policy, settings.batch_max_requests)
+    return Gateway(backend, Conversations(store, settings.ttl_s, TurnHolds(leases)), model_name(settings), settings, policy, batches)
 
 
 def serve_http(gateway, settings) -> None:
@@ -86,13 +89,18 @@ def serve_http(gateway, settings) -> None:
 
     from services.gateway.app import create_app
 
+    from services.gateway.protocol import JsonErrorsH11Protocol
+
     # Logging as configured (JSON, one line per request from the gateway itself).
-    uvicorn.run(create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_config=None, access_log=False)
+    uvicorn.run(
+        create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_config=None, access_log=False, http=JsonErrorsH11Protocol
+    )
 
 
 def run_worker(settings, local: bool, concurrency: int) -> None:
     """A Celery worker for batch items: stages over gRPC, or in this process with ``local``."""
     from services.gateway.backends import GrpcBackend, LocalBackend
+    from services.gateway.prompt_limits import PromptLimits
     from services.worker.tasks import Worker, worker_app
 
     if local:
@@ -103,9 +111,11 @@ def run_worker(settings, local: bool, concurrency: int) -> None:
             PrefillStep(engine, store, settings.ttl_s),
             DecodeStep(engine, store, settings.ttl_s),
         )
+        limits = PromptLimits.of_adapter(engine.adapter)
     else:
         backend = GrpcBackend(settings)
-    app = worker_app(settings, Worker(settings, backend, model_name(settings)))
+        limits = PromptLimits.for_model(settings.model or default_model())
+    app = worker_app(settings, Worker(settings, backend, model_name(settings), limits))
     # One process: the stages' model (or channels) is loaded once; threads share it.
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
     app.worker_main(["--quiet", "worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", *pool])  # no banner: every line is JSON

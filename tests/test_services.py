@@ -63,7 +63,7 @@ def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, redis_se
         assert body["pruning"] == PruningConfig(**pruning).applied(576)
         # The answers are a word or two: the KV cache the stages left in Redis is checked too,
         # against the same answer's cache left in memory by the stages run in this process.
-        record = conv.Conversations(redis_store, 60).get(conv.by_id(body["conversation_id"]))
+        record = conv.Conversations(redis_store, 60, None).get(conv.by_id("", body["conversation_id"]))
         question = Question([data], [{"role": "user", "content": item.question}], PruningConfig(**pruning), SAMPLING)
         final = next(e for e in answer(in_process, question, stream=False) if isinstance(e, Final))
         stored, _ = DecodeStep(demo_engine, redis_store)._load(record["kv_handle"])

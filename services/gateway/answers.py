@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dartserve.models.base import chat_messages
 from services.convert import merge_pruning
 from services.gateway.image_urls import ImageUrls
 from services.gateway.inputs import ApiError, image_bytes, sampling, validated
 from services.gateway.pipeline import Delta, Final, Question
+from services.gateway.prompt_limits import PromptLimits
 
 
 class PruningIn(BaseModel):
@@ -60,31 +62,42 @@ class Policy:
     default_pruning: dict
     max_images: int
     image_urls: ImageUrls | None = None  # None: no image is fetched by URL
+    limits: PromptLimits | None = None  # None: the stages alone find a prompt too long
 
     @classmethod
-    def from_settings(cls, settings) -> Policy:
+    def from_settings(cls, settings, limits: PromptLimits | None = None) -> Policy:
         urls = ImageUrls(settings.image_url_hosts, settings.max_message_bytes) if settings.image_url_hosts else None
-        return cls(settings.pruning, settings.max_images, urls)
+        return cls(settings.pruning, settings.max_images, urls, limits)
 
 
-def make_question(images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, policy: Policy) -> Question:
+def make_question(
+    images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, policy: Policy, tenant: str = "", context_tokens: int = 0
+) -> Question:
+    """``context_tokens``: the positions of the conversation's turns that are cached, of which
+    only the last message is new."""
     if len(images) > policy.max_images:
         raise ApiError(400, f"{len(images)} images; at most {policy.max_images} are allowed in one request", "images")
+    chat_messages(messages)  # text the tokenizer can take (no lone surrogates), in turns that alternate
+    if policy.limits is not None:
+        # What the cache holds is counted in context_tokens, images included. A system message
+        # counts for nothing: some templates leave it out.
+        new = messages[-1:] if context_tokens else [m for m in messages if m["role"] != "system"]
+        policy.limits.check([] if context_tokens else images, [m["content"] for m in new], sampling_config.max_new_tokens, context_tokens)
     try:
         config = merge_pruning(pruning, policy.default_pruning)
     except ValueError as error:
         raise ApiError(400, str(error), "pruning") from None
-    return Question(images, messages, config, sampling_config)
+    return Question(images, messages, config, sampling_config, tenant)
 
 
-def first_turn(body: AnswerIn, images: list[bytes], policy: Policy) -> Question:
+def first_turn(body: AnswerIn, images: list[bytes], policy: Policy, tenant: str = "") -> Question:
     """The question of a request that starts a conversation."""
     if not images:
         raise ApiError(400, "a conversation's first turn needs an image: 'image', 'images' or an uploaded file", "image")
     config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
     # An explicit null budget or ratio is kept: it asks for every vision token.
     pruning = body.pruning.model_dump(exclude_unset=True) if body.pruning else None
-    return make_question(images, [{"role": "user", "content": body.question}], pruning, config, policy)
+    return make_question(images, [{"role": "user", "content": body.question}], pruning, config, policy, tenant)
 
 
 class AnswerShape:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import json
 import logging
@@ -19,21 +18,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dartserve.stages import StageMiss
-from services import request_ids
 from services.gateway import conversations as conv
 from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
 from services.gateway.backends import Overloaded, Unavailable
 from services.gateway.answers import AnswerIn, AnswerShape, Policy, answer_images, first_turn, make_question, parse_answer
 from services.gateway.inputs import ApiError, json_body, json_object, media_type, sampling
 from services.gateway.metrics import Metrics
+from services.gateway.middleware import CLIENT_LEFT, COUNTED_BY_STREAM, SERVER_ERROR, ApiKeys, BodyGuard, RequestLog, endpoint, state, tenant
 from services.gateway.pipeline import Final, Question, answer
 from services.gateway.schemas import Answer, Health, ModelCard, ModelList, Readiness, answered, drop_validation_errors
 
 
 log = logging.getLogger(__name__)
 SPARE_THREADS = 8
-CLIENT_LEFT = "499"  # nginx's status for a client that closed the connection before the answer ended
-SERVER_ERROR = {"error": {"type": "server_error", "message": "the server failed to answer; its log says why", "param": None}}
 
 
 def _no_turn() -> None:
@@ -43,32 +40,39 @@ def _no_turn() -> None:
 class Gateway:
     """The app's state: how it reaches the stages, its conversations, defaults and metrics."""
 
-    def __init__(self, backend, conversations: conv.Conversations, model_name: str, settings, batches=None) -> None:
-        self.backend, self.conversations, self.model_name = backend, conversations, model_name
+    def __init__(self, backend, conversations: conv.Conversations, model_name: str, settings, policy: Policy, batches=None) -> None:
+        self.backend, self.conversations, self.model_name, self.policy = backend, conversations, model_name, policy
         self.batches = batches  # None: this gateway takes no batches
-        self.policy = Policy.from_settings(settings)
         self.max_body_bytes, self.max_batch_bytes = settings.max_message_bytes, settings.batch_max_mb << 20
-        self.admission = Admission(settings.max_requests)
-        self.api_keys = tuple(key.encode() for key in settings.api_keys)  # none: the gateway is open
-        self.open_paths = settings.open_paths
+        self.admission = Admission(settings.max_requests, "answering")
+        # Bodies still arriving hold no answer slot: a client that uploads slowly keeps no one
+        # else from being answered, and BodyGuard bounds how long it may take.
+        self.uploads = Admission(settings.max_uploads, "receiving")
+        self.api_keys, self.open_paths, self.body_timeout_s = settings.api_keys, settings.open_paths, settings.body_timeout_s
         self.metrics = Metrics()
         self.metrics.in_flight.set_function(lambda: self.admission.active)  # admitted requests are the ones in flight
         self.created = int(time.time())
 
-    def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config) -> Question:
-        return make_question(images, messages, pruning, sampling_config, self.policy)
+    def question(self, images: list[bytes], messages: list[dict], pruning: dict | None, sampling_config, tenant: str, context_tokens: int = 0) -> Question:
+        return make_question(images, messages, pruning, sampling_config, self.policy, tenant, context_tokens)
 
-    async def admitted(self, work, read):
-        """Admits the request, then reads its body (``await read()``: the arguments of ``work``)
-        and runs ``work(*arguments, slot)`` on a thread. Only admitted requests hold a body in
-        memory. A streamed answer keeps its slot until the stream ends."""
+    async def admitted(self, request: Request, work, read):
+        """Reads the request's body (``await read()``: the arguments of ``work``), then admits
+        it and runs ``work(*arguments, slot)`` on a thread. A request that would find every
+        slot taken is refused before its body is read. A streamed answer keeps its slot until
+        the stream ends, and counts itself in the metrics then."""
+        self.admission.check()
+        with self.uploads.enter():
+            arguments = await read()
         slot = self.admission.enter()
         try:
-            response = await run_in_threadpool(work, *await read(), slot)
+            response = await run_in_threadpool(work, *arguments, slot)
         except BaseException:
             slot.release()
             raise
-        if not isinstance(response, StreamingResponse):
+        if isinstance(response, StreamingResponse):
+            state(request.scope)[COUNTED_BY_STREAM] = True
+        else:
             slot.release()
         return response
 
@@ -84,9 +88,7 @@ class Gateway:
                 self._finish(final, record_key, started)
             finally:
                 end_turn()
-            response = JSONResponse(shape.body(final))
-            self.metrics.requests.labels(endpoint, "200").inc()
-            return response
+            return JSONResponse(shape.body(final))
         try:
             first = next(events)  # errors before the first token still get a proper status
         except BaseException:
@@ -121,7 +123,7 @@ class Gateway:
                 yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
                 events.close()  # a client that left stops the decode, and a gRPC stream is cancelled
-                end(CLIENT_LEFT)  # unless it ended above: the client left mid-answer
+                end(str(CLIENT_LEFT))  # unless it ended above: the client left mid-answer
                 end_turn()
                 slot.release()
 
@@ -132,7 +134,7 @@ class Gateway:
             closed now, not whenever it is collected; one that never began runs no ``finally``,
             so the turn and the slot are released here too."""
             stream.close()
-            end(CLIENT_LEFT)
+            end(str(CLIENT_LEFT))
             end_turn()
             slot.release()
 
@@ -144,14 +146,18 @@ class Gateway:
 
 
 def as_api_error(error: ApiError | ValueError | Unavailable | StageMiss, endpoint: str) -> ApiError:
-    """The HTTP error that a library or stage error is, in a reply or in a stream."""
+    """The HTTP error that a library or stage error is, in a reply or in a stream. What a stage
+    or the store said when it failed (addresses, keys) goes to the log, under the request id;
+    the client gets a message that does not change with them."""
     if isinstance(error, ApiError):
         return error
     if isinstance(error, ValueError):
         return ApiError(400, str(error), _param(error, endpoint))
+    log.warning("answered %s: %s", "429" if isinstance(error, Overloaded) else "503", error)
     if isinstance(error, Overloaded):
-        return ApiError(429, str(error), kind="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER_S})
-    return ApiError(503, str(error), kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
+        return ApiError(429, error.public, kind="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER_S})
+    public = error.public if isinstance(error, Unavailable) else Unavailable.public
+    return ApiError(503, public, kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -171,11 +177,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(ApiError)
     def api_error(request: Request, error: ApiError):
-        gateway.metrics.requests.labels(_endpoint(request), str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     def library_error(request: Request, error: ValueError | Unavailable | StageMiss):
-        return api_error(request, as_api_error(error, _endpoint(request)))
+        return api_error(request, as_api_error(error, endpoint(request.scope)))
 
     for kind in (ValueError, Unavailable, StageMiss):
         app.add_exception_handler(kind, library_error)
@@ -185,24 +190,18 @@ def create_app(gateway: Gateway) -> FastAPI:
         kind = "not_found" if error.status_code == 404 else "invalid_request_error"
         return api_error(request, ApiError(error.status_code, str(error.detail), kind=kind, headers=error.headers))  # a 405 keeps its Allow
 
-    # Added first, so it is the innermost middleware (see BodyLimit).
-    app.add_middleware(BodyLimit, limit_for=lambda path: gateway.max_batch_bytes if path == "/v1/batches" else gateway.max_body_bytes)
-
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        if gateway.api_keys and request.url.path not in gateway.open_paths and not _authorized(request, gateway.api_keys):
-            error = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'", kind="authentication_error")
-            return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
+    # Each one added goes outside those before it: RequestLog, then ApiKeys, then BodyGuard.
+    app.add_middleware(BodyGuard, limit_for=lambda path: gateway.max_batch_bytes if path == "/v1/batches" else gateway.max_body_bytes, timeout_s=gateway.body_timeout_s)
+    app.add_middleware(ApiKeys, keys=gateway.api_keys, open_paths=gateway.open_paths)
+    app.add_middleware(RequestLog, metrics=gateway.metrics)
 
     @app.post("/v1/answer", openapi_extra=json_body(AnswerIn.model_json_schema()), responses=answered(Answer, 400, 404, 409, 413, 415, 429, 503, stream=True))
     async def answer_endpoint(request: Request):
         async def read():
             fields, uploads = await _answer_fields(request)
-            return gateway, parse_answer(fields), uploads
+            return gateway, tenant(request), parse_answer(fields), uploads
 
-        return await gateway.admitted(_answer, read)
+        return await gateway.admitted(request, _answer, read)
 
     def model_card() -> dict:
         return {"id": gateway.model_name, "object": "model", "created": gateway.created, "owned_by": "dartserve"}
@@ -231,60 +230,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def metrics():
         return PlainTextResponse(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.middleware("http")  # registered last, so it runs first: even a 401 or a 413 has an id
-    async def request_id(request: Request, call_next):
-        rid = request_ids.accept(request.headers.get(request_ids.HEADER))
-        request_ids.current.set(rid)
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: JSON like every other error, with its id; the log has the trace
-            log.exception("%s %s failed", request.method, request.url.path)
-            gateway.metrics.requests.labels(_endpoint(request), "500").inc()
-            response = JSONResponse(SERVER_ERROR, status_code=500)
-        response.headers["X-Request-Id"] = rid
-        fields = {"method": request.method, "path": request.url.path, "status": response.status_code, "ms": round((time.perf_counter() - started) * 1e3, 2)}
-        log.info("%s %s %d", request.method, request.url.path, response.status_code, extra={"fields": fields})
-        return response
-
     register_chat(app, gateway)
     if gateway.batches is not None:
-        register_batches(app, gateway.batches)
+        register_batches(app, gateway.batches, gateway.uploads)
     drop_validation_errors(app)
     return app
-
-
-class BodyLimit:
-    """413 for a body over ``limit_for(path)`` bytes: by its Content-Length before it is read,
-    or, for one sent without (chunked), as soon as that much has arrived. It must sit next to
-    the app, inside the other middleware: its error, raised while the app reads the body, then
-    reaches the app's error handlers."""
-
-    def __init__(self, app, limit_for) -> None:
-        self.app, self.limit_for = app, limit_for
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.limit_for(scope["path"])
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return await JSONResponse(_too_large(limit).body(), status_code=413)(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _too_large(limit)
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the body is over the limit of {limit} bytes", kind="request_too_large")
 
 
 # The chat API's names for what /v1/answer calls max_new_tokens, question and image(s).
@@ -295,21 +245,6 @@ def _param(error: ValueError, endpoint: str) -> str | None:
     """The request field a library error is about, in the endpoint's own names."""
     param = getattr(error, "param", None)
     return _CHAT_PARAMS.get(param, param) if endpoint == "/v1/chat/completions" else param
-
-
-def _endpoint(request: Request) -> str:
-    """The route's path template: a label per endpoint, not per path a client made up."""
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
-
-
-def _authorized(request: Request, keys: tuple[bytes, ...]) -> bool:
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    given_bytes = given.strip().encode()
-    # Every key is compared, each in constant time: the time taken tells nothing about any key.
-    return any([hmac.compare_digest(given_bytes, key) for key in keys])
 
 
 async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
@@ -339,30 +274,33 @@ async def _answer_fields(request: Request) -> tuple[dict, list[bytes]]:
     raise ApiError(415, "send application/json or multipart/form-data", kind="unsupported_media_type")
 
 
-def _answer(gateway: Gateway, body: AnswerIn, uploads: list[bytes], slot: Slot):
+def _answer(gateway: Gateway, tenant: str, body: AnswerIn, uploads: list[bytes], slot: Slot):
     images = answer_images(body, uploads, gateway.policy)
+    key = conv.by_id(tenant, body.conversation_id) if body.conversation_id else None
     # The conversation is held before its record is read: see Conversations.begin_turn.
-    end_turn = gateway.conversations.begin_turn(body.conversation_id) if body.conversation_id else _no_turn
+    end_turn = gateway.conversations.begin_turn(key) if key else _no_turn
     try:
-        previous = gateway.conversations.get(conv.by_id(body.conversation_id)) if body.conversation_id else None
-        return _turn(gateway, body, images, previous, slot, end_turn)
+        previous = gateway.conversations.get(key) if key else None
+        return _turn(gateway, tenant, body, images, previous, slot, end_turn)
     except BaseException:
         end_turn()
         raise
 
 
-def _turn(gateway: Gateway, body: AnswerIn, images: list[bytes], previous: dict | None, slot: Slot, end_turn):
+def _turn(gateway: Gateway, tenant: str, body: AnswerIn, images: list[bytes], previous: dict | None, slot: Slot, end_turn):
     if previous is None:
         if body.conversation_id and not images:
             raise ApiError(404, f"conversation {body.conversation_id!r} is unknown or expired", "conversation_id", kind="not_found")
-        question = first_turn(body, images, gateway.policy)
+        question = first_turn(body, images, gateway.policy, tenant)
     else:
         if images:
             raise ApiError(400, "images belong to a conversation's first turn; this conversation already has its images", "image")
         if body.pruning is not None:
             raise ApiError(400, "a conversation keeps the pruning of its first turn", "pruning")
         config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
-        question = gateway.question(images, previous["messages"] + [{"role": "user", "content": body.question}], None, config)
+        messages = previous["messages"] + [{"role": "user", "content": body.question}]
+        question = gateway.question(images, messages, None, config, tenant, previous["context_tokens"])
     conversation_id = body.conversation_id or uuid.uuid4().hex
     shape = AnswerShape(gateway.model_name, conversation_id)
-    return gateway.run(question, previous, lambda final: conv.by_id(conversation_id), shape, body.stream, "/v1/answer", slot, end_turn)
+    key = conv.by_id(tenant, conversation_id)
+    return gateway.run(question, previous, lambda final: key, shape, body.stream, "/v1/answer", slot, end_turn)

@@ -19,27 +19,32 @@ from dartserve.kv.store import StoreUnavailable
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
-from services import request_ids, tls
+from services import request_ids, stage_auth, tls
 from services.grpc_server import PARAM_KEY
 from services.convert import from_message, pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
 
 class Unavailable(Exception):
-    """A stage or the store did not answer: the gateway replies 503."""
+    """A stage or the store did not answer: the gateway replies 503. Its text, which may name
+    addresses and keys, is for the log; a client is told ``public``."""
+
+    public = "a service the gateway needs is unavailable; retry shortly"
 
 
 class Overloaded(Unavailable):
     """A stage is answering all the calls it admits: the gateway replies 429, a batch item waits."""
+
+    public = "the services are answering all the requests they admit; retry shortly"
 
 
 class LocalBackend:
     def __init__(self, vision: VisionStep, prefill: PrefillStep, decode: DecodeStep) -> None:
         self.vision, self.prefill_step, self.decode = vision, prefill, decode
 
-    def encode(self, images: list[bytes], conversation: list[dict]) -> Encoded:
+    def encode(self, images: list[bytes], conversation: list[dict], tenant: str = "") -> Encoded:
         with store_errors():
-            return self.vision.encode(images, conversation)
+            return self.vision.encode(images, conversation, cache_scope=tenant)
 
     def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
         with store_errors():
@@ -77,6 +82,7 @@ class GrpcBackend:
             ("grpc.lb_policy_name", "round_robin"),
         ]
         self.timeout_s = settings.rpc_timeout_s
+        self.credentials = stage_auth.call_metadata(settings)
         self.channels = {
             name: tls.channel(address, settings, options)
             for name, address in (("vision", settings.vision_addr), ("pruner", settings.pruner_addr), ("generator", settings.generator_addr))
@@ -85,10 +91,11 @@ class GrpcBackend:
         self.pruner = pruner_pb2_grpc.PrunerServiceStub(self.channels["pruner"])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels["generator"])
 
-    def encode(self, images: list[bytes], conversation: list[dict]) -> Encoded:
-        request = vision_pb2.EncodeRequest(images=images, conversation=[vision_pb2.Turn(role=t["role"], content=t["content"]) for t in conversation])
+    def encode(self, images: list[bytes], conversation: list[dict], tenant: str = "") -> Encoded:
+        turns = [vision_pb2.Turn(role=t["role"], content=t["content"]) for t in conversation]
+        request = vision_pb2.EncodeRequest(images=images, conversation=turns, cache_scope=tenant)
         with _rpc_errors():
-            reply = self.vision.Encode(request, timeout=self.timeout_s, metadata=request_ids.metadata())
+            reply = self.vision.Encode(request, timeout=self.timeout_s, metadata=self._metadata())
         return from_message(reply, Encoded)
 
     def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
@@ -96,20 +103,23 @@ class GrpcBackend:
             prompt_ref=prompt_ref, pruning=pruning_to_proto(pruning), sampling=sampling_to_proto(sampling), image_hashes=image_hashes
         )
         with _rpc_errors():
-            r = self.pruner.Prefill(request, timeout=self.timeout_s, metadata=request_ids.metadata())
+            r = self.pruner.Prefill(request, timeout=self.timeout_s, metadata=self._metadata())
         return from_message(r, Prefilled, pruning=json.loads(r.pruning_json))
 
     def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, stream: bool = True) -> Iterator[Chunk]:
         request = generator_pb2.GenerateRequest(kv_handle=kv_handle, sampling=sampling_to_proto(sampling), pending_token=pending, question=question)
         with _rpc_errors():
             if not stream:
-                yield from_message(self.generator.Complete(request, timeout=self.timeout_s, metadata=request_ids.metadata()), Chunk)
+                yield from_message(self.generator.Complete(request, timeout=self.timeout_s, metadata=self._metadata()), Chunk)
                 return
-            chunks = self.generator.Generate(request, timeout=self.timeout_s, metadata=request_ids.metadata())
+            chunks = self.generator.Generate(request, timeout=self.timeout_s, metadata=self._metadata())
             try:
                 yield from (from_message(c, Chunk) for c in chunks)
             finally:
                 chunks.cancel()  # a client that went away stops the decode
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.credentials + request_ids.metadata()
 
     def readiness(self) -> dict[str, bool]:
         """Whether each stage answers its health check, asked of all at once. A stage that refuses
@@ -141,7 +151,7 @@ class _rpc_errors:
             param = dict(error.trailing_metadata() or ()).get(PARAM_KEY)
             raise (SettingError(details, param) if param else ValueError(details)) from None
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
-            raise ValueError(f"the request is too large for the services: {details}") from None
+            raise ValueError("the request is over DARTSERVE_MAX_MESSAGE_MB once its images are encoded") from None
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise Overloaded(f"a stage is at its limit of concurrent calls: {details}") from None
         if code == grpc.StatusCode.NOT_FOUND:
@@ -151,4 +161,5 @@ class _rpc_errors:
         return False  # anything else is a bug in a stage, and shows as one
 
 
-_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# UNAUTHENTICATED: the stage and its caller hold different stage tokens, a deployment fault.
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAUTHENTICATED}

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from services.gateway.answers import Policy, answer_images, first_turn, parse_answer
 from services.gateway.backends import Unavailable, store_errors
 from services.gateway.inputs import ApiError, json_body, json_object, media_type
+from services.gateway.middleware import tenant
 from services.gateway.schemas import Batch, InvalidBatch, answered, errors
 from services.worker.app import queue_items
 from services.worker.batches import FINISHED, UnknownBatch
@@ -25,13 +26,14 @@ MAX_REPORTED = 50  # bad lines listed in one error
 
 
 class Batches:
-    """The gateway's side of batches: checking, storing and queueing them, and reading them back."""
+    """The gateway's side of batches: checking, storing and queueing them, and reading them back,
+    each for the tenant that created it."""
 
     def __init__(self, store, celery, model_name: str, policy: Policy, max_requests: int) -> None:
         self.store, self.celery, self.model_name, self.max_requests = store, celery, model_name, max_requests
         self.policy = policy
 
-    def submit(self, requests: list[tuple[int, object]]) -> dict:
+    def submit(self, tenant: str, requests: list[tuple[int, object]]) -> dict:
         """``requests`` are (line number, parsed JSON) pairs."""
         if not requests:
             raise ApiError(400, "the batch has no requests", "requests")
@@ -40,37 +42,63 @@ class Batches:
         items, images, errors, seen = [], {}, [], set()
         for line, request in requests:
             try:
-                items.append(_item(request, seen, images, self.policy))
+                items.append(_item(request, seen, images, self.policy, tenant))
             except ApiError as error:
                 errors.append({"line": line, "message": error.message, "param": error.param})
+            except ValueError as error:  # found from what the request asks of the model
+                errors.append({"line": line, "message": str(error), "param": getattr(error, "param", None)})
         if errors:
             raise InvalidLines(errors, len(requests))
         with store_errors():
-            batch_id = self.store.create(items, images, self.model_name)
+            batch_id = self.store.create(items, images, self.model_name, tenant)
             try:
                 queue_items(self.celery, batch_id, len(items))
             except Exception as error:  # the broker refused: the batch must not sit queued forever
-                self.store.fail(batch_id, f"could not queue the batch: {error}")
+                self.store.fail(batch_id, "the batch could not be queued: the queue was unreachable")
                 raise Unavailable(f"the batch queue is unreachable: {error}") from None
-            return self.store.status(batch_id)
+            return self.store.status(batch_id, tenant)
 
-    def status(self, batch_id: str) -> dict:
-        with store_errors(), _unknown():
-            return self.store.status(batch_id)
+    def status(self, tenant: str, batch_id: str) -> dict:
+        with store_errors():
+            try:
+                return self.store.status(batch_id, tenant)
+            except UnknownBatch:
+                return self._lost(tenant, batch_id)
 
-    def results(self, batch_id: str) -> list[dict]:
-        with store_errors(), _unknown():
-            return self.store.results(batch_id)
+    def results(self, tenant: str, batch_id: str) -> list[dict]:
+        with store_errors():
+            try:
+                return self.store.results(batch_id, tenant)
+            except UnknownBatch:
+                self._lost(tenant, batch_id)
+                return []  # nothing of it is left to list
 
-    def cancel(self, batch_id: str) -> dict:
-        with store_errors(), _unknown():
-            before = self.store.cancel(batch_id)
+    def cancel(self, tenant: str, batch_id: str) -> dict:
+        with store_errors():
+            try:
+                before = self.store.cancel(batch_id, tenant)
+            except UnknownBatch:
+                before = self._lost(tenant, batch_id)["status"]
             if before in FINISHED:
                 raise ApiError(409, f"batch {batch_id!r} is already {before}", "batch_id", kind="conflict")
-            return self.store.status(batch_id)
+            return self.store.status(batch_id, tenant)
+
+    def _lost(self, tenant: str, batch_id: str) -> dict:
+        """The status of a batch this gateway made for ``tenant`` whose records are gone (a
+        Redis that restarted without them, or evicted them): failed, saying so. Any other id
+        is a 404."""
+        created = self.store.issued(batch_id, tenant)
+        if created is None:
+            raise ApiError(404, f"batch {batch_id!r} is unknown or expired", "batch_id", kind="not_found")
+        return {
+            "id": batch_id, "object": "batch", "endpoint": "/v1/answer", "model": self.model_name, "status": "failed",
+            "request_counts": {"total": 0, "done": 0, "failed": 0},
+            "created_at": created, "started_at": None, "finished_at": None, "cancelled_at": None, "expires_at": created + self.store.ttl_s,
+            "error": "the batch's records are gone from Redis (it restarted without them, or evicted them): its requests and answers cannot be recovered",
+        }
 
 
-def _item(request, seen: set, images: dict, policy: Policy) -> dict:
+def _item(request, seen: set, images: dict, policy: Policy, tenant: str) -> dict:
     if not isinstance(request, dict):
         raise ApiError(400, "a request must be a JSON object")
     try:
@@ -96,7 +124,7 @@ def _item(request, seen: set, images: dict, policy: Policy) -> dict:
     if body.conversation_id is not None:
         raise ApiError(400, "conversation_id is not supported in a batch", "conversation_id")
     images_of_item = answer_images(body, [], policy)
-    first_turn(body, images_of_item, policy)  # checks the settings and the limits
+    first_turn(body, images_of_item, policy, tenant)  # checks the settings and the limits
     hashes = []
     for data in images_of_item:
         digest = hashlib.sha256(data).hexdigest()
@@ -104,7 +132,7 @@ def _item(request, seen: set, images: dict, policy: Policy) -> dict:
         hashes.append(digest)
     fields.pop("image", None)
     fields.pop("images", None)
-    return {"custom_id": custom_id, "fields": fields, "images": hashes}
+    return {"custom_id": custom_id, "fields": fields, "images": hashes, "tenant": tenant}
 
 
 def parse_jsonl(data: bytes) -> list[tuple[int, object]]:
@@ -139,16 +167,6 @@ class InvalidLines(Exception):
         return JSONResponse({**error.body(), "errors": self.errors[:MAX_REPORTED]}, status_code=400)
 
 
-class _unknown:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, UnknownBatch):
-            raise ApiError(404, str(error), "batch_id", kind="not_found") from None
-        return False
-
-
 async def _requests(request: Request) -> list[tuple[int, object]]:
     kind = media_type(request)
     if kind == "application/json":
@@ -168,7 +186,8 @@ async def _requests(request: Request) -> list[tuple[int, object]]:
     raise ApiError(415, "send JSONL (application/jsonl), a JSON object with requests, or a multipart file", kind="unsupported_media_type")
 
 
-def register_batches(app: FastAPI, batches: Batches) -> None:
+def register_batches(app: FastAPI, batches: Batches, uploads) -> None:
+    """``uploads``: the gateway's admission of bodies being received (a batch's may be large)."""
     batch_schema = {"type": "object", "required": ["requests"], "additionalProperties": False, "properties": {"requests": {"type": "array", "items": {"type": "object"}}}}
 
     created = answered(Batch, 413, 415, 503, status=202) | {400: {"model": InvalidBatch, "description": "invalid lines; `errors` lists each"}}
@@ -176,20 +195,22 @@ def register_batches(app: FastAPI, batches: Batches) -> None:
     @app.post("/v1/batches", status_code=202, openapi_extra=json_body(batch_schema), responses=created)
     async def create(request: Request):
         try:
-            created = await run_in_threadpool(batches.submit, await _requests(request))
+            with uploads.enter():
+                requests = await _requests(request)
+            created = await run_in_threadpool(batches.submit, tenant(request), requests)
         except InvalidLines as errors:
             return errors.response()
         return JSONResponse(created, status_code=202)
 
     @app.get("/v1/batches/{batch_id}", responses=answered(Batch, 404, 503))
-    def status(batch_id: str):
-        return batches.status(batch_id)
+    def status(request: Request, batch_id: str):
+        return batches.status(tenant(request), batch_id)
 
     @app.get("/v1/batches/{batch_id}/results", response_class=Response, responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}, "description": "one line per request, in input order"}} | errors(404, 503))
-    def results(batch_id: str):
-        lines = "".join(json.dumps(r) + "\n" for r in batches.results(batch_id))
+    def results(request: Request, batch_id: str):
+        lines = "".join(json.dumps(r) + "\n" for r in batches.results(tenant(request), batch_id))
         return Response(lines, media_type="application/jsonl")
 
     @app.post("/v1/batches/{batch_id}/cancel", responses=answered(Batch, 404, 409, 503))
-    def cancel(batch_id: str):
-        return batches.cancel(batch_id)
+    def cancel(request: Request, batch_id: str):
+        return batches.cancel(tenant(request), batch_id)

@@ -4,6 +4,8 @@ Redirects are not followed, and a download stops at the size limit."""
 
 from __future__ import annotations
 
+import http.client
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -12,6 +14,7 @@ import urllib.request
 from services.gateway.inputs import ApiError
 
 TIMEOUT_S = 10.0
+_URL = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$")
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -29,11 +32,19 @@ class ImageUrls:
         return any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
 
     def fetch(self, url: str, param: str) -> bytes:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        # Only what RFC 3986 allows in a URL: no spaces or control characters (CR/LF would go
+        # into the request line), no backslash (parsers disagree on where its host ends).
+        if not _URL.match(url):
+            raise ApiError(400, "an image URL may hold only the characters RFC 3986 allows (percent-encode the others)", param)
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            host = parsed.hostname
+        except ValueError:  # an invalid port or IPv6 literal
+            host = None
+        if parsed.scheme not in ("http", "https") or not host:
             raise ApiError(400, "an image URL must be http(s)://host/...", param)
-        if not self.allowed(parsed.hostname):
-            raise ApiError(400, f"image URLs from {parsed.hostname!r} are not fetched; send the image as base64 or a data URL", param)
+        if not self.allowed(host):
+            raise ApiError(400, f"image URLs from {host!r} are not fetched; send the image as base64 or a data URL", param)
         deadline = time.monotonic() + TIMEOUT_S
         try:
             with self._opener.open(url, timeout=TIMEOUT_S) as reply:
@@ -42,8 +53,9 @@ class ImageUrls:
                 data = self._read(reply, deadline, param)
         except urllib.error.HTTPError as error:
             raise ApiError(400, f"fetching the image gave HTTP {error.code}", param) from None
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise ApiError(400, f"the image could not be fetched: {getattr(error, 'reason', error)}", param) from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+            # HTTPException: what urllib raises for a URL it cannot send or a reply that is not HTTP.
+            raise ApiError(400, f"the image could not be fetched: {type(error).__name__}", param) from None
         if len(data) > self.max_bytes:
             raise ApiError(400, f"the image at the URL is over {self.max_bytes} bytes", param)
         if not data:

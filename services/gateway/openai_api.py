@@ -20,6 +20,7 @@ from services.gateway import conversations as conv
 from services.gateway.answers import PruningIn
 from services.gateway.app import Gateway
 from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, media_type, sampling, validated
+from services.gateway.middleware import tenant
 from services.gateway.pipeline import Delta, Final
 from services.gateway.schemas import ChatCompletion, answered
 
@@ -159,12 +160,12 @@ def register_chat(app: FastAPI, gateway: Gateway) -> None:
         async def read():
             if media_type(request) != "application/json":
                 raise ApiError(415, "send application/json", kind="unsupported_media_type")
-            return gateway, validated(ChatIn, await json_object(request))
+            return gateway, tenant(request), validated(ChatIn, await json_object(request))
 
-        return await gateway.admitted(_chat, read)
+        return await gateway.admitted(request, _chat, read)
 
 
-def _chat(gateway: Gateway, body: ChatIn, slot):
+def _chat(gateway: Gateway, tenant: str, body: ChatIn, slot):
     if body.model != gateway.model_name:
         raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {gateway.model_name!r}", "model", kind="not_found")
     if body.n != 1:
@@ -178,14 +179,15 @@ def _chat(gateway: Gateway, body: ChatIn, slot):
     config = _sampling(body, limits)
     hashes = [hashlib.sha256(image).hexdigest() for image in images]
     answered = any(turn["role"] == "assistant" for turn in turns)
-    previous = gateway.conversations.get(conv.by_content(gateway.model_name, hashes, turns[:-1])) if answered else None
+    previous = gateway.conversations.get(conv.by_content(tenant, gateway.model_name, hashes, turns[:-1])) if answered else None
     pruning = body.pruning.model_dump(exclude_unset=True) if body.pruning else None
-    question = gateway.question(images, turns, pruning, config)
+    question = gateway.question(images, turns, pruning, config, tenant, previous["context_tokens"] if previous else 0)
     if previous is not None and previous["pruning"] != question.pruning.to_dict():
-        previous = None  # a conversation keeps its pruning: other settings start it afresh
+        previous = None  # a conversation keeps its pruning: other settings start it afresh, checked as a whole
+        question = gateway.question(images, turns, pruning, config, tenant)
     if previous is None and not images:
         raise ApiError(400, "the first user message must carry an image (an image_url part)", "messages")
-    key = lambda final: conv.by_content(gateway.model_name, hashes, final.record["messages"])  # noqa: E731
+    key = lambda final: conv.by_content(tenant, gateway.model_name, hashes, final.record["messages"])  # noqa: E731
     shape = ChatShape(gateway.model_name, include_usage=body.stream_options is not None and body.stream_options.include_usage)
     return gateway.run(question, previous, key, shape, body.stream, "/v1/chat/completions", slot)
 

@@ -20,6 +20,7 @@ class Question:
     messages: list[dict]  # the conversation, ending with the user's question
     pruning: PruningConfig
     sampling: SamplingConfig
+    tenant: str = ""  # whose question: cached image tokens are shared within a tenant only
 
 
 @dataclass
@@ -150,11 +151,11 @@ def _applied(pruning: dict, vision_tokens: int) -> dict:
 
 
 def _encode_and_prefill(backend, question: Question):
-    encoded = backend.encode(question.images, question.messages)
+    encoded = backend.encode(question.images, question.messages, question.tenant)
     try:
         return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling, encoded.image_hashes)
     except StageMiss:  # the claim check went before the pruner read it: encode again, once
-        encoded = backend.encode(question.images, question.messages)
+        encoded = backend.encode(question.images, question.messages, question.tenant)
         return encoded, backend.prefill(encoded.prompt_ref, question.pruning, question.sampling, encoded.image_hashes)
 
 

@@ -18,7 +18,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         check_deadline(context)
         with status_codes(context):
             conversation = [{"role": t.role, "content": t.content} for t in request.conversation]
-            encoded = self.step.encode(list(request.images), conversation, wanted=lambda: caller_waiting(context))
+            encoded = self.step.encode(list(request.images), conversation, wanted=lambda: caller_waiting(context), cache_scope=request.cache_scope)
         return to_message(encoded, vision_pb2.EncodeResponse)
 
 

@@ -14,7 +14,7 @@ TASK = "dartserve.batch_item"
 
 
 def make_celery(settings) -> Celery:
-    app = Celery("dartserve", broker=settings.redis_url, set_as_current=False)
+    app = Celery("dartserve", broker=settings.batch_redis, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

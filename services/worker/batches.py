@@ -4,13 +4,20 @@ Every key of a batch shares one hash tag, so a batch lives on one Redis Cluster 
 scripts below can update it atomically. A result is written once per ``custom_id``: a
 redelivered item finds its result there and changes nothing, so no item is counted or
 listed twice. Everything is JSON or raw image bytes; nothing read back is unpickled.
+
+A batch belongs to the tenant that created it (a digest of its API key; "" on a gateway
+without keys): to any other it does not exist. Its id carries when it was created and a tag
+bound to its tenant, so a batch whose records Redis lost can still be told from one that
+never was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import secrets
 import time
-import uuid
 
 from dartserve.kv.store import redis_call
 
@@ -53,8 +60,9 @@ redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[3], 'finished_at',
 keep()
 return 1
 """
-# Returns the status before.
+# Returns the status before; nothing for another tenant's batch. ARGV[3]: the tenant.
 _CANCEL = _KEEP + """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return nil end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1], 'finished_at', ARGV[1])
@@ -64,8 +72,12 @@ return status
 """
 
 
+_ID = re.compile(r"^batch_(?P<created>[0-9a-f]{8})(?P<nonce>[0-9a-f]{24})(?P<tag>[0-9a-f]{8})$")
+CANCELLED = {"status_code": 499, "type": "cancelled", "message": "the batch was cancelled before this request ran", "param": None}
+
+
 class UnknownBatch(LookupError):
-    """No batch has this id, or it has expired."""
+    """No batch of the caller's has this id, or it has expired."""
 
 
 class BatchStore:
@@ -84,14 +96,15 @@ class BatchStore:
         # shows at once, when connecting.
         return cls(redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=5.0), ttl_s)
 
-    def create(self, items: list[dict], images: dict[str, bytes], model: str) -> str:
-        """Stores a validated batch as queued; ``items`` are ``{"custom_id", "fields", "images"}``
-        with images named by their SHA-256 in ``images``. Returns the batch id."""
-        batch_id = "batch_" + uuid.uuid4().hex
+    def create(self, items: list[dict], images: dict[str, bytes], model: str, tenant: str = "") -> str:
+        """Stores a validated batch as queued; ``items`` are ``{"custom_id", "fields", "images",
+        "tenant"}`` with images named by their SHA-256 in ``images``. Returns the batch id."""
         now = int(time.time())
+        stamp = f"{now:08x}{secrets.token_hex(12)}"
+        batch_id = f"batch_{stamp}{_tag(tenant, stamp)}"
         meta = {
             "status": "queued", "model": model, "total": len(items), "done": 0, "failed": 0,
-            "created_at": now, "expires_at": now + self.ttl_s,
+            "created_at": now, "expires_at": now + self.ttl_s, "owner": tenant,
         }
         keys = _keys(batch_id)
         pipe = self.client.pipeline(transaction=True)
@@ -104,11 +117,13 @@ class BatchStore:
         redis_call(pipe.execute)
         return batch_id
 
-    def status(self, batch_id: str) -> dict:
+    def status(self, batch_id: str, tenant: str | None = None) -> dict:
+        """The batch's status; ``tenant``: the caller's, to whom another's batch is unknown
+        (None: a worker's call, which has no tenant)."""
         meta = redis_call(self.client.hgetall, _keys(batch_id)["meta"])
-        if not meta:
-            raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
         meta = {k.decode(): v.decode() for k, v in meta.items()}
+        if not meta or (tenant is not None and meta.get("owner", "") != tenant):
+            raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
 
         def when(name):
             return int(meta[name]) if name in meta else None
@@ -153,9 +168,19 @@ class BatchStore:
         failed = "1" if result.get("error") else "0"
         return self._script(self._record, batch_id, custom_id, json.dumps(result), failed) == 1
 
-    def cancel(self, batch_id: str) -> str:
+    def issued(self, batch_id: str, tenant: str) -> int | None:
+        """When ``create`` made this id for ``tenant``, if it did and the batch could not have
+        expired since (its TTL restarts with each change, so it lives at least that long):
+        a batch with that id but no records was lost, not never made."""
+        match = _ID.match(batch_id)
+        if match is None or not secrets.compare_digest(match["tag"], _tag(tenant, match["created"] + match["nonce"])):
+            return None
+        created = int(match["created"], 16)
+        return created if time.time() < created + self.ttl_s else None
+
+    def cancel(self, batch_id: str, tenant: str) -> str:
         """Cancels a queued or running batch; returns its status before the call."""
-        status = self._script(self._cancel, batch_id)
+        status = self._script(self._cancel, batch_id, tenant)
         if status is None:
             raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
         return status.decode()
@@ -167,10 +192,10 @@ class BatchStore:
     def fail(self, batch_id: str, error: str) -> None:
         self._script(self._fail, batch_id, error)
 
-    def results(self, batch_id: str) -> list[dict]:
+    def results(self, batch_id: str, tenant: str | None = None) -> list[dict]:
         """The results in input order. Items not yet answered are left out while the batch runs;
         once it is cancelled, they are listed with a ``cancelled`` error."""
-        status = self.status(batch_id)["status"]
+        status = self.status(batch_id, tenant)["status"]
         keys = _keys(batch_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(keys["items"])
@@ -183,9 +208,12 @@ class BatchStore:
             if custom_id in found:
                 out.append(found[custom_id])
             elif status == "cancelled":
-                error = {"type": "cancelled", "message": "the batch was cancelled before this request ran", "param": None}
-                out.append({"custom_id": custom_id, "response": None, "error": error})
+                out.append({"custom_id": custom_id, "response": None, "error": dict(CANCELLED)})
         return out
+
+
+def _tag(tenant: str, stamp: str) -> str:
+    return hashlib.sha256(f"{tenant}\0{stamp}".encode()).hexdigest()[:8]
 
 
 def _keys(batch_id: str) -> dict[str, str]:

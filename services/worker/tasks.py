@@ -29,10 +29,11 @@ TRANSIENT = (Unavailable, StageMiss, StoreUnavailable)
 class Worker:
     """What a worker process needs to answer items: the stages, the batch store and the defaults."""
 
-    def __init__(self, settings, backend, model_name: str) -> None:
+    def __init__(self, settings, backend, model_name: str, limits=None) -> None:
+        """``limits``: the model's ``PromptLimits``, which refuse what cannot fit as the gateway does."""
         self.settings, self.backend, self.model_name = settings, backend, model_name
-        self.policy = Policy.from_settings(settings)
-        self.batches = BatchStore.from_url(settings.redis_url, settings.batch_ttl_s)
+        self.policy = Policy.from_settings(settings, limits)
+        self.batches = BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s)
 
     def run(self, task, batch_id: str, index: int, unavailable: int = 0) -> None:
         """``unavailable``: the retries so far for a stage or Redis that did not answer. A stage
@@ -45,10 +46,10 @@ class Worker:
             if busy or unavailable < self.settings.batch_retries:
                 self._retry(task, error, unavailable if busy else unavailable + 1)
             log.error("batch %s item %d: still unavailable after %d retries: %s", batch_id, index, unavailable, error)
-            self._record_failure(batch_id, index, 503, "service_unavailable", f"a stage stayed unavailable after {unavailable} retries: {error}")
-        except Exception as error:
+            self._record_failure(batch_id, index, 503, "service_unavailable", f"{error.public if isinstance(error, Unavailable) else Unavailable.public} (after {unavailable} retries)")
+        except Exception:
             log.exception("batch %s item %d failed", batch_id, index)
-            self._record_failure(batch_id, index, 500, "internal_error", f"{type(error).__name__}: {error}")
+            self._record_failure(batch_id, index, 500, "internal_error", "the server failed to answer this request; the worker's log has the trace under the request id BATCH_ID/CUSTOM_ID")
 
     def _lost(self, batch_id: str, index: int) -> None:
         """An item that cannot be read: its batch expired, or Redis evicted the item's data
@@ -84,11 +85,11 @@ class Worker:
         status = self.batches.start(batch_id)
         if status is None or status in FINISHED or self.batches.has_result(batch_id, custom_id):
             return
-        self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images))
+        self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images, item.get("tenant", "")))
 
-    def answer(self, custom_id: str, fields: dict, images: list[bytes]) -> dict:
+    def answer(self, custom_id: str, fields: dict, images: list[bytes], tenant: str = "") -> dict:
         try:
-            question = first_turn(parse_answer(fields), images, self.policy)
+            question = first_turn(parse_answer(fields), images, self.policy, tenant)
             final = next(e for e in answer(self.backend, question, stream=False) if isinstance(e, Final))
         except ApiError as error:
             return _failure(custom_id, error.status, error.kind, error.message, error.param)

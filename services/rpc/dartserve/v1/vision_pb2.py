@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61rtserve/v1/vision.proto\x12\x0c\x64\x61rtserve.v1\"%\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"I\n\rEncodeRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12(\n\x0c\x63onversation\x18\x02 \x03(\x0b\x32\x12.dartserve.v1.Turn\"\x92\x01\n\x0e\x45ncodeResponse\x12\x12\n\nprompt_ref\x18\x01 \x01(\t\x12\x14\n\x0cimage_hashes\x18\x02 \x03(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x15\n\rvision_tokens\x18\x04 \x01(\x05\x12\x15\n\rimages_cached\x18\x05 \x01(\x05\x12\x11\n\tencode_ms\x18\x06 \x01(\x01\x32T\n\rVisionService\x12\x43\n\x06\x45ncode\x12\x1b.dartserve.v1.EncodeRequest\x1a\x1c.dartserve.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x61rtserve/v1/vision.proto\x12\x0c\x64\x61rtserve.v1\"%\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"^\n\rEncodeRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12(\n\x0c\x63onversation\x18\x02 \x03(\x0b\x32\x12.dartserve.v1.Turn\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x03 \x01(\t\"\x92\x01\n\x0e\x45ncodeResponse\x12\x12\n\nprompt_ref\x18\x01 \x01(\t\x12\x14\n\x0cimage_hashes\x18\x02 \x03(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x15\n\rvision_tokens\x18\x04 \x01(\x05\x12\x15\n\rimages_cached\x18\x05 \x01(\x05\x12\x11\n\tencode_ms\x18\x06 \x01(\x01\x32T\n\rVisionService\x12\x43\n\x06\x45ncode\x12\x1b.dartserve.v1.EncodeRequest\x1a\x1c.dartserve.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TURN']._serialized_start=43
   _globals['_TURN']._serialized_end=80
   _globals['_ENCODEREQUEST']._serialized_start=82
-  _globals['_ENCODEREQUEST']._serialized_end=155
-  _globals['_ENCODERESPONSE']._serialized_start=158
-  _globals['_ENCODERESPONSE']._serialized_end=304
-  _globals['_VISIONSERVICE']._serialized_start=306
-  _globals['_VISIONSERVICE']._serialized_end=390
+  _globals['_ENCODEREQUEST']._serialized_end=176
+  _globals['_ENCODERESPONSE']._serialized_start=179
+  _globals['_ENCODERESPONSE']._serialized_end=325
+  _globals['_VISIONSERVICE']._serialized_start=327
+  _globals['_VISIONSERVICE']._serialized_end=411
 # @@protoc_insertion_point(module_scope)

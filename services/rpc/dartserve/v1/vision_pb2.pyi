@@ -15,12 +15,14 @@ class Turn(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("images", "conversation")
+    __slots__ = ("images", "conversation", "cache_scope")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
     conversation: _containers.RepeatedCompositeFieldContainer[Turn]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., conversation: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+    cache_scope: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., conversation: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., cache_scope: _Optional[str] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("prompt_ref", "image_hashes", "prompt_tokens", "vision_tokens", "images_cached", "encode_ms")
