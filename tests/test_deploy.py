@@ -226,7 +226,8 @@ def command_of(service: dict) -> list[str]:
 
 
 def settings_of(env: dict) -> Settings:
-    return Settings.from_env({k: v for k, v in env.items() if k.startswith("DARTSERVE_")})
+    """The settings of an environment, less the stage token: its file is on a volume a job fills."""
+    return Settings.from_env({k: v for k, v in env.items() if k.startswith("DARTSERVE_") and k != "DARTSERVE_STAGE_TOKEN_FILE"})
 
 
 def listening(name: str, service: dict) -> dict[str, int]:
@@ -234,6 +235,8 @@ def listening(name: str, service: dict) -> dict[str, int]:
     argv = command_of(service)
     if argv[0] == "redis-server":
         return {"redis": int(argv[argv.index("--port") + 1]) if "--port" in argv else 6379}
+    if not service["image"].startswith("dartserve:"):  # a job, such as the one that makes the stage token
+        return {}
     what = parse_cli(argv).command
     settings = settings_of(image_env() | service["environment"])
     if what in ("gateway", "serve"):
@@ -290,8 +293,9 @@ def test_compose_publishes_only_the_gateway_and_addresses_reach_the_right_ports(
                 host, _, number = getattr(settings, f"{stage}_addr").rpartition(":")
                 targets = names.get((host, int(number)), set())
                 assert targets and all(parse_cli(command_of(services[t])).command == stage and what == "grpc" for t, what in targets), (name, stage)
-            redis = httpx.URL(settings.redis_url)
-            assert names.get((redis.host, redis.port)) == {("redis", "redis")}
+            for url, redis in ((settings.redis_url, "redis"), (settings.batch_redis, "redis-batches")):
+                address = httpx.URL(url)
+                assert names.get((address.host, address.port)) == {(redis, "redis")}, (name, url)
 
 
 def test_compose_starts_services_after_their_dependencies_are_healthy():
@@ -299,15 +303,43 @@ def test_compose_starts_services_after_their_dependencies_are_healthy():
         services = compose(*profiles)["services"]
         for name, service in services.items():
             for dependency, rule in service.get("depends_on", {}).items():
+                if dependency == "stage-token":  # a job: it runs once, to its end
+                    assert rule["condition"] == "service_completed_successfully" and "healthcheck" not in services[dependency]
+                    continue
                 assert rule["condition"] == "service_healthy"
                 if dependency in services:
                     assert "healthcheck" in services[dependency]
                 else:  # a GPU twin, outside the active profiles
                     assert rule["required"] is False
         for name, service in dartserve_services({"services": services}).items():
-            needs = {"redis"} if name.removesuffix("-gpu") in STAGES else {"redis", *STAGES}
+            needs = {"redis", "stage-token"} if name.removesuffix("-gpu") in STAGES else {"redis", "redis-batches", "stage-token", *STAGES}
             stages_used = {d for d in service["depends_on"] if d in services}
             assert {d.removesuffix("-gpu") for d in stages_used} == needs
+
+
+def redis_config(argv: list[str]) -> dict[str, str]:
+    """A redis-server command line's settings (``--name value`` pairs)."""
+    return {argv[i][2:]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")}
+
+
+def test_compose_stage_token_is_generated_and_batches_go_to_a_redis_that_keeps_them():
+    for profiles in ((), ("gpu",)):
+        services = compose(*profiles)["services"]
+        job = services["stage-token"]
+        (volume,) = job["volumes"]
+        assert volume["type"] == "volume" and job["command"][:2] == ["sh", "-c"] and "/dev/urandom" in job["command"][2]
+        for name, service in dartserve_services({"services": services}).items():
+            settings = settings_of(image_env() | service["environment"])
+            path = service["environment"]["DARTSERVE_STAGE_TOKEN_FILE"]
+            # The token is read from the job's volume, mounted read-only, never set in the file.
+            (mount,) = [v for v in service["volumes"] if v.get("source") == volume["source"]]
+            assert path.startswith(mount["target"] + "/") and mount["read_only"] is True, name
+            assert settings.batch_redis != settings.redis_url
+        cache, batches = redis_config(services["redis"]["command"]), redis_config(services["redis-batches"]["command"])
+        assert cache["maxmemory-policy"] == "volatile-ttl" and cache["appendonly"] == "no"
+        assert batches["maxmemory-policy"] == "noeviction" and batches["appendonly"] == "yes" and batches["appendfsync"] == "everysec"
+        (data,) = services["redis-batches"]["volumes"]  # the append-only file outlives the container
+        assert data["type"] == "volume" and data["target"] == "/data"
 
 
 def test_compose_gpu_profile_puts_pruner_and_generator_on_nvidia_gpus():
@@ -444,16 +476,23 @@ def dartserve_containers(docs):
             yield workload, template, container
 
 
+# Secret files a pod reads, and what an operator puts in place of the placeholder shipped in each.
+OPERATOR_SECRETS = {"DARTSERVE_API_KEYS_FILE": "a-real-key-from-the-operator\n", "DARTSERVE_STAGE_TOKEN_FILE": "a-token-the-operator-generated\n"}
+
+
 def settings_in_pod(docs, template, container, tmp_path) -> Settings:
     env = {k: v for k, v in container_env(docs, container).items() if k.startswith("DARTSERVE_")}
     assert set(env) <= set(ENVIRONMENT)
-    if "DARTSERVE_API_KEYS_FILE" in env:
-        keys = tmp_path / "keys"
-        keys.write_text(mounted_file(docs, template, container, env["DARTSERVE_API_KEYS_FILE"]))
-        env["DARTSERVE_API_KEYS_FILE"] = str(keys)
-        with pytest.raises(ValueError, match="placeholder"):  # the shipped key is never served
+    files = {name: tmp_path / name for name in OPERATOR_SECRETS if name in env}
+    shipped = {name: mounted_file(docs, template, container, env[name]) for name in files}
+    env |= {name: str(path) for name, path in files.items()}
+    for placeholder in files:  # each shipped placeholder stops a service, the others replaced or not
+        for name, path in files.items():
+            path.write_text(shipped[name] if name == placeholder else OPERATOR_SECRETS[name])
+        with pytest.raises(ValueError, match="placeholder"):
             Settings.from_env(env)
-        keys.write_text("a-real-key-from-the-operator\n")
+    for name, path in files.items():
+        path.write_text(OPERATOR_SECRETS[name])
     return Settings.from_env(env)
 
 
@@ -500,11 +539,15 @@ def test_k8s_commands_settings_ports_and_probes_match_the_services(directory, tm
         for stage in STAGES:
             host, _, number = getattr(settings, f"{stage}_addr").rpartition(":")
             assert service_target(docs, services[host], int(number)) == (stage, "grpc")
-        redis = httpx.URL(settings.redis_url)
-        if redis.host in services:
-            assert service_target(docs, services[redis.host], redis.port) == ("redis", "redis")
-        else:  # a managed Redis, outside the cluster
-            assert "." in redis.host and "redis" not in by_kind(docs, "StatefulSet")
+        # Stages authenticate their callers; the gateway and workers keep batches in their own Redis.
+        assert settings.stage_token
+        redis_urls = {"redis": settings.redis_url} | ({"redis-batches": settings.batch_redis_url} if what in ("gateway", "worker") else {})
+        for name, url in redis_urls.items():
+            redis = httpx.URL(url)
+            if redis.host in services:
+                assert service_target(docs, services[redis.host], redis.port) == (name, "redis")
+            else:  # a managed Redis, outside the cluster
+                assert "." in redis.host and name not in by_kind(docs, "StatefulSet")
     assert seen == set(SERVICES)
 
 
@@ -579,7 +622,7 @@ def test_autoscalers_read_metrics_the_services_export(directory):
     metadata = trigger["metadata"]
     assert trigger["type"] == "redis" and set(metadata) <= REDIS_SCALER_KEYS
     worker = deployments["worker"]["spec"]["template"]["spec"]["containers"][0]
-    redis = httpx.URL(container_env(docs, worker)["DARTSERVE_REDIS_URL"])
+    redis = httpx.URL(container_env(docs, worker)["DARTSERVE_BATCH_REDIS_URL"])
     assert metadata["listName"] == QUEUE and metadata["databaseIndex"] == redis.path.strip("/")
     namespace = deployments["worker"]["metadata"]["namespace"]
     in_cluster = redis.host in by_kind(docs, "Service")
@@ -622,12 +665,13 @@ def test_network_policy_lets_only_the_gateway_in_and_only_services_reach_redis(d
         "http": set(sources),
         "grpc": {"gateway", "worker"},
         "metrics": {"monitoring"},
-        "redis": {"gateway", "worker", *STAGES, "keda"},
+        "redis": {"gateway", "worker", *STAGES},
+        "redis-batches": {"gateway", "worker", "keda"},
     }
     for _, template, container in containers(docs):
         for port in container.get("ports", []):
             reach = {name for name, source in sources.items() if allowed(source, template["metadata"]["labels"], port)}
-            assert reach == expected[port["name"]], (container["name"], port["name"])
+            assert reach == expected["redis-batches" if container["name"] == "redis-batches" else port["name"]], (container["name"], port["name"])
     assert not any(allowed(s, component["worker"], {"name": "any", "containerPort": 9999}) for s in sources.values())
 
 
@@ -682,11 +726,23 @@ def test_compose_services_answer_through_the_gateway(tmp_path):
 
     processes, logs = {}, {}
 
+    def volume_dirs(name: str) -> dict[str, Path]:
+        """Where a service's named volumes are here: one folder per volume, shared by the services."""
+        mounts = {v["target"]: tmp_path / "volumes" / v["source"] for v in services[name].get("volumes", []) if v["type"] == "volume"}
+        for folder in mounts.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        return mounts
+
+    def on_volume(name: str, value: str) -> str:
+        for target, folder in volume_dirs(name).items():
+            value = value.replace(target + "/", f"{folder}/")
+        return value
+
     def environment(name: str) -> dict:
         service = services[name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")}
         env |= {k: v for k, v in image_env().items() if k not in ("PATH", "VIRTUAL_ENV")}
-        env |= {k: local(v) if k.endswith(("_ADDR", "_URL")) else v for k, v in (service.get("environment") or {}).items()}
+        env |= {k: local(v) if k.endswith(("_ADDR", "_URL")) else on_volume(name, v) for k, v in (service.get("environment") or {}).items()}
         own = listening(name, service)
         if "grpc" in own or "http" in own:
             env["DARTSERVE_PORT"] = str(ports[(name, own.get("grpc") or own["http"])])
@@ -699,16 +755,21 @@ def test_compose_services_answer_through_the_gateway(tmp_path):
         return env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def start(name: str) -> None:
-        argv = command_of(services[name])
+        argv = [on_volume(name, arg) for arg in command_of(services[name])]
         logs[name] = tmp_path / f"{name}.log"
         env = environment(name)
         if argv[0] == "redis-server":
             (port,) = listening(name, services[name]).values()
             argv = [*argv, "--port", str(ports[(name, port)]), "--bind", "127.0.0.1"]
+            if "/data" in volume_dirs(name):  # the image's working directory, where Redis keeps its files
+                argv += ["--dir", str(volume_dirs(name)["/data"])]
         with open(logs[name], "wb") as out:
             processes[name] = subprocess.Popen(argv, env=env, cwd=tmp_path / name / "cwd", stdout=out, stderr=subprocess.STDOUT)
 
     def healthy(name: str, timeout_s: float = 90) -> None:
+        if "healthcheck" not in services[name]:  # a job: done when it has run to its end
+            assert processes[name].wait(timeout=timeout_s) == 0, logs[name].read_text()
+            return
         test = services[name]["healthcheck"]["test"][1:]
         own = listening(name, services[name])
         if test[0] == "redis-cli":
@@ -754,7 +815,8 @@ def test_compose_services_answer_through_the_gateway(tmp_path):
         scaled = by_kind(rendered("k8s/overlays/cpu"), "ScaledObject")["worker"]["spec"]["triggers"][0]["metadata"]
         import redis
 
-        queue = redis.Redis(port=ports[("redis", listening("redis", services["redis"])["redis"])], db=int(scaled["databaseIndex"]))
+        assert scaled["address"].startswith("redis-batches.")
+        queue = redis.Redis(port=ports[("redis-batches", listening("redis-batches", services["redis-batches"])["redis"])], db=int(scaled["databaseIndex"]))
         _wait(lambda: queue.llen(scaled["listName"]) == len(requests), "the batch in the queue KEDA reads")
         start("worker")
         healthy("worker")
@@ -762,6 +824,16 @@ def test_compose_services_answer_through_the_gateway(tmp_path):
         _wait(lambda: httpx.get(status).json()["status"] == "completed", "the batch")
         lines = httpx.get(f"{status}/results").text.splitlines()
         assert [json.loads(line)["response"]["body"]["answer"] for line in lines] == [body["answer"]] * 3
+        assert list((tmp_path / "volumes" / "batches").iterdir()), "the batch Redis keeps its append-only file on its volume"
+        # The stages answer the gateway and the worker, which hold the generated token, and no one else.
+        import grpc
+
+        from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{ports[('vision', listening('vision', services['vision'])['grpc'])]}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                vision_pb2_grpc.VisionServiceStub(channel).Encode(vision_pb2.EncodeRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         for process in reversed(processes.values()):
             process.terminate()
