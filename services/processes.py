@@ -28,15 +28,20 @@ def start_dartserve(command: str, env: dict, log: Path, args: tuple[str, ...] = 
         return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command, *args], env=full, stdout=out, stderr=subprocess.STDOUT)
 
 
-def start_redis(port: int, timeout_s: float = 10) -> subprocess.Popen:
-    """An empty, non-persistent redis-server on ``port``, once it answers."""
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+def start_redis(port: int, timeout_s: float = 10, config: tuple[str, ...] = NO_PERSISTENCE, directory: Path | None = None) -> subprocess.Popen:
+    """A redis-server on ``port`` with ``config`` (by default empty and non-persistent; files,
+    if it keeps any, in ``directory``), once it answers."""
     import redis
 
     binary = shutil.which("redis-server")
     if binary is None:
         raise FileNotFoundError("redis-server is not installed")
+    where = ["--dir", str(directory)] if directory else []
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [binary, *config, "--port", str(port), "--bind", "127.0.0.1", *where],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from services.processes import free_port, start_dartserve, start_redis, stop
+from services.processes import NO_PERSISTENCE, free_port, start_dartserve, start_redis, stop
 
 
 class RedisServer:
-    """A redis-server of the test's own, on a free port, that can be stopped and started again."""
+    """A redis-server of the test's own, on a free port, that can be stopped and started again:
+    by default empty and non-persistent, or with ``config`` and its files in ``directory``."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: tuple[str, ...] = NO_PERSISTENCE, directory: Path | None = None) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed: `make test` installs it (tools/require-redis)")
-        self.port = free_port()
+        self.port, self.config, self.directory = free_port(), config, directory
         self.start()
 
     @property
@@ -26,7 +27,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.process = start_redis(self.port)
+        self.process = start_redis(self.port, config=self.config, directory=self.directory)
 
     def stop(self) -> None:
         stop([self.process], grace_s=10)
