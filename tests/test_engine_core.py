@@ -308,3 +308,17 @@ def test_concurrent_encodes_share_tower_forwards_and_equal_lone_encodes(engines)
     loop.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         loop.encode_images([])
+
+
+def test_a_last_chunk_as_long_as_the_tokens_kept_is_still_pruned(engines):
+    engine = engines["llava"]
+    prompt = engine.vision.encode([make_image(70)], "What is in the picture?")
+    pruning = PruningConfig(budget=4, layer=2)
+    kept = len(prompt.input_ids) - prompt.num_vision_tokens + 4
+    first = len(prompt.input_ids) - kept
+    assert first >= kept  # two chunks: ``first`` tokens, then as many as are kept
+    request = CoreRequest("r", prompt, pruning, sampling(4), keep_logits=True)
+    log = StepLog()
+    chunked = run(EngineCore(engine.adapter, CoreConfig(max_num_batched_tokens=first, max_num_seqs=4), (log,)), [request])["r"]
+    assert log.prefill_tokens[:2] == [first, kept]
+    assert_same(chunked, alone(engine, request))

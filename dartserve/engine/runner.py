@@ -76,6 +76,11 @@ class _Work:
     row_at: list[int] = field(default_factory=list)
     input_row: int = 0  # where its tokens are in the step's input, before layer 0
 
+    def cut_at(self, layer: int) -> bool:
+        """Whether its prompt is pruned before ``layer`` (its rows then change there, even where
+        a last chunk happens to be as long as the tokens kept)."""
+        return self.is_prompt and self.state.layout.cut == layer
+
     def rows_into(self, layer: int) -> tuple[int, int]:
         """Where its rows entering ``layer`` are, and how many: the previous layer's output, or
         the step's input for layer 0."""
@@ -114,7 +119,7 @@ class ModelRunner:
         sampled: dict[str, Sampled] = {w.state.request_id: Sampled(None) for w in works}
         layer_input = input_cos_sin = cos_sin = None
         for i, layer in enumerate(self.adapter.layers):
-            if any(w.rows_into(i)[1] != w.rows[i] for w in works):
+            if any(w.cut_at(i) for w in works):
                 hidden, positions = self._cut(works, i, hidden, positions, layer_input, input_cos_sin, sampled)
                 if not hidden.shape[1]:  # only prompt chunks that wait at K for the rest of their prompt
                     return sampled
@@ -225,11 +230,10 @@ class ModelRunner:
         pieces, places = [], []
         for work in works:
             start, before = work.rows_into(layer)
-            after = work.rows[layer]
             if not before:
                 continue
             rows = slice(start, start + before)
-            if before == after:
+            if not work.cut_at(layer):
                 pieces.append(hidden[0, rows])
                 places.append(positions[:, rows])
             elif not work.final:
