@@ -13,15 +13,18 @@ import hashlib
 import platform
 import statistics
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from dartserve.engine.core import EngineCore
+from dartserve.engine.requests import CoreRequest, RequestOutput
 from dartserve.models.base import EncodedPrompt
+from dartserve.models.decode import SamplingConfig
 from dartserve.models.llava import LlavaAdapter
 from dartserve.models.loading import check_device
-from dartserve.models.prefill import prefill
 from dartserve.pruning.base import ImageSpan
 from dartserve.pruning.config import PruningConfig
 from dartserve.pruning.spatial import square_grid
@@ -104,6 +107,15 @@ def bench_prompt(adapter: LlavaAdapter, seed: int = 0) -> EncodedPrompt:
     return EncodedPrompt(ids.to(device), features.to(device, adapter.dtype), [span], torch.arange(len(ids), device=device)[None])
 
 
+def prefill_once(core: EngineCore, prompt: EncodedPrompt, pruning: PruningConfig) -> tuple[float, RequestOutput]:
+    """One prompt prefilled alone in a step of the engine core: its time and its one output."""
+    core.add_request(CoreRequest(uuid.uuid4().hex, prompt, pruning, SamplingConfig(max_new_tokens=1), prefill_only=True))
+    times: list[float] = []
+    with stopwatch(core.adapter.device, times):
+        (output,) = core.step()
+    return times[0], output
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as info:
@@ -136,32 +148,33 @@ def run_prefill_bench(
         PruningConfig(method=m, budget=b, layer=layer) for m in methods if m != "none" for b in budgets
     ]
     machine = f"{device}: {torch.cuda.get_device_name() if device.startswith('cuda') else cpu_name()}, {torch.get_num_threads()} threads"
+    core = EngineCore(adapter)
     # Settings take turns run by run, so drift in machine speed spreads over all of them alike.
-    results = [prefill(adapter, [request], config) for config in settings]  # warm-up
+    results = [prefill_once(core, request, config)[1] for config in settings]  # warm-up
     times: list[list[float]] = [[] for _ in settings]
     selections: list[list[float]] = [[] for _ in settings]
     for _ in range(runs):
         for i, config in enumerate(settings):
-            with stopwatch(adapter.device, times[i]):
-                results[i] = prefill(adapter, [request], config)
-            selections[i].append(results[i].selection_s)
+            seconds, results[i] = prefill_once(core, request, config)
+            times[i].append(seconds)
+            selections[i].append(results[i].state.metrics.selection_s)
     rows = []
     for config, result, run_times, run_selections in zip(settings, results, times, selections):
-        kept = full - VISION_TOKENS + len(result.kept_positions[0])
+        kept = full - VISION_TOKENS + len(result.kept_positions)
         prefill_ms = statistics.median(run_times) * 1e3
         selection_ms = statistics.median(run_selections) * 1e3
         cut = config.layer if config.prunes else depth
         rows.append(
             {
                 "method": config.method,
-                "budget": len(result.kept_positions[0]),
+                "budget": len(result.kept_positions),
                 "layer": config.layer if config.prunes else None,
                 "prompt_tokens": full,
                 "tokens_after_k": kept,
                 "prefill_ms": round(prefill_ms, 3),
                 "selection_ms": round(selection_ms, 3),
                 "selection_share": round(selection_ms / prefill_ms, 5),
-                "kv_bytes": result.cache.nbytes(),
+                "kv_bytes": result.cache.nbytes(),  # the prompt's cache, as a prefill leaves it
                 "ideal_speedup": round(ideal_speedup(depth, cut, full, kept), 3),
                 "runs": runs,
                 "width": width,
