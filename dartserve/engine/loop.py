@@ -11,6 +11,7 @@ the two never share the cores, which on a CPU costs each of them far more than w
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ import torch
 
 from dartserve.engine.core import EngineCore
 from dartserve.engine.requests import CoreRequest, RequestOutput
+
+log = logging.getLogger(__name__)
 
 
 class RequestStream:
@@ -47,10 +50,18 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, core: EngineCore | None, tower: Callable[[list[dict]], list[torch.Tensor]] | None = None, max_images: int = 32) -> None:
+    def __init__(
+        self,
+        core: EngineCore | None,
+        tower: Callable[[list[dict]], list[torch.Tensor]] | None = None,
+        max_images: int = 32,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> None:
         """``core`` runs requests, ``tower`` images (``ModelAdapter.image_features_many``); a
-        process that runs only one of them passes None for the other."""
+        process that runs only one of them passes None for the other. ``on_output`` sees every
+        output, in the loop's thread, before its caller does (metrics)."""
         self.core = core
+        self.on_output = on_output
         self.tower = tower
         self.max_images = max_images
         self._stopped = False
@@ -164,6 +175,11 @@ class EngineLoop:
                 return True
 
     def _deliver(self, output: RequestOutput) -> None:
+        if self.on_output is not None:
+            try:
+                self.on_output(output)
+            except Exception:  # noqa: BLE001 - an observer's fault costs no caller its answer
+                log.exception("an observer of the engine's outputs failed")
         with self._lock:
             stream = self._streams.pop(output.request_id) if output.finished else self._streams.get(output.request_id)
         if stream is not None:

@@ -70,7 +70,7 @@ class RequestOutput:
     finish_reason: str = ""  # stop, length, abort or error
     error: BaseException | None = None
     cache: RaggedKVCache | None = None
-    state: RequestState | None = field(default=None, repr=False)  # on the last output: lengths, metrics
+    state: RequestState | None = field(default=None, repr=False)  # its times (``metrics``) and, once finished, its lengths
 
 
 @dataclass

@@ -164,7 +164,7 @@ class Scheduler:
                 state.feed = state.feed[count:]
             if result.token is None:
                 continue
-            output = RequestOutput(state.request_id, [result.token], time=now)
+            output = RequestOutput(state.request_id, [result.token], time=now, state=state)
             if result.logits is not None:
                 output.logits.append(result.logits)
             if len(state.output) == len(state.request.answer) and state.request.prompt is not None:
