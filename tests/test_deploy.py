@@ -268,8 +268,8 @@ def test_compose_environment_holds_only_settings_the_services_read():
             env = service["environment"]
             assert {k for k in env if k.startswith("DARTSERVE_")} <= set(ENVIRONMENT)
             settings_of(image_env() | env)  # raises on a bad value
-            if parse_cli(command_of(service)).command in STAGES:  # the stages load the model
-                assert any(v["type"] == "volume" and v["target"] == env["HF_HOME"] for v in service["volumes"])
+            # Every service loads the model, or its processor and configuration (gateway, worker).
+            assert any(v["type"] == "volume" and v["target"] == env["HF_HOME"] for v in service["volumes"])
 
 
 def test_compose_publishes_only_the_gateway_and_addresses_reach_the_right_ports():
@@ -515,6 +515,8 @@ def test_k8s_commands_settings_ports_and_probes_match_the_services(directory, tm
         seen.add(what)
         settings = settings_in_pod(docs, template, container, tmp_path)
         assert settings.host == "0.0.0.0"
+        # Every service loads the model, or its processor and configuration: HF_HOME is writable.
+        assert container_env(docs, container)["HF_HOME"] in {m["mountPath"] for m in container["volumeMounts"]}
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
         probes = [container[p] for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in container]
         if what in STAGES:
