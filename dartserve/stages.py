@@ -4,46 +4,49 @@ The vision step leaves the encoded prompt in the store and answers with its key 
 check). The prefill step reads it, leaves the reduced KV cache and answers with a handle and
 the first token. The decode step streams the rest of the answer from the handle and leaves
 the longer cache under a new handle, from which the conversation's next turn continues by
-prefilling only that turn's tokens. The gRPC services and the embedded gateway both call
-these; the store is Redis in distributed mode and memory in embedded mode.
+prefilling only that turn's tokens. The gRPC services call these, over Redis.
+
+The model work goes to the engine's loop (``Engine.loop``): the vision tower batches the
+images of concurrent encodes, and prefills and decodes of concurrent calls share the core's
+steps. A generator keeps each turn's blocks resident under its new handle, so a follow-up that
+comes back to it continues from them; any other generator loads the cache from the store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
-import threading
+import queue
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from dartserve.checks import MAX_PIXELS, SettingError
 from dartserve.engine import Engine
+from dartserve.engine.requests import Abandoned, CoreRequest, RequestOutput
 from dartserve.kv import blob
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.kv.codec import CacheMiss, decode, encode, read_header
 from dartserve.kv.store import DEFAULT_TTL_S, KV_PREFIX, cache_key
 from dartserve.models.base import EncodedPrompt, chat_messages
-from dartserve.models.decode import SamplingConfig, check_room, decode_after, extend, finish_reason, pick_token
+from dartserve.models.decode import SamplingConfig, check_room, finish_reason
 from dartserve.pruning.base import Grid, ImageSpan
 from dartserve.pruning.config import PruningConfig
 
 
 MAX_ASPECT = 20
 HEX_DIGITS = set("0123456789abcdef")
+POLL_S = 0.05  # how often a waiting step asks whether its caller still waits
 
 
 class StageMiss(Exception):
     """A claim check or KV handle whose value is gone or unusable: recompute, never guess."""
-
-
-class Abandoned(Exception):
-    """The caller gave up while the work waited for the model: it is not done."""
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -122,16 +125,28 @@ class _Step:
         self.store = store
         self.ttl_s = ttl_s
         self.fingerprint = engine.adapter.fingerprint
-        # One request at a time per step: torch already spreads one request over the cores.
-        self.lock = threading.Lock()
 
-    @contextmanager
-    def _model(self, wanted: Callable[[], bool] | None):
-        """Holds the model; ``wanted`` says, once it is held, whether the caller still waits."""
-        with self.lock:
-            if wanted is not None and not wanted():
-                raise Abandoned("the caller gave up while the work waited for the model")
-            yield
+    def _outputs(self, request: CoreRequest, wanted: Callable[[], bool] | None) -> Iterator[RequestOutput]:
+        """The request's outputs from the engine core as they come. A caller that leaves (``wanted``
+        turns false) aborts it, and so does closing the iterator: its blocks are freed at once."""
+        stream = self.engine.loop.submit(request)
+        try:
+            while not stream.finished:
+                try:
+                    output = stream.get(timeout=POLL_S)
+                except queue.Empty:
+                    output = None
+                if wanted is not None and not wanted():
+                    raise Abandoned("the caller gave up: the engine stops its work") from None
+                if output is None:
+                    continue
+                if output.error is not None:
+                    raise output.error
+                if output.finish_reason == "abort":
+                    raise Abandoned("the engine stopped the request")
+                yield output
+        finally:
+            stream.abort()
 
 
 class VisionStep(_Step):
@@ -150,8 +165,7 @@ class VisionStep(_Step):
         feature_keys = [feature_key(self.fingerprint, h) for h in hashes]
         # Image tokens found live on with the prompt that names them.
         known = [self._features(data) for data in self.store.get_values(feature_keys, refresh_ttl_s=self.ttl_s)]
-        with self._model(wanted):
-            request = self.engine.vision.encode(decoded, messages, known)
+        request = self.engine.vision.encode(decoded, messages, known, wanted)
         # One write: the image tokens that are new, and the prompt, which names them by key.
         writes = {}
         offset = 0
@@ -198,16 +212,12 @@ class PrefillStep(_Step):
             request, hashes = unpack_prompt(data, self.store, self.adapter, self.fingerprint, dict(zip(keys, values)))
         except CacheMiss as error:
             raise StageMiss(f"encoded prompt {prompt_ref} is unusable: {error}") from None
-        check_room(self.adapter, int(request.positions.max()) + 1, sampling)
-        started = time.perf_counter()
-        with self._model(wanted):
-            result = self.engine.pruner.prefill([request], pruning)
-        prefill_ms = (time.perf_counter() - started) * 1e3
-        cache = result.cache.select(0)
-        token = pick_token(result.logits[0], sampling, 0)
+        core_request = CoreRequest(uuid.uuid4().hex, request, pruning, sampling, prefill_only=True)
+        (output,) = self._outputs(core_request, wanted)
+        token, state = output.tokens[0], output.state
         ids = request.input_ids.tolist()
         handle = cache_key(self.fingerprint, hashes, ids, pruning.to_dict())
-        encoded = encode(cache, self.fingerprint)
+        encoded = encode(output.cache, self.fingerprint)
         stored = time.perf_counter()
         self.store.put(handle, encoded, self.ttl_s)
         kv_store_ms = (time.perf_counter() - stored) * 1e3
@@ -218,10 +228,10 @@ class PrefillStep(_Step):
             finish_reason=finish_reason(self.adapter, sampling, token, 1),
             prompt_tokens=len(ids),
             vision_tokens=request.num_vision_tokens,
-            kept_vision_tokens=len(result.kept_positions[0]),
+            kept_vision_tokens=len(state.kept_positions),
             kv_bytes=encoded.nbytes,
-            prefill_ms=prefill_ms,
-            selection_ms=result.selection_s * 1e3,
+            prefill_ms=state.metrics.prefill_s * 1e3,
+            selection_ms=state.metrics.selection_s * 1e3,
             pruning=pruning.to_dict(),
             kv_store_ms=kv_store_ms,
         )
@@ -236,7 +246,7 @@ class DecodeStep(_Step):
         Without ``question``, ``pending`` is the prefill's first token, which the caller has
         already shown, and the answer goes on from it. With one, ``pending`` closes the previous
         answer, only the new turn is prefilled on top of the cache, and a new answer starts.
-        The model is locked per step, not per answer, so concurrent answers interleave.
+        The request joins the engine core's running batch, so concurrent answers share steps.
         """
         if question is not None and (not isinstance(question, str) or not question.strip()):
             raise ValueError("a follow-up question must be a non-empty string")
@@ -245,59 +255,57 @@ class DecodeStep(_Step):
         vocabulary = self.adapter.lm_head.out_features
         if not isinstance(pending, int) or not 0 <= pending < vocabulary:
             raise ValueError(f"the pending token must be a token id from 0 to {vocabulary - 1}, got {pending!r}")
-        cache, kv_store_ms = self._load(kv_handle)
         started = time.perf_counter()
-        prefill_tokens, prefill_ms, turn = 0, 0.0, []
-        if question is not None:
-            turn = self.adapter.turn_ids(pending, question)
-            check_room(self.adapter, int(cache.next_position) + len(turn), sampling)
-            with self._model(wanted):
-                logits = extend(self.adapter, cache, turn)
-            prefill_tokens, prefill_ms = len(turn), (time.perf_counter() - started) * 1e3
-            pending = pick_token(logits[0], sampling, 0)
-            yield Chunk([pending], visible_text(self.engine, [pending]))
-        else:
-            check_room(self.adapter, int(cache.next_position), sampling)
-        answer = [pending]
+        if question is None and finish_reason(self.adapter, sampling, pending, 1):
+            yield Chunk([], "", done=True, kv_handle=kv_handle, pending_token=pending, finish_reason=finish_reason(self.adapter, sampling, pending, 1))
+            return
+        feed, answer = ((pending,), [pending]) if question is None else (tuple(self.adapter.turn_ids(pending, question)), [])
+        new_handle = KV_PREFIX + hashlib.sha256(json.dumps([kv_handle, uuid.uuid4().hex]).encode()).hexdigest()
+        request = CoreRequest(uuid.uuid4().hex, sampling=sampling, feed=feed, answer=tuple(answer), keep=new_handle, export_tail=True)
+        kv_store_ms, outputs = 0.0, None
+        resident = self.engine.loop.core.kv.resident.get(kv_handle)  # a hint: the core checks again
+        if resident is not None:
+            check_room(self.adapter, resident.next_position + len(feed) - len(answer), sampling)
+            outputs = self._outputs(replace(request, parent=kv_handle), wanted)
+            try:
+                first = next(outputs)
+            except LookupError:  # the blocks went between the look and the request
+                outputs = None
+        if outputs is None:
+            cache, kv_store_ms = self._load(kv_handle)
+            outputs = self._outputs(replace(request, cache=cache), wanted)
+            first = next(outputs)
         shown = visible_text(self.engine, answer)  # what the caller has been shown already
-        tokens = decode_after(self.adapter, cache, pending, 1, sampling)
-        while True:
-            with self._model(wanted):
-                token = next(tokens, None)
-            if token is None:
-                break
-            answer.append(token)
+        for output in itertools.chain([first], outputs):
+            answer += output.tokens
             text = visible_text(self.engine, answer)
-            yield Chunk([token], text[len(shown) :])
+            yield Chunk(output.tokens, text[len(shown) :])
             shown = text
         full = self.engine.generator.detokenize(answer)
         if full != shown:  # what was held back for a character that never completed
             yield Chunk([], full[len(shown) :])
-        decode_ms = (time.perf_counter() - started) * 1e3 - prefill_ms
+        decoded_at, load_ms = time.perf_counter(), kv_store_ms
+        state = output.state
         # The cache now holds every answer token but the last, which stays pending. Only the
         # tokens added here are written, as a tail that names its parent: a turn's KV cache is
         # never copied again.
-        added = turn + answer[:-1]
-        new_handle = kv_handle
-        if added:
-            new_handle = KV_PREFIX + hashlib.sha256(json.dumps([kv_handle, added]).encode()).hexdigest()
-            tail = encode(cache.tail(len(added)), self.fingerprint, meta={"parent": kv_handle})
-            stored = time.perf_counter()
-            self.store.put(new_handle, tail, self.ttl_s)
-            kv_store_ms += (time.perf_counter() - stored) * 1e3
+        tail = encode(output.cache, self.fingerprint, meta={"parent": kv_handle})
+        stored = time.perf_counter()
+        self.store.put(new_handle, tail, self.ttl_s)
+        kv_store_ms += (time.perf_counter() - stored) * 1e3
+        prefill_ms = state.metrics.prefill_s * 1e3 if question is not None else 0.0
         yield Chunk(
             [],
             "",
             done=True,
             kv_handle=new_handle,
             pending_token=answer[-1],
-            finish_reason=finish_reason(self.adapter, sampling, answer[-1], len(answer)),
-            prefill_tokens=prefill_tokens,
+            finish_reason=state.finish_reason,
+            prefill_tokens=len(feed) if question is not None else 0,
             prefill_ms=prefill_ms,
-            decode_ms=decode_ms,
+            decode_ms=(decoded_at - started) * 1e3 - prefill_ms - load_ms,
             kv_store_ms=kv_store_ms,
         )
-
 
     def _load(self, kv_handle: str) -> tuple[RaggedKVCache, float]:
         """The cache behind a handle (a prefill's cache, or a tail that names its parent), and

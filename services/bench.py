@@ -262,7 +262,8 @@ def run_service_bench(
     from dartserve.engine import Engine
     from dartserve.kv import blob
     from dartserve.kv.codec import encode
-    from dartserve.models import prefill
+    from dartserve.bench import prefill_once
+    from dartserve.engine.core import EngineCore
     from dartserve.pruning import PruningConfig
 
     model = model or default_model()
@@ -307,7 +308,7 @@ def run_service_bench(
         overheads = stage_overheads(distributed.ports, engine, bodies)
         stop([embedded, *distributed.processes.values()])  # the Redis measurement runs alone
         request = engine.vision.encode([Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"])))], bodies[0]["question"])
-        pruned_cache = prefill(engine.adapter, [request], PruningConfig(**DEFAULT_PRUNING)).cache
+        pruned_cache = prefill_once(EngineCore(engine.adapter), request, PruningConfig(**DEFAULT_PRUNING))[1].cache
         redis_kv = _kv_store_throughput(run.redis_url, encode(pruned_cache, engine.adapter.fingerprint), kv_rounds)
         stage_work = {mode: _stage_work(s["stages"], s["e2e_ms"]) for mode, s in samples.items()}
         work = stage_work["distributed"]

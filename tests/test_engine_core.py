@@ -322,3 +322,18 @@ def test_a_last_chunk_as_long_as_the_tokens_kept_is_still_pruned(engines):
     chunked = run(EngineCore(engine.adapter, CoreConfig(max_num_batched_tokens=first, max_num_seqs=4), (log,)), [request])["r"]
     assert log.prefill_tokens[:2] == [first, kept]
     assert_same(chunked, alone(engine, request))
+
+
+@pytest.mark.parametrize("pruning", [PruningConfig(method="none"), PruningConfig(method="dart", budget=10)], ids=["none", "dart"])
+def test_a_turn_fed_at_once_equals_the_turn_fed_token_by_token(engine, pruning):
+    adapter = engine.adapter
+    prompt = engine.vision.encode([make_image(3)], "What is shown here?")
+    (prefilled,) = alone(engine, CoreRequest("r", prompt, pruning, prefill_only=True))
+    turn = tuple(adapter.turn_ids(prefilled.tokens[0], "and then what colour ?"))
+    request = CoreRequest("r", cache=prefilled.cache, feed=turn, sampling=sampling(3), export_cache=True, keep_logits=True)
+    at_once = alone(engine, request)
+    one_by_one = alone(engine, request, max_num_batched_tokens=1, max_num_seqs=1)
+    assert tokens(at_once) == tokens(one_by_one)
+    torch.testing.assert_close(logits(at_once), logits(one_by_one), atol=ATOL, rtol=0)
+    for a, b in zip(at_once[-1].cache.keys + at_once[-1].cache.values, one_by_one[-1].cache.keys + one_by_one[-1].cache.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

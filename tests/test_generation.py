@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dartserve.cli import main
+from dartserve.engine.requests import CoreRequest
 from dartserve.models import SamplingConfig
 from dartserve.models.decode import pick_token
 from dartserve.pruning import PruningConfig, Selection, registry
@@ -107,15 +108,16 @@ def test_bad_requests_are_value_errors(engines):
     with pytest.raises(ValueError, match="string"):
         engine.generate([make_image(1)], None)
     request = engine.vision.encode([make_image(1)], PROMPT)
+    check = lambda prompt: engine.loop.core.check(CoreRequest("r", prompt, PruningConfig()))  # noqa: E731
     broken = dataclasses.replace(request, image_features=request.image_features[:-1])
     with pytest.raises(ValueError, match="vision tokens"):
-        engine.pruner.prefill([broken], PruningConfig())
+        check(broken)
     shifted = dataclasses.replace(request, spans=[dataclasses.replace(request.spans[0], start=request.spans[0].start + 1)])
     with pytest.raises(ValueError, match="placeholder"):
-        engine.pruner.prefill([shifted], PruningConfig())
+        check(shifted)
     flat = dataclasses.replace(request, positions=request.positions[:1])
     with pytest.raises(ValueError, match="positions"):
-        engine.pruner.prefill([flat], PruningConfig())
+        check(flat)
 
 
 def test_a_misbehaving_method_is_caught(engines, monkeypatch):

@@ -8,32 +8,40 @@ import torch
 
 from dartserve.kv.codec import VERSION, CacheMiss, EncodedCache, decode, encode
 from dartserve.kv.store import MemoryStore, RedisStore, StoreUnavailable, cache_key
-from dartserve.models import prefill
-from dartserve.models.decode import decode_step
+from dartserve.engine.core import EngineCore
+from dartserve.engine.requests import CoreRequest
+from dartserve.models import SamplingConfig
 from dartserve.pruning import PruningConfig
 from processes import RedisServer
 from tiny_checkpoints import make_image
 
 
+def run(core, request) -> list:
+    core.add_request(request)
+    outputs = []
+    while core.has_work:
+        outputs += core.step()
+    return outputs
+
+
 def greedy_continuation(adapter, cache, first_token, steps=4):
-    tokens = [first_token]
-    for _ in range(steps):
-        tokens.append(int(decode_step(adapter, cache, torch.tensor([tokens[-1]]))[0].argmax()))
-    return tokens
+    outputs = run(EngineCore(adapter), CoreRequest("r", cache=cache, feed=(first_token,), answer=(first_token,), sampling=SamplingConfig(max_new_tokens=steps + 1, ignore_eos=True)))
+    return [first_token] + [t for o in outputs for t in o.tokens]
 
 
 @pytest.mark.parametrize("pruning", [PruningConfig(method="none"), PruningConfig(method="dart", budget=10)], ids=["none", "dart"])
 def test_round_trip_is_bit_exact_and_decodes_the_same(engine, pruning):
     adapter = engine.adapter
     request = engine.vision.encode([make_image(30)], "What is here?")
-    result = prefill(adapter, [request], pruning)
-    restored = decode(encode(result.cache, "model-a"), "model-a")
-    for got, want in zip(restored.keys + restored.values, result.cache.keys + result.cache.values):
+    (prefilled,) = run(EngineCore(adapter), CoreRequest("r", request, pruning, prefill_only=True))
+    cache = prefilled.cache
+    restored = decode(encode(cache, "model-a"), "model-a")
+    for got, want in zip(restored.keys + restored.values, cache.keys + cache.values):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    assert [t.tolist() for t in restored.token_index] == [t.tolist() for t in result.cache.token_index]
-    assert torch.equal(restored.next_position, result.cache.next_position)
-    first = int(result.logits[0].argmax())
-    assert greedy_continuation(adapter, restored, first) == greedy_continuation(adapter, result.cache, first)
+    assert [t.tolist() for t in restored.token_index] == [t.tolist() for t in cache.token_index]
+    assert torch.equal(restored.next_position, cache.next_position)
+    first = prefilled.tokens[0]
+    assert greedy_continuation(adapter, restored, first) == greedy_continuation(adapter, cache, first)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

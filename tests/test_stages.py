@@ -13,8 +13,7 @@ import torch
 from dartserve.kv import blob
 from dartserve.kv.codec import CacheMiss
 from dartserve.kv.store import MemoryStore
-from dartserve.models import prefill
-from dartserve.models.decode import SamplingConfig, decode_step, extend
+from dartserve.models.decode import SamplingConfig
 from dartserve.pruning import PruningConfig
 from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep, visible_text
 from processes import dartserve_process, free_port, stop, wait_until
@@ -35,23 +34,6 @@ def png(image) -> bytes:
 def sse_json(text: str) -> list[dict]:
     """A server-sent event stream's JSON events, in order ([DONE] left out)."""
     return [json.loads(event.removeprefix("data: ")) for event in text.split("\n\n") if event.startswith("data: {")]
-
-
-@pytest.mark.parametrize("pruning", [PruningConfig(method="none"), PruningConfig(method="dart", budget=10)], ids=["none", "dart"])
-def test_extend_equals_feeding_the_turn_token_by_token(engine, pruning):
-    adapter = engine.adapter
-    request = engine.vision.encode([make_image(3)], PROMPT)
-    turn = adapter.processor.tokenizer("and then what colour", add_special_tokens=False)["input_ids"][:5]
-    one_at_a_time = prefill(adapter, [request], pruning).cache
-    for token in turn:
-        stepped = decode_step(adapter, one_at_a_time, torch.tensor([token]))
-    at_once = prefill(adapter, [request], pruning).cache
-    extended = extend(adapter, at_once, turn)
-    torch.testing.assert_close(extended, stepped, atol=1e-4, rtol=0)
-    assert torch.equal(at_once.next_position, one_at_a_time.next_position)
-    for a, b in zip(at_once.keys + at_once.values, one_at_a_time.keys + one_at_a_time.values):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert all(torch.equal(a, b) for a, b in zip(at_once.token_index, one_at_a_time.token_index))
 
 
 def steps(engine, store=None):
@@ -491,9 +473,12 @@ def test_an_answer_follow_up_whose_cache_was_evicted_is_a_503_without_retry_afte
     follow_up = {"conversation_id": first["conversation_id"], "question": "how many objects are there ?"}
     assert demo_client.post("/v1/answer", json=follow_up).status_code == 200
     assert conversation_hits() == before + 1
-    store = demo_client.app.state.gateway.backend.decode.store
+    backend = demo_client.app.state.gateway.backend
+    store, kv = backend.decode.store, backend.decode.engine.loop.core.kv
     for key in [k for k in store._values if k.startswith("dartserve:kv:")]:
         del store._values[key]  # evicted, as Redis may
+    while kv.evict_one():  # and the blocks the engine kept for the next turn, as a full pool does
+        pass
     gone = demo_client.post("/v1/answer", json=follow_up)
     assert gone.status_code == 503 and "retry-after" not in gone.headers
     assert gone.json()["error"]["type"] == "service_unavailable" and gone.json()["error"]["param"] == "conversation_id"
@@ -818,7 +803,8 @@ def test_complete_sends_the_streamed_answer_in_one_message_and_stops_past_its_de
         whole = stub.Complete(request, timeout=60)
         assert list(whole.token_ids) == [t for c in chunks for t in c.token_ids] and len(whole.token_ids) == 39  # the prefill picked the first
         assert whole.text == "".join(c.text for c in chunks) and whole.done
-        assert (whole.kv_handle, whole.pending_token, whole.finish_reason) == (chunks[-1].kv_handle, chunks[-1].pending_token, chunks[-1].finish_reason)
+        assert (whole.pending_token, whole.finish_reason) == (chunks[-1].pending_token, chunks[-1].finish_reason)
+        assert whole.kv_handle in stored_handles(store) and chunks[-1].kv_handle in stored_handles(store)
     finally:
         server.stop(grace_s=1)
     slow_store = MemoryStore()
@@ -888,12 +874,11 @@ def test_a_stage_logs_and_counts_a_call_after_its_caller_has_the_answer(engines)
         fields = next(r.fields for r in held.records if r.fields["request_id"] == "held-1")
         assert (fields["method"], fields["code"]) == ("Complete", "OK")
         wait_until(lambda: sample("dartserve_stage_calls_total", method="Complete", code="OK") == 1, "the call to be counted", timeout_s=5)
-        with step.lock:  # another request's turn with the model: the next call waits for it
-            with pytest.raises(grpc.RpcError) as late:
-                stub.Complete(request, timeout=0.2)
-            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.2)
-            assert sample("dartserve_stage_in_flight") == 1  # its caller left; its handler has not
+        step.pause_s = 0.3  # the next call's handler outlasts its caller
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Complete(request, timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert sample("dartserve_stage_in_flight") == 1  # its caller left; its handler has not
         wait_until(lambda: sample("dartserve_stage_in_flight") == 0, "the late call to end", timeout_s=5)
         assert sample("dartserve_stage_calls_total", method="Complete", code="DEADLINE_EXCEEDED") == 1
         encode = vision_pb2_grpc.VisionServiceStub(grpc.insecure_channel(f"127.0.0.1:{servers[1].port}")).Encode
@@ -913,38 +898,59 @@ def test_a_stage_logs_and_counts_a_call_after_its_caller_has_the_answer(engines)
 
 
 def test_calls_whose_caller_gave_up_while_waiting_for_the_model_are_not_worked_on(engines):
-    """A call queued behind another one's use of the model, whose deadline passes in the queue,
-    does no work once the model is free: nothing is encoded, prefilled or stored for it."""
+    """A call queued behind other work of the engine's loop, whose deadline passes in the queue,
+    does no work once the loop comes to it: nothing is encoded, prefilled or stored for it."""
+    import threading
+
     import grpc
 
+    from dartserve.engine import Engine
+    from dartserve.engine.core import EngineCore
+    from dartserve.engine.loop import EngineLoop
     from services.convert import pruning_to_proto, sampling_to_proto
     from services.pruner.server import serve as serve_pruner
     from services.rpc.dartserve.v1 import pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
     from services.vision.server import serve as serve_vision
 
-    engine, store = engines["llava"], MemoryStore()
+    adapter, gate, towers = engines["llava"].adapter, threading.Event(), []
+
+    def tower(images):  # the loop's thread waits here while the gate is shut
+        towers.append(len(images))
+        gate.wait(10)
+        return adapter.image_features_many(images)
+
+    engine = Engine(adapter)
+    engine._loop = EngineLoop(EngineCore(adapter), tower)
+    store = MemoryStore()
     settings = Settings(metrics_port=0, drain_s=0)
     vision, prefill = VisionStep(engine, store), PrefillStep(engine, store)
+    gate.set()
     prompt_ref = vision.encode([png(make_image(40))], PROMPT).prompt_ref
     servers = [serve_vision(vision, settings, 0), serve_pruner(prefill, settings, 0)]
     try:
         encode = vision_pb2_grpc.VisionServiceStub(grpc.insecure_channel(f"127.0.0.1:{servers[0].port}")).Encode
         prefill_call = pruner_pb2_grpc.PrunerServiceStub(grpc.insecure_channel(f"127.0.0.1:{servers[1].port}")).Prefill
         calls = [
-            (vision, lambda: encode(vision_pb2.EncodeRequest(images=[png(make_image(41))], conversation=[vision_pb2.Turn(role="user", content=PROMPT)]), timeout=0.5)),
-            (prefill, lambda: prefill_call(pruner_pb2.PrefillRequest(prompt_ref=prompt_ref, pruning=pruning_to_proto(PruningConfig(budget=12)), sampling=sampling_to_proto(SamplingConfig())), timeout=0.5)),
+            lambda: encode(vision_pb2.EncodeRequest(images=[png(make_image(41))], conversation=[vision_pb2.Turn(role="user", content=PROMPT)]), timeout=0.5),
+            lambda: prefill_call(pruner_pb2.PrefillRequest(prompt_ref=prompt_ref, pruning=pruning_to_proto(PruningConfig(budget=12)), sampling=sampling_to_proto(SamplingConfig())), timeout=0.5),
         ]
-        for step, call in calls:
-            before = set(store._values)
-            with step.lock:  # another request's turn with the model
-                with pytest.raises(grpc.RpcError) as late:
-                    call()
-                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.5)  # the queued call has the model now, and gives it up
-            assert set(store._values) == before
+        for call in calls:
+            before, encoded = set(store._values), len(towers)
+            gate.clear()
+            busy = threading.Thread(target=engine.loop.encode_images, args=([adapter.image_inputs(adapter.processor(text=["x <image>"], images=[make_image(43)], return_tensors="pt"), 0)],))
+            busy.start()  # another request's work holds the loop
+            with pytest.raises(grpc.RpcError) as late:
+                call()
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            gate.set()  # the loop comes to the queued call, and gives it up
+            busy.join()
+            time.sleep(0.3)
+            assert set(store._values) == before and len(towers) == encoded + 1  # only the other work ran
     finally:
+        gate.set()
         for server in servers:
             server.stop(grace_s=1)
+        engine.loop.stop()
 
 
 def test_turns_store_only_their_tails_and_equal_from_scratch_runs():
@@ -1016,9 +1022,11 @@ def test_api_keys_guard_the_gateway_but_not_its_open_paths(tmp_path):
 class SlowDecode(DecodeStep):
     """A real decode that takes its time over each chunk, so that a call stays in flight."""
 
+    pause_s = 0.02
+
     def generate(self, *args, **kwargs):
         for chunk in super().generate(*args, **kwargs):
-            time.sleep(0.02)
+            time.sleep(self.pause_s)
             yield chunk
 
 

@@ -1,5 +1,5 @@
 """The engine: a loaded model, its three stages, and the core that batches requests over a KV pool."""
 
-from dartserve.engine.pipeline import Engine, GenerationResult, GenerationStats, GeneratorStage, PrunerStage, Request, VisionStage
+from dartserve.engine.pipeline import Engine, GenerationResult, GenerationStats, GeneratorStage, Request, VisionStage
 
-__all__ = ["Engine", "GenerationResult", "GenerationStats", "GeneratorStage", "PrunerStage", "Request", "VisionStage"]
+__all__ = ["Engine", "GenerationResult", "GenerationStats", "GeneratorStage", "Request", "VisionStage"]

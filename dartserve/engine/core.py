@@ -164,6 +164,8 @@ class EngineCore:
         request = state.request
         if request.export_cache or request.prefill_only:
             output.cache = self.runner.export(state.layout)
+        elif request.export_tail:
+            output.cache = self.runner.export(state.layout, start=state.start_lengths)
         if request.keep is not None:
             self.kv.keep(request.keep, state.layout)
         else:

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 import torch
 
 from dartserve.engine.core import EngineCore
-from dartserve.engine.requests import CoreRequest, RequestOutput
+from dartserve.engine.requests import Abandoned, CoreRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,15 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def encode_images(self, images: list[dict]) -> list[torch.Tensor]:
-        """The projected tokens of each image (its ``image_inputs``), from the loop's thread."""
+    def encode_images(self, images: list[dict], wanted: Callable[[], bool] | None = None) -> list[torch.Tensor]:
+        """The projected tokens of each image (its ``image_inputs``), from the loop's thread;
+        ``Abandoned``, with nothing computed, when ``wanted`` says the caller left meanwhile."""
         if self.tower is None:
             raise ValueError("this process runs no vision tower")
         if self._stopped:
             raise RuntimeError("the engine has stopped")
         done: Future = Future()
-        self._inbox.put(("vision", (images, done)))
+        self._inbox.put(("vision", (images, done, wanted)))
         return done.result()
 
     def stop(self) -> None:
@@ -124,7 +125,7 @@ class EngineLoop:
         self._fail_all(None)
         stopped = RuntimeError("the engine has stopped")
         while True:  # what came with or after the stop is refused, never left waiting
-            for _, done in vision:
+            for _, done, _ in vision:
                 done.set_exception(stopped)
             try:
                 kind, value = self._inbox.get_nowait()
@@ -134,17 +135,20 @@ class EngineLoop:
             if kind == "add":
                 self._deliver(RequestOutput(value.request_id, finished=True, finish_reason="error", error=stopped))
 
-    def _encode(self, jobs: list[tuple[list[dict], Future]]) -> None:
+    def _encode(self, jobs: list[tuple[list[dict], Future, Callable[[], bool] | None]]) -> None:
         """Runs the tower on the queued images, ``max_images`` at a time, and answers each caller."""
-        images = [image for inputs, _ in jobs for image in inputs]
+        for job in [j for j in jobs if j[2] is not None and not j[2]()]:
+            job[1].set_exception(Abandoned("the caller gave up while its images waited for the vision tower"))
+            jobs.remove(job)
+        images = [image for inputs, _, _ in jobs for image in inputs]
         try:
             features = [f for start in range(0, len(images), self.max_images) for f in self.tower(images[start : start + self.max_images])]
         except Exception as error:  # noqa: BLE001 - the callers get the error, the loop goes on
-            for _, done in jobs:
+            for _, done, _ in jobs:
                 done.set_exception(error)
             return
         taken = 0
-        for inputs, done in jobs:
+        for inputs, done, _ in jobs:
             done.set_result(features[taken : taken + len(inputs)])
             taken += len(inputs)
 

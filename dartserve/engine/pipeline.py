@@ -1,7 +1,5 @@
-"""The three serving stages as plain Python objects, and the in-process pipeline that chains them.
-
-The same stage objects run in one process (embedded mode, tests) and behind gRPC services.
-"""
+"""A loaded model: its vision stage, the engine core that prefills and decodes every request,
+and the batch API over them."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from dartserve.engine.core import CoreConfig, EngineCore
 from dartserve.engine.loop import EngineLoop, RequestStream
 from dartserve.engine.requests import CoreRequest
 from dartserve.kv.cache import RaggedKVCache
-from dartserve.models import EncodedPrompt, ModelAdapter, PrefillResult, SamplingConfig, decode, load_adapter, prefill
+from dartserve.models import EncodedPrompt, ModelAdapter, SamplingConfig, load_adapter
 from dartserve.pruning.config import PruningConfig
 from dartserve.timing import stopwatch
 
@@ -32,36 +30,25 @@ class VisionStage:
         self.tower = tower
 
     def encode(
-        self, images: list[Image.Image], prompt: str | list[dict], known: list[torch.Tensor | None] | None = None
+        self, images: list[Image.Image], prompt: str | list[dict], known: list[torch.Tensor | None] | None = None, wanted: Callable[[], bool] | None = None
     ) -> EncodedPrompt:
         """``prompt``: a question, or a conversation (``models.base.chat_messages``). ``known``:
-        projected tokens of some images from an earlier encoding, which are not encoded again."""
+        projected tokens of some images from an earlier encoding, which are not encoded again.
+        ``wanted`` says whether the caller still waits, for a tower that queues its work."""
         if not isinstance(images, (list, tuple)):
             raise ValueError(f"images must be a list of PIL images, got {type(images).__name__}")
         for image in images:
             if not isinstance(image, Image.Image):
                 raise ValueError(f"images must be PIL images, got {type(image).__name__}")
-        return self.adapter.encode([image.convert("RGB") for image in images], prompt, known, self.tower)
-
-
-class PrunerStage:
-    """Prefill with pruning at layer K: encoded requests in, a ragged KV cache and first logits out."""
-
-    def __init__(self, adapter: ModelAdapter) -> None:
-        self.adapter = adapter
-
-    def prefill(self, requests: list[EncodedPrompt], pruning: PruningConfig) -> PrefillResult:
-        return prefill(self.adapter, requests, pruning)
+        tower = self.tower if self.tower is None or wanted is None else (lambda inputs: self.tower(inputs, wanted))
+        return self.adapter.encode([image.convert("RGB") for image in images], prompt, known, tower)
 
 
 class GeneratorStage:
-    """Decoding from a ragged KV cache."""
+    """Token ids to text."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
-
-    def decode(self, cache: RaggedKVCache, logits: torch.Tensor, samplings: list[SamplingConfig]) -> list[list[int]]:
-        return decode(self.adapter, cache, logits, samplings)
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self.adapter.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -103,8 +90,7 @@ class Engine:
 
     def __init__(self, adapter: ModelAdapter, core_config: CoreConfig | None = None) -> None:
         self.adapter = adapter
-        self.vision = VisionStage(adapter, tower=lambda images: self.loop.encode_images(images))
-        self.pruner = PrunerStage(adapter)
+        self.vision = VisionStage(adapter, tower=lambda images, wanted=None: self.loop.encode_images(images, wanted))
         self.generator = GeneratorStage(adapter)
         self.core_config = core_config or CoreConfig()
         self._loop: EngineLoop | None = None

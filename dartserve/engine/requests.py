@@ -14,6 +14,10 @@ from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 
 
+class Abandoned(Exception):
+    """The caller gave up before the work began, or while it waited: it was not done."""
+
+
 @dataclass(frozen=True)
 class CoreRequest:
     """One sequence for the core to run.
@@ -36,6 +40,7 @@ class CoreRequest:
     keep: str | None = None  # once finished, its blocks stay resident under this key (LRU)
     prefill_only: bool = False  # finish after the first token, with the cache
     export_cache: bool = False  # the final output carries the request's cache
+    export_tail: bool = False  # ... or only what this request added to the cache it continued
     keep_logits: bool = False  # outputs carry the logits each token was picked from
 
 
@@ -136,6 +141,7 @@ class RequestState:
             cut = num_layers if self.base is None else cache_cut(self.base)
             self.budgets, self.kept_len = [], 0
         self.layout = Layout.empty(cut, num_layers)
+        self.start_lengths: list[int] = []  # its group lengths once admitted: where what it adds begins
         self.finish_reason = ""
 
     @property

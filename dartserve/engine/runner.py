@@ -129,8 +129,10 @@ class ModelRunner:
             layer_input, input_cos_sin = hidden, cos_sin
             hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, pool_step=steps)
         picked = [w for w in works if w.final]
+        if not picked:  # only chunks of work that goes on in a later step
+            return sampled
         last = self.num_layers - 1
-        rows = torch.tensor([w.row_at[last] + w.rows[last] - 1 for w in picked], device=hidden.device)
+        rows = torch.tensor([w.row_at[last] + w.rows[last] - 1 for w in picked], dtype=torch.long, device=hidden.device)
         logits = self.adapter.lm_head(self.adapter.text.norm(hidden[0, rows])).float()
         for work, row in zip(picked, logits):
             state = work.state
@@ -281,18 +283,22 @@ class ModelRunner:
         kept = sorted(int(p) for s in selections for p in s.positions)
         return reduced, index, Sampled(None, kept_index=index.tolist(), kept_positions=kept, selection_s=times[0])
 
-    def _read(self, layout: Layout, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` keys and values of a layer ``[count, kv_heads, head_dim]``."""
-        blocks = layout.tables[layer, : math.ceil(count / self.pool.block_size)].to(self.adapter.device)
+    def _read(self, layout: Layout, layer: int, count: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``start .. count-1`` of a layer, ``[count - start, kv_heads, head_dim]``."""
+        blocks = layout.tables[layer, start // self.pool.block_size : math.ceil(count / self.pool.block_size)].to(self.adapter.device)
         shape = (-1, *self.pool.keys.shape[2:])
-        return self.pool.keys[blocks].view(shape)[:count], self.pool.values[blocks].view(shape)[:count]
+        first = start % self.pool.block_size
+        end = first + count - start
+        return self.pool.keys[blocks].view(shape)[first:end], self.pool.values[blocks].view(shape)[first:end]
 
-    def export(self, layout: Layout, device: torch.device | None = None) -> RaggedKVCache:
-        """A request's cache out of the pool, as a ``RaggedKVCache`` of one."""
+    def export(self, layout: Layout, device: torch.device | None = None, start: list[int] | None = None) -> RaggedKVCache:
+        """A request's cache out of the pool, as a ``RaggedKVCache`` of one; from ``start`` (slots
+        per group) on, the tail a continuation added, when given."""
         device = device or self.adapter.device
+        start = start or [0] * len(layout.lengths)
         keys, values = [], []
         for i in range(self.num_layers):
-            k, v = self._read(layout, i, layout.layer_length(i))
+            k, v = self._read(layout, i, layout.layer_length(i), start[layout.group(i)])
             keys.append(k.transpose(0, 1)[None].to(device, copy=True))
             values.append(v.transpose(0, 1)[None].to(device, copy=True))
         groups = len(layout.lengths)
@@ -300,7 +306,7 @@ class ModelRunner:
             keys=keys,
             values=values,
             layer_group=tuple(layout.group(i) for i in range(self.num_layers)),
-            token_index=[torch.tensor([index], dtype=torch.long, device=device) for index in layout.token_index[:groups]],
+            token_index=[torch.tensor([index[begin:]], dtype=torch.long, device=device) for index, begin in zip(layout.token_index[:groups], start)],
             next_position=torch.tensor([layout.next_position], device=device),
         )
 

@@ -77,6 +77,8 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(state)
             state.status = Status.RUNNING
+            if not state.start_lengths:
+                state.start_lengths = list(state.layout.lengths)
             if state.metrics.first_scheduled is None:
                 state.metrics.first_scheduled = time.perf_counter()
             if state.is_decode:

@@ -1,8 +1,7 @@
-"""Model adapters, one per family, and the generic prefill and decode loops."""
+"""Model adapters, one per family, and the decoding settings."""
 
 from dartserve.models.base import EncodedPrompt, ModelAdapter
-from dartserve.models.decode import SamplingConfig, decode
+from dartserve.models.decode import SamplingConfig
 from dartserve.models.loading import ADAPTERS, load_adapter
-from dartserve.models.prefill import PrefillResult, prefill
 
-__all__ = ["ADAPTERS", "EncodedPrompt", "ModelAdapter", "PrefillResult", "SamplingConfig", "decode", "load_adapter", "prefill"]
+__all__ = ["ADAPTERS", "EncodedPrompt", "ModelAdapter", "SamplingConfig", "load_adapter"]

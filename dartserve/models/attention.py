@@ -1,24 +1,8 @@
-"""Attention masks over the slots of a (possibly padded, possibly pruned) cache."""
+"""The attention row of the last prompt token, which FastV ranks vision tokens by."""
 
 from __future__ import annotations
 
 import torch
-
-
-def attention_mask(token_index: torch.Tensor, query_len: int) -> torch.Tensor | None:
-    """Boolean mask ``[batch, 1, query_len, slots]`` for queries in the last ``query_len`` slots.
-
-    A query sees the slots at or before its own that hold a token (``token_index >= 0``); slot
-    order is sequence order, also after pruning. ``None`` when nothing is padding: SDPA then
-    runs its causal kernels (flash/memory-efficient) with no mask at all.
-    """
-    valid = token_index >= 0
-    if bool(valid.all()):
-        return None
-    slots = token_index.shape[1]
-    query_slots = torch.arange(slots - query_len, slots, device=token_index.device)
-    causal = torch.arange(slots, device=token_index.device)[None, :] <= query_slots[:, None]
-    return (causal[None] & valid[:, None, :])[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
