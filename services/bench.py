@@ -112,7 +112,7 @@ def loopback_round_trips(address: str, rounds: int = 100, idle_s: float = 0.02) 
 def _grpc_backend(ports: dict[str, int]):
     """The gateway's backend to the stages listening on ``ports`` on loopback."""
     from services.config import Settings
-    from services.gateway.backends import GrpcBackend
+    from services.frontend.backends import GrpcBackend
 
     return GrpcBackend(Settings(**{f"{name}_addr": f"127.0.0.1:{ports[name]}" for name in ("vision", "pruner", "generator")}))
 
@@ -154,7 +154,7 @@ def stage_overheads(ports: dict[str, int], engine, bodies: list[dict], warmup: i
     from dartserve.kv.store import MemoryStore
     from dartserve.pruning import PruningConfig
     from dartserve.stages import DecodeStep, PrefillStep, VisionStep
-    from services.gateway.backends import LocalBackend
+    from services.frontend.backends import LocalBackend
 
     store = MemoryStore()
     backends = {

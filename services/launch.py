@@ -42,8 +42,8 @@ def start_stage(name: str, settings, engine: Engine | None = None, store=None, p
 
 def embedded_gateway(settings, engine: Engine | None = None):
     """The gateway with every stage in this process and an in-memory store (``dartserve serve``)."""
-    from services.gateway.backends import LocalBackend
-    from services.gateway.prompt_limits import PromptLimits
+    from services.frontend.backends import LocalBackend
+    from services.frontend.prompt_limits import PromptLimits
     from services.gateway.turns import LocalLeases
 
     engine = engine or load_engine(settings)
@@ -59,8 +59,8 @@ def embedded_gateway(settings, engine: Engine | None = None):
 def distributed_gateway(settings):
     """The gateway in front of the gRPC stages, keeping conversations in Redis; it loads the
     model's processor and configuration (to refuse prompts that cannot fit), not its weights."""
-    from services.gateway.backends import GrpcBackend
-    from services.gateway.prompt_limits import PromptLimits
+    from services.frontend.backends import GrpcBackend
+    from services.frontend.prompt_limits import PromptLimits
     from services.gateway.turns import RedisLeases
 
     leases = RedisLeases(redis_client(settings.batch_redis, socket_timeout=5.0, socket_connect_timeout=5.0))
@@ -72,12 +72,12 @@ def _gateway(backend, store, leases, limits, settings):
     """In both modes batches go through Redis (the Celery broker and the batch store), which a
     batch needs only when one is sent."""
     from services.gateway.app import Gateway
-    from services.gateway.answers import Policy
+    from services.frontend.answers import Policy
     from services.gateway.batch_api import Batches
     from services.gateway.conversations import Conversations
     from services.gateway.turns import TurnHolds
-    from services.worker.app import make_celery
-    from services.worker.batches import BatchStore
+    from services.batches.queue import make_celery
+    from services.batches.store import BatchStore
 
     policy = Policy.from_settings(settings, limits)
     batches = Batches(BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s), make_celery(settings), model_name(settings), policy, settings.batch_max_requests)
@@ -99,8 +99,8 @@ def serve_http(gateway, settings) -> None:
 
 def run_worker(settings, local: bool, concurrency: int) -> None:
     """A Celery worker for batch items: stages over gRPC, or in this process with ``local``."""
-    from services.gateway.backends import GrpcBackend, LocalBackend
-    from services.gateway.prompt_limits import PromptLimits
+    from services.frontend.backends import GrpcBackend, LocalBackend
+    from services.frontend.prompt_limits import PromptLimits
     from services.worker.tasks import Worker, worker_app
 
     if local:

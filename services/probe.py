@@ -33,7 +33,7 @@ def probe(service: str, settings, timeout_s: float = 3.0) -> bool:
             except grpc.RpcError:
                 return False
             return reply.status == health_pb2.HealthCheckResponse.SERVING
-    from services.worker.app import make_celery
+    from services.batches.queue import make_celery
 
     # The worker of this host answers a ping through the broker.
     replies = make_celery(settings).control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=timeout_s)

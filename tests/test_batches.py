@@ -369,7 +369,7 @@ def test_a_batch_whose_requests_were_evicted_fails_instead_of_hanging(redis_serv
     from types import SimpleNamespace
 
     from services.config import Settings
-    from services.worker.batches import _keys
+    from services.batches.store import _keys
     from services.worker.tasks import Worker
 
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), None, "demo")
@@ -382,7 +382,7 @@ def test_a_batch_whose_requests_were_evicted_fails_instead_of_hanging(redis_serv
 
 def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_server):
     from services.config import Settings
-    from services.gateway.backends import Overloaded, Unavailable
+    from services.frontend.backends import Overloaded, Unavailable
     from services.worker.tasks import Worker
 
     class Stages:
@@ -420,7 +420,7 @@ def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_serv
 
 def test_an_item_recorded_twice_is_counted_and_listed_once(redis_server):
     """A redelivered item (its worker died after storing its result) changes nothing."""
-    from services.worker.batches import BatchStore
+    from services.batches.store import BatchStore
 
     store = BatchStore.from_url(redis_server.url.replace("/0", "/2"), ttl_s=600)
     items = [{"custom_id": name, "fields": {"question": "q"}, "images": []} for name in ("a", "b")]

@@ -34,7 +34,7 @@ from dartserve.cli import build_parser
 from services.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ENVIRONMENT, Settings
 from services.processes import free_port
 from services.stage_calls import IN_FLIGHT
-from services.worker.app import QUEUE
+from services.batches.queue import QUEUE
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent

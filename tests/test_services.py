@@ -44,8 +44,8 @@ def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, redis_se
     from dartserve.kv.store import MemoryStore, RedisStore
     from dartserve.stages import DecodeStep, PrefillStep, VisionStep
     from services.gateway import conversations as conv
-    from services.gateway.backends import LocalBackend
-    from services.gateway.pipeline import Final, Question, answer
+    from services.frontend.backends import LocalBackend
+    from services.frontend.pipeline import Final, Question, answer
 
     redis_store = RedisStore(redis.Redis.from_url(redis_server.url))
     memory = MemoryStore()

@@ -18,8 +18,8 @@ from dartserve.pruning import PruningConfig
 from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep, visible_text
 from processes import dartserve_process, free_port, stop, wait_until
 from services.config import DEFAULT_PRUNING, Settings
-from services.gateway.backends import LocalBackend
-from services.gateway.pipeline import Final, Question, answer
+from services.frontend.backends import LocalBackend
+from services.frontend.pipeline import Final, Question, answer
 from tiny_checkpoints import make_image
 
 PROMPT = "What is shown here?"
@@ -97,7 +97,7 @@ def test_a_recomputed_prefill_that_picks_another_first_token_is_a_503_not_a_spli
     can go on from it. Not streamed, the answer starts from the new one."""
     from dataclasses import replace
 
-    from services.gateway.backends import Unavailable
+    from services.frontend.backends import Unavailable
 
     engine = engines["llava"]
     image, pruning = make_image(5), PruningConfig(budget=12)
@@ -577,7 +577,7 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_count
     from dartserve.demo.data import example
     from dartserve.kv.store import StoreUnavailable
     from services.gateway.app import create_app
-    from services.gateway.backends import Overloaded, Unavailable
+    from services.frontend.backends import Overloaded, Unavailable
     from services.launch import embedded_gateway
 
     client = TestClient(create_app(embedded_gateway(Settings())))  # the demo model: answers have text
@@ -1053,7 +1053,7 @@ def held_stream(engines, **settings):
 def test_a_stage_at_its_limit_refuses_at_once(engines):
     """Admission control: a stage serves DARTSERVE_WORKERS calls, queues DARTSERVE_MAX_QUEUE
     more and refuses the rest, which the gateway's backend reports as Overloaded (429)."""
-    from services.gateway.backends import GrpcBackend, Overloaded
+    from services.frontend.backends import GrpcBackend, Overloaded
 
     server, _, _, request, holding, _, expected = held_stream(engines, workers=1, max_queue=0, drain_s=0)
     try:
@@ -1133,7 +1133,7 @@ def _certificates(folder):
 
 
 def test_stages_serve_tls_and_mutual_tls_by_configuration(engines, tmp_path):
-    from services.gateway.backends import GrpcBackend, Unavailable
+    from services.frontend.backends import GrpcBackend, Unavailable
     from services.probe import probe
     from services.vision.server import serve
 
@@ -1172,7 +1172,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path, monkeypatch):
 
     from dartserve.demo.data import example
     from services.gateway.app import create_app
-    from services.gateway.image_urls import ImageUrls
+    from services.frontend.image_urls import ImageUrls
     from services.launch import embedded_gateway
 
     item = example("test", 5)
@@ -1205,7 +1205,7 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(tmp_path, monkeypatch):
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_port}"
-    monkeypatch.setattr("services.gateway.image_urls.TIMEOUT_S", 1.0)
+    monkeypatch.setattr("services.frontend.image_urls.TIMEOUT_S", 1.0)
     try:
         client = TestClient(create_app(embedded_gateway(Settings(image_url_hosts=("127.0.0.1",), max_message_mb=1))))
         by_url = client.post("/v1/answer", json={"image": f"{base}/picture.png", "question": item.question})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from services.gateway.inputs import ApiError
+from services.frontend.inputs import ApiError
 
 RETRY_AFTER_S = "1"
 

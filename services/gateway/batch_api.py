@@ -13,13 +13,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from services.gateway.answers import Policy, answer_images, first_turn, parse_answer
-from services.gateway.backends import Unavailable, store_errors
-from services.gateway.inputs import ApiError, json_body, json_object, media_type
+from services.frontend.answers import Policy, answer_images, first_turn, parse_answer
+from services.frontend.backends import Unavailable, store_errors
+from services.frontend.inputs import ApiError, json_body, json_object, media_type
 from services.gateway.middleware import tenant
 from services.gateway.schemas import Batch, InvalidBatch, answered, errors
-from services.worker.app import queue_items
-from services.worker.batches import FINISHED, UnknownBatch
+from services.batches.queue import queue_items
+from services.batches.store import FINISHED, UnknownBatch
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
 MAX_REPORTED = 50  # bad lines listed in one error

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 
 from services import request_ids
-from services.gateway.inputs import ApiError
+from services.frontend.inputs import ApiError
 
 log = logging.getLogger(__name__)
 CLIENT_LEFT = 499  # nginx's status for a client that closed the connection before the answer ended

@@ -17,11 +17,11 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
 from services.gateway import conversations as conv
-from services.gateway.answers import PruningIn
+from services.frontend.answers import PruningIn
 from services.gateway.app import Gateway
-from services.gateway.inputs import ApiError, image_bytes, json_body, json_object, media_type, sampling, validated
+from services.frontend.inputs import ApiError, image_bytes, json_body, json_object, media_type, sampling, validated
 from services.gateway.middleware import tenant
-from services.gateway.pipeline import Delta, Final
+from services.frontend.pipeline import Delta, Final
 from services.gateway.schemas import ChatCompletion, answered
 
 

@@ -17,8 +17,8 @@ import threading
 import time
 
 from dartserve.kv.store import StoreUnavailable, redis_call
-from services.gateway.backends import store_errors
-from services.gateway.inputs import ApiError
+from services.frontend.backends import store_errors
+from services.frontend.inputs import ApiError
 
 log = logging.getLogger(__name__)
 LEASE_S = 6.0

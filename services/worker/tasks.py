@@ -14,12 +14,12 @@ from celery.exceptions import Reject
 from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
 from services import request_ids
-from services.gateway.answers import AnswerShape, Policy, first_turn, parse_answer
-from services.gateway.backends import Overloaded, Unavailable
-from services.gateway.inputs import ApiError
-from services.gateway.pipeline import Final, answer
-from services.worker.app import TASK, make_celery
-from services.worker.batches import FINISHED, BatchStore, UnknownBatch
+from services.frontend.answers import AnswerShape, Policy, first_turn, parse_answer
+from services.frontend.backends import Overloaded, Unavailable
+from services.frontend.inputs import ApiError
+from services.frontend.pipeline import Final, answer
+from services.batches.queue import TASK, make_celery
+from services.batches.store import FINISHED, BatchStore, UnknownBatch
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30

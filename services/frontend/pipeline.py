@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import StageMiss
-from services.gateway.backends import Unavailable
-from services.gateway.inputs import ApiError
+from services.frontend.backends import Unavailable
+from services.frontend.inputs import ApiError
 
 
 @dataclass

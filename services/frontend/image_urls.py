@@ -11,7 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from services.gateway.inputs import ApiError
+from services.frontend.inputs import ApiError
 
 TIMEOUT_S = 10.0
 _URL = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$")

@@ -9,10 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dartserve.models.base import chat_messages
 from services.convert import merge_pruning
-from services.gateway.image_urls import ImageUrls
-from services.gateway.inputs import ApiError, image_bytes, sampling, validated
-from services.gateway.pipeline import Delta, Final, Question
-from services.gateway.prompt_limits import PromptLimits
+from services.frontend.image_urls import ImageUrls
+from services.frontend.inputs import ApiError, image_bytes, sampling, validated
+from services.frontend.pipeline import Delta, Final, Question
+from services.frontend.prompt_limits import PromptLimits
 
 
 class PruningIn(BaseModel):
