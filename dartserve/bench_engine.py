@@ -72,12 +72,11 @@ class Run:
     itl_s: list[float]
 
 
-def closed_loop(loop: EngineLoop, workload: Workload, concurrency: int) -> Run:
-    """``concurrency`` clients answer the workload's requests in turn."""
-    answers: list[list[int]] = [[] for _ in workload.prompts]
-    ttft, itl, errors = [], [], []
-    todo = iter(range(len(workload.prompts)))
-    lock = threading.Lock()
+def closed_loop(answer, items: list, concurrency: int) -> tuple[list, float]:
+    """``concurrency`` clients call ``answer`` on the items in turn, each taking the next when
+    its last is answered; the answers in the items' order, and the seconds it took."""
+    answers: list = [None] * len(items)
+    todo, lock, errors = iter(range(len(items))), threading.Lock(), []
 
     def client() -> None:
         while True:
@@ -85,16 +84,10 @@ def closed_loop(loop: EngineLoop, workload: Workload, concurrency: int) -> Run:
                 index = next(todo, None)
             if index is None:
                 return
-            request = CoreRequest(uuid.uuid4().hex, workload.prompts[index], workload.pruning, workload.sampling)
-            sent = last = time.perf_counter()
-            for output in loop.submit(request):
-                now = time.perf_counter()
-                if output.error is not None:
-                    errors.append(output.error)
-                if output.tokens:
-                    (ttft if not answers[index] else itl).append(now - (sent if not answers[index] else last))
-                    answers[index] += output.tokens
-                    last = now
+            try:
+                answers[index] = answer(items[index])
+            except Exception as error:  # noqa: BLE001 - raised once every client has stopped
+                errors.append(error)
 
     clients = [threading.Thread(target=client) for _ in range(concurrency)]
     started = time.perf_counter()
@@ -102,10 +95,28 @@ def closed_loop(loop: EngineLoop, workload: Workload, concurrency: int) -> Run:
         thread.start()
     for thread in clients:
         thread.join()
-    elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return Run(answers, elapsed, ttft, itl)
+    return answers, time.perf_counter() - started
+
+
+def core_run(loop: EngineLoop, workload: Workload, concurrency: int) -> Run:
+    """The workload's requests through the engine core by ``concurrency`` clients, timed."""
+
+    def answer(prompt: EncodedPrompt) -> tuple[list[int], list[float]]:
+        request = CoreRequest(uuid.uuid4().hex, prompt, workload.pruning, workload.sampling)
+        tokens, times = [], [time.perf_counter()]
+        for output in loop.submit(request):
+            if output.error is not None:
+                raise output.error
+            if output.tokens:
+                tokens += output.tokens
+                times.append(time.perf_counter())
+        return tokens, times
+
+    answered, elapsed = closed_loop(answer, workload.prompts, concurrency)
+    gaps = [[b - a for a, b in zip(times, times[1:])] for _, times in answered]
+    return Run([tokens for tokens, _ in answered], elapsed, [g[0] for g in gaps if g], [x for g in gaps for x in g[1:]])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,12 +128,12 @@ def measure(workload: Workload, concurrency: int, runs: int, config: CoreConfig,
     log = StepLog()
     loop = EngineLoop(EngineCore(workload.adapter, config, observers=(log,)))
     core = loop.core
-    closed_loop(loop, Workload(workload.name, workload.adapter, workload.prompts[:2], workload.pruning, workload.sampling), min(2, concurrency))  # warm-up
+    core_run(loop, Workload(workload.name, workload.adapter, workload.prompts[:2], workload.pruning, workload.sampling), min(2, concurrency))  # warm-up
     figures, exact, answers = [], True, None
     for _ in range(runs):
         log.steps.clear()
         core.pool.peak_used = core.pool.num_used
-        run = closed_loop(loop, workload, concurrency)
+        run = core_run(loop, workload, concurrency)
         answers = run.answers
         exact &= solo is None or run.answers == solo
         tokens = sum(map(len, run.answers))
@@ -248,7 +259,7 @@ def run_engine_bench(
             everyone = len(workload.prompts)
             full_log = StepLog()
             full_pool = EngineLoop(EngineCore(workload.adapter, CoreConfig(capacity["kv_cache_mb"], config.block_size, max(config.max_num_batched_tokens, everyone), everyone), (full_log,)))
-            closed_loop(full_pool, workload, everyone)
+            core_run(full_pool, workload, everyone)
             full_pool.stop()
             extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "ceiling_output_throughput": round(ceiling, 2)}
             extra |= {"pool_" + key: value for key, value in capacity.items()} | {"pool_max_running_pruned": full_log.max_running}

@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
     from dartserve.engine import Engine
     from dartserve.models import SamplingConfig
     from dartserve.models.loading import quiet_loading
-    from services.config import DEFAULT_PRUNING
+    from dartserve.defaults import DEFAULT_PRUNING
     from services.convert import merge_pruning
 
     # The server's default pruning for what the flags leave out, as a request's pruning gets it.
@@ -175,25 +175,32 @@ def _train_demo(args: argparse.Namespace) -> int:
     train(
         out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         init=Path(args.init) if args.init else None, vision_steps=args.vision_steps,
-        sampled_steps=args.sampled_steps, sampled_background=args.background, place_steps=args.place_steps,
+        sampled_steps=args.sampled_steps, sampled_background=args.background, reuse=args.reuse,
     )
-    print(json.dumps(write_card(out)["test"], indent=2))
+    print(json.dumps(write_card(out), indent=2))
     return 0
 
 
-def _bench_service(args: argparse.Namespace) -> int:
-    from services.bench import run_service_bench
+def _bench_serve(args: argparse.Namespace) -> int:
+    from services.bench_serve import run_serve_bench
 
-    result = run_service_bench(
+    rows = run_serve_bench(
+        workloads=tuple(args.workloads.split(",")),
+        concurrencies=args.concurrency,
+        distributed=args.distributed,
         requests=args.requests,
-        redis_url=args.redis_url,
-        kv_rounds=args.kv_rounds,
-        model=args.model,
+        width=args.width,
+        depth=args.depth,
         threads=args.threads,
-        ttl_s=args.ttl_s,
         floor_rounds=args.floor_rounds,
     )
-    return _print_json(result, args.json)
+    print(f"{'workload':<8} {'mode':<11} {'conc':>4} {'tok/s':>8} {'engine':>8} {'served':>7} {'TTFT p50':>9} {'ITL p50':>8} {'e2e p50':>8} {'exact':>6}")
+    for row in rows:
+        print(
+            f"{row['workload']:<8} {row['mode']:<11} {row['concurrency']:>4} {row['output_throughput']:>8.1f} {row['engine_output_throughput']:>8.1f} "
+            f"{row['served_vs_engine']:>7.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} {row['e2e_p50_ms']:>8.1f} {str(row['exact']):>6}"
+        )
+    return _print_json(rows, args.json, echo=False)
 
 
 def _bench_batch(args: argparse.Namespace) -> int:
@@ -213,12 +220,14 @@ def _bench_load(args: argparse.Namespace) -> int:
     return _print_json(result, args.json)
 
 
-def _print_json(result: dict, path: str | None) -> int:
+def _print_json(result: dict | list, path: str | None, echo: bool = True) -> int:
+    """Writes ``result`` to ``path``; ``echo`` prints it too, for a benchmark with no table."""
     text = json.dumps(result, indent=2)
     if path:
         with open(path, "w") as out:
             out.write(text + "\n")
-    print(text)
+    if echo:
+        print(text)
     return 0
 
 
@@ -363,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=300, help="steps of phase three (every patch); 0 skips it")
     train.add_argument("--sampled-steps", type=int, default=6500, help="steps of phase two (objects and sampled background); 0 skips it")
     train.add_argument("--background", type=int, default=64, help="phase two's most background patches per image")
-    train.add_argument("--place-steps", type=int, default=2500, help="steps of phase four (where the named objects lie); 0 skips it")
-    train.add_argument("--batch-size", type=_positive_int, default=12)
+    train.add_argument("--reuse", type=_positive_int, default=4, help="phase two's conversations about each image, in consecutive steps")
+    train.add_argument("--batch-size", type=_positive_int, default=16, help="conversations per step")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--vision-steps", type=int, default=1500, help="steps of phase one (the vision tower alone); 0 skips it")
     train.add_argument("--seed", type=int, default=0)
@@ -437,11 +446,17 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-seqs", type=_positive_int, help="requests running at once at most (default 64)")
     engine.add_argument("--pool-requests", type=_positive_int, default=8, help="the pool of the capacity count holds this many unpruned prompts")
     engine.set_defaults(run=_bench_engine)
-    service = _service_bench(suites, "service", "embedded vs distributed latency, KV bytes, Redis KV throughput", _bench_service, 30)
-    service.add_argument("--kv-rounds", type=_positive_int, default=30)
-    service.add_argument("--redis-url", help="default: a private, empty redis-server the bench starts")
-    service.add_argument("--ttl-s", type=_positive_int, default=10, help="the services' DARTSERVE_TTL_S; the warm-up takes 1.5 times as long")
-    service.add_argument("--floor-rounds", type=_positive_int, default=100, help="rounds of the design's floor: bare gRPC stages that only wait")
+    serve = suites.add_parser("serve", help="the service under closed-loop load against the engine alone: throughput, TTFT, ITL, memory")
+    serve.add_argument("--json", help="write the rows to this file")
+    serve.add_argument("--workloads", default="decode,demo", help="comma-separated: decode (LLaVA-shaped random model), demo (the bundled model)")
+    serve.add_argument("--concurrency", type=_csv_ints, default=(1, 4, 16), help="clients, comma-separated")
+    serve.add_argument("--distributed", action="store_true", help="the three gRPC stages and the gateway, with a private Redis (default: embedded)")
+    serve.add_argument("--requests", type=_positive_int, help="requests per concurrency (default: 32 decode, 64 demo)")
+    serve.add_argument("--width", type=_positive_int, default=1024, help="the decode workload's hidden size")
+    serve.add_argument("--depth", type=_positive_int, default=8, help="the decode workload's decoder layers")
+    serve.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
+    serve.add_argument("--floor-rounds", type=_positive_int, default=100, help="rounds of the design's floor (distributed): bare gRPC stages that only wait")
+    serve.set_defaults(run=_bench_serve)
     batch_bench = _service_bench(suites, "batch", "a batch on one Celery worker against the same requests one by one to /v1/answer", _bench_batch, 200)
     batch_bench.add_argument("--runs", type=_positive_int, default=3)
     load = _service_bench(suites, "load", "bounded load on a gateway: throughput, latency percentiles, errors, peak memory", _bench_load, 1000)

@@ -7,11 +7,8 @@ import os
 from dataclasses import dataclass, field
 
 from dartserve.checks import MAX_PIXELS
+from dartserve.defaults import DEFAULT_PRUNING, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from dartserve.kv.store import DEFAULT_TTL_S
-
-# The pruning a request gets when it names none, from the server and from `dartserve ask`: DART
-# at layer 2 keeping 64 of LLaVA-1.5's 576 vision tokens, scaled to the image's token count.
-DEFAULT_PRUNING = {"method": "dart", "ratio": 64 / 576, "layer": 2}
 
 ENVIRONMENT = {
     "DARTSERVE_MODEL": "checkpoint directory or Hugging Face id (default: the bundled demo model)",
@@ -27,7 +24,10 @@ ENVIRONMENT = {
     "DARTSERVE_GENERATOR_ADDR": "the gateway's generator service (default 127.0.0.1:50053)",
     "DARTSERVE_PRUNING": f"default pruning as JSON (default {json.dumps(DEFAULT_PRUNING)})",
     "DARTSERVE_TTL_S": f"lifetime of cached prompts, KV caches and conversations (default {DEFAULT_TTL_S})",
-    "DARTSERVE_MEMORY_STORE_MB": "embedded mode's in-memory store of image tokens, KV caches and conversations, in MB; when full, what expires first goes (default 4096)",
+    "DARTSERVE_MEMORY_STORE_MB": "embedded mode's in-memory cache of images and their tokens, and its store of conversation records, in MB each; when full, what was used least recently (images) or expires first (records) goes (default 4096)",
+    "DARTSERVE_KV_CACHE_MB": "the engine core's KV pool, in MB, preallocated (default: 80% of the CUDA memory free once the weights are loaded; 2048 on the CPU)",
+    "DARTSERVE_MAX_NUM_BATCHED_TOKENS": f"tokens the engine core runs in one step at most: prompts longer than what is left run in chunks (default {MAX_NUM_BATCHED_TOKENS})",
+    "DARTSERVE_MAX_NUM_SEQS": f"requests the engine core runs at once at most; more wait (default {MAX_NUM_SEQS})",
     "DARTSERVE_RPC_TIMEOUT_S": "the gateway's deadline for each gRPC call (default 60)",
     "DARTSERVE_MAX_MESSAGE_MB": "largest gRPC message and request body (default 32)",
     "DARTSERVE_IMAGE_URL_HOSTS": "comma-separated hosts (or *.domain) whose http(s) image URLs the gateway fetches (default: none, URLs are refused)",
@@ -80,6 +80,9 @@ class Settings:
     pruning: dict = field(default_factory=lambda: dict(DEFAULT_PRUNING))
     ttl_s: int = DEFAULT_TTL_S
     memory_store_mb: int = 4096
+    kv_cache_mb: float | None = None  # None: from the device's free memory
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = MAX_NUM_SEQS
     rpc_timeout_s: float = 60.0
     max_message_mb: int = 32
     max_image_pixels: int = MAX_PIXELS
@@ -146,6 +149,9 @@ class Settings:
             pruning=pruning,
             ttl_s=read("DARTSERVE_TTL_S", int, cls.ttl_s),
             memory_store_mb=read("DARTSERVE_MEMORY_STORE_MB", int, cls.memory_store_mb),
+            kv_cache_mb=read("DARTSERVE_KV_CACHE_MB", float, None),
+            max_num_batched_tokens=read("DARTSERVE_MAX_NUM_BATCHED_TOKENS", int, cls.max_num_batched_tokens),
+            max_num_seqs=read("DARTSERVE_MAX_NUM_SEQS", int, cls.max_num_seqs),
             rpc_timeout_s=read("DARTSERVE_RPC_TIMEOUT_S", float, cls.rpc_timeout_s),
             max_message_mb=read("DARTSERVE_MAX_MESSAGE_MB", int, cls.max_message_mb),
             max_image_pixels=read("DARTSERVE_MAX_IMAGE_PIXELS", int, cls.max_image_pixels),

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 from dartserve.checks import SettingError
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig, refuse_unread, settings_read_by
 from services.rpc.dartserve.v1 import common_pb2
-
-_OPTIONAL_PRUNING = ("budget", "ratio", "layer", "pivot_image", "pivot_text", "seed")
-
 
 def merge_pruning(requested: dict | None, defaults: dict) -> PruningConfig:
     """The request's pruning with the server's defaults for what it omits, among the settings
@@ -34,21 +32,28 @@ def merge_pruning(requested: dict | None, defaults: dict) -> PruningConfig:
 
 
 def pruning_to_proto(config: PruningConfig) -> common_pb2.Pruning:
-    message = common_pb2.Pruning(method=config.method)
-    for name, value in config.to_dict().items():
-        if name != "method" and value is not None:
+    message = common_pb2.Pruning(method=config.method, settings_json=json.dumps(config.settings))
+    for name in ("budget", "ratio", "layer"):
+        value = getattr(config, name)
+        if value is not None and config.method != "none":
             _set(message, name, value, f"pruning.{name}")
     return message
 
 
 def pruning_from_proto(message: common_pb2.Pruning) -> PruningConfig:
-    fields = {name: getattr(message, name) for name in _OPTIONAL_PRUNING if message.HasField(name)}
-    return PruningConfig(method=message.method or "dart", **fields)
+    fields = {name: getattr(message, name) for name in ("budget", "ratio", "layer") if message.HasField(name)}
+    try:
+        settings = json.loads(message.settings_json or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"pruning settings_json is not JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise ValueError("pruning settings_json must be a JSON object")
+    return PruningConfig(method=message.method or "dart", **fields, **settings)
 
 
 def sampling_to_proto(config: SamplingConfig) -> common_pb2.Sampling:
     message = common_pb2.Sampling()
-    for name in ("max_new_tokens", "temperature", "top_p", "seed"):
+    for name in ("max_new_tokens", "temperature", "top_p", "seed", "ignore_eos"):
         _set(message, name, getattr(config, name), name)
     try:
         message.stop_token_ids.extend(config.stop_token_ids)
@@ -73,6 +78,7 @@ def sampling_from_proto(message: common_pb2.Sampling) -> SamplingConfig:
         top_p=message.top_p,
         seed=message.seed,
         stop_token_ids=tuple(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
     )
 
 

@@ -1,4 +1,8 @@
-"""Starting dartserve's processes: each stage as a gRPC service, the gateway, or all in one."""
+"""Starting dartserve's processes: each stage as a gRPC service, the gateway, or all in one.
+
+A process loads the parts of the model it runs: the vision service the vision tower and the
+projector, the pruner and the generator the language model, ``dartserve serve`` both.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,33 @@ import torch
 
 from dartserve.demo import default_model
 from dartserve.engine import Engine
+from dartserve.engine.core import CoreConfig
 from dartserve.kv.store import MemoryStore, RedisStore, redis_client
+from dartserve.models.base import PARTS
 from dartserve.stages import DecodeStep, PrefillStep, VisionStep
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STAGE_PARTS = {"vision": ("vision",), "pruner": ("language",), "generator": ("language",)}
 
 
 def model_name(settings) -> str:
     return settings.model or "dartserve-demo"
 
 
-def load_engine(settings) -> Engine:
+def load_engine(settings, parts: tuple[str, ...] = PARTS) -> Engine:
     if settings.dtype is not None and settings.dtype not in DTYPES:
         raise ValueError(f"DARTSERVE_DTYPE must be one of {sorted(DTYPES)}, got {settings.dtype!r}")
-    return Engine.load(settings.model or default_model(), device=settings.device, dtype=DTYPES.get(settings.dtype))
+    core = CoreConfig(settings.kv_cache_mb, max_num_batched_tokens=settings.max_num_batched_tokens, max_num_seqs=settings.max_num_seqs)
+    return Engine.load(settings.model or default_model(), device=settings.device, dtype=DTYPES.get(settings.dtype), core_config=core, parts=parts)
+
+
+def engine_metrics(engine: Engine, registry, settings) -> None:
+    """The core's metrics (``services.engine_metrics``) in ``registry``, when ``engine`` runs one."""
+    from services.engine_metrics import EngineMetrics
+
+    loop = engine.loop
+    if loop.core is not None:
+        loop.on_output = EngineMetrics(loop.core, registry, model_name(settings)).observe_output
 
 
 def start_stage(name: str, settings, engine: Engine | None = None, store=None, port: int | None = None):
@@ -28,32 +45,33 @@ def start_stage(name: str, settings, engine: Engine | None = None, store=None, p
     from services.pruner.server import serve as serve_pruner
     from services.vision.server import serve as serve_vision
 
-    engine = engine or load_engine(settings)
+    if name not in STAGE_PARTS:
+        raise ValueError(f"unknown stage {name!r}")
+    engine = engine or load_engine(settings, STAGE_PARTS[name])
     store = store or RedisStore.from_url(settings.redis_url)
     port = settings.port_for(name) if port is None else port
     if name == "vision":
         return serve_vision(VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels), settings, port)
-    if name == "pruner":
-        return serve_pruner(PrefillStep(engine, store, settings.ttl_s), settings, port)
-    if name == "generator":
-        return serve_generator(DecodeStep(engine, store, settings.ttl_s), settings, port)
-    raise ValueError(f"unknown stage {name!r}")
+    serve = serve_pruner if name == "pruner" else serve_generator
+    step = (PrefillStep if name == "pruner" else DecodeStep)(engine, store, settings.ttl_s)
+    server = serve(step, settings, port)
+    engine_metrics(engine, server.metrics.registry, settings)
+    return server
 
 
 def embedded_gateway(settings, engine: Engine | None = None):
-    """The gateway with every stage in this process and an in-memory store (``dartserve serve``)."""
-    from services.frontend.backends import LocalBackend
+    """The gateway with the engine in this process (``dartserve serve``): images, prompts and KV
+    caches stay tensors; conversation records are kept in memory."""
+    from services.frontend.engine_backend import EngineBackend
     from services.frontend.prompt_limits import PromptLimits
     from services.gateway.turns import LocalLeases
 
     engine = engine or load_engine(settings)
+    backend = EngineBackend(engine, settings.max_image_pixels, settings.memory_store_mb << 20)
     store = MemoryStore(settings.memory_store_mb << 20)
-    backend = LocalBackend(
-        VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels),
-        PrefillStep(engine, store, settings.ttl_s),
-        DecodeStep(engine, store, settings.ttl_s),
-    )
-    return _gateway(backend, store, LocalLeases(), PromptLimits.of_adapter(engine.adapter), settings)
+    gateway = _gateway(backend, store, LocalLeases(), PromptLimits.of_adapter(engine.adapter), settings)
+    engine_metrics(engine, gateway.metrics.registry, settings)
+    return gateway
 
 
 def distributed_gateway(settings):
@@ -99,18 +117,14 @@ def serve_http(gateway, settings) -> None:
 
 def run_worker(settings, local: bool, concurrency: int) -> None:
     """A Celery worker for batch items: stages over gRPC, or in this process with ``local``."""
-    from services.frontend.backends import GrpcBackend, LocalBackend
+    from services.frontend.backends import GrpcBackend
+    from services.frontend.engine_backend import EngineBackend
     from services.frontend.prompt_limits import PromptLimits
     from services.worker.tasks import Worker, worker_app
 
     if local:
         engine = load_engine(settings)
-        store = RedisStore.from_url(settings.redis_url)
-        backend = LocalBackend(
-            VisionStep(engine, store, settings.ttl_s, settings.max_image_pixels),
-            PrefillStep(engine, store, settings.ttl_s),
-            DecodeStep(engine, store, settings.ttl_s),
-        )
+        backend = EngineBackend(engine, settings.max_image_pixels, settings.memory_store_mb << 20)
         limits = PromptLimits.of_adapter(engine.adapter)
     else:
         backend = GrpcBackend(settings)

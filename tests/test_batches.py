@@ -295,7 +295,7 @@ def test_an_item_that_raises_unexpectedly_is_recorded_as_500_not_dropped(redis_s
     from services.worker.tasks import Worker
 
     class CrashingStages:  # a failure no one planned for, such as a GPU fault
-        def encode(self, images, conversation, tenant=""):
+        def answer(self, question, previous=None, stream=True):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     settings = Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_visibility_s=3)
@@ -318,7 +318,7 @@ def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
     from services.worker.tasks import Worker
 
     class NoStages:  # an item of a failed batch must never reach them
-        def encode(self, images, conversation, tenant=""):
+        def answer(self, question, previous=None, stream=True):
             raise AssertionError("an item of a failed batch was run")
 
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), NoStages(), "demo")
@@ -340,7 +340,7 @@ def test_an_item_whose_error_cannot_be_recorded_goes_back_on_the_queue(redis_ser
     from services.worker.tasks import Worker
 
     class DownStages:
-        def encode(self, images, conversation, tenant=""):
+        def answer(self, question, previous=None, stream=True):
             raise StoreUnavailable("Redis is unreachable")
 
     worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=1), DownStages(), "demo")
@@ -382,13 +382,13 @@ def test_a_batch_whose_requests_were_evicted_fails_instead_of_hanging(redis_serv
 
 def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_server):
     from services.config import Settings
-    from services.frontend.backends import Overloaded, Unavailable
+    from services.frontend.errors import Overloaded, Unavailable
     from services.worker.tasks import Worker
 
     class Stages:
         error = Overloaded("a stage is at its limit of concurrent calls")
 
-        def encode(self, images, conversation, tenant=""):
+        def answer(self, question, previous=None, stream=True):
             raise self.error
 
     class Retried(Exception):

@@ -22,7 +22,7 @@ from dartserve.models.decode import SamplingConfig
 from dartserve.pruning import PruningConfig
 from cluster import STAGES, b64, png, pruner_down, running_cluster
 from processes import dartserve_process, free_port, stop, wait_until
-from services.bench import added_per_request, minor_faults
+from services.bench import minor_faults
 from services.rpc.dartserve.v1 import vision_pb2, vision_pb2_grpc
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
@@ -44,12 +44,12 @@ def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, redis_se
     from dartserve.kv.store import MemoryStore, RedisStore
     from dartserve.stages import DecodeStep, PrefillStep, VisionStep
     from services.gateway import conversations as conv
-    from services.frontend.backends import LocalBackend
-    from services.frontend.pipeline import Final, Question, answer
+    from stages_in_process import StagesInProcess
+    from services.frontend.pipeline import Final, Question
 
     redis_store = RedisStore(redis.Redis.from_url(redis_server.url))
     memory = MemoryStore()
-    in_process = LocalBackend(VisionStep(demo_engine, memory), PrefillStep(demo_engine, memory), DecodeStep(demo_engine, memory))
+    in_process = StagesInProcess(VisionStep(demo_engine, memory), PrefillStep(demo_engine, memory), DecodeStep(demo_engine, memory))
     for index in range(4):
         data, item = png(index)
         reply = httpx.post(f"{cluster['url']}/v1/answer", json={"image": b64(data), "question": item.question, "pruning": pruning, "max_new_tokens": 8}, timeout=60)
@@ -65,7 +65,7 @@ def test_rest_answers_equal_the_in_process_engine(cluster, demo_engine, redis_se
         # against the same answer's cache left in memory by the stages run in this process.
         record = conv.Conversations(redis_store, 60, None).get(conv.by_id("", body["conversation_id"]))
         question = Question([data], [{"role": "user", "content": item.question}], PruningConfig(**pruning), SAMPLING)
-        final = next(e for e in answer(in_process, question, stream=False) if isinstance(e, Final))
+        final = next(e for e in in_process.answer(question, stream=False) if isinstance(e, Final))
         stored, _ = DecodeStep(demo_engine, redis_store)._load(record["kv_handle"])
         want, _ = DecodeStep(demo_engine, memory)._load(final.record["kv_handle"])
         assert [t.tolist() for t in stored.token_index] == [t.tolist() for t in want.token_index]
@@ -282,14 +282,6 @@ def test_bench_load_reports_answers_errors_and_peak_memory(cluster):
     assert all(mb > 50 for mb in result["peak_memory_mb"].values())  # each holds torch, at least
 
 
-def test_bench_pairs_each_request_across_the_modes():
-    embedded = {"e2e_ms": [50.0, 80.0, 60.0], "kv_ms": [1.0, 1.0, 1.0]}
-    distributed = {"e2e_ms": [58.0, 84.0, 70.0], "kv_ms": [5.0, 4.0, 6.0]}
-    # Without KV time the requests took 49/53, 79/80 and 59/64 ms: they added 4, 1 and 5 ms.
-    # The medians of the two modes (59 and 64 ms) are 5 ms apart; the pairs' median is 4 ms.
-    assert added_per_request(embedded, distributed) == 4.0
-
-
 def test_a_distributed_start_that_fails_stops_the_processes_it_started(monkeypatch, tmp_path):
     import subprocess
     import sys
@@ -311,16 +303,6 @@ def test_a_distributed_start_that_fails_stops_the_processes_it_started(monkeypat
     assert all(process.poll() is not None for process in started)
 
 
-def test_bench_round_trips_reach_a_stage_in_both_regimes(cluster):
-    from services.bench import loopback_round_trips
-
-    result = loopback_round_trips(f"127.0.0.1:{cluster['ports']['vision']}", rounds=5, idle_s=0.005)
-    assert result["idle_s"] == 0.005
-    assert 0 < result["back_to_back_ms_p50"] < 1000 and 0 < result["after_idle_ms_p50"] < 1000
-    with pytest.raises(grpc.RpcError):  # a stage that is not there is an error, not a figure
-        loopback_round_trips(f"127.0.0.1:{free_port()}", rounds=1)
-
-
 def test_bench_design_floor_calls_bare_stages_that_hand_the_tokens_on_through_redis(redis_server):
     from services.bench_floor import measure_floor
 
@@ -335,28 +317,6 @@ def test_bench_design_floor_calls_bare_stages_that_hand_the_tokens_on_through_re
     # Only a sanity bound: calls between processes cost something beyond the same waits in one.
     assert 0 < result["calls_added_p50_ms"] < 1000 and 0 < result["calls_and_claim_check_added_p50_ms"] < 1000
     assert result["rounds"] == 4 and result["token_bytes"] == 295_000
-
-
-def test_bench_generator_calls_time_both_paths_through_a_live_stage(cluster):
-    from services.bench import generator_calls
-
-    data, item = png(3)
-    result = generator_calls(cluster["ports"], {"image": b64(data), "question": item.question, "max_new_tokens": 8}, rounds=3)
-    assert result["streamed_messages"] >= 2  # at least one token, then the closing chunk
-    assert 0 < result["streamed_ms_p50"] < 10_000 and 0 < result["complete_ms_p50"] < 10_000
-
-
-def test_bench_stage_overheads_are_what_each_call_adds_to_the_stages_own_work(cluster, demo_engine):
-    from services.bench import stage_overheads
-
-    bodies = []
-    for index in range(3):
-        data, item = png(20 + index)
-        bodies.append({"image": b64(data), "question": item.question, "max_new_tokens": 8})
-    result = stage_overheads(cluster["ports"], demo_engine, bodies, warmup=1)
-    assert set(result) == {"encode", "prefill", "generate"}
-    # A caller waits at least as long as the stage works, in either mode.
-    assert all(0 <= ms < 10_000 for call in result.values() for ms in (call["distributed"], call["embedded"])), result
 
 
 def test_a_request_id_is_echoed_and_reaches_every_stage_log_as_json(cluster):
@@ -483,22 +443,3 @@ def test_a_gateway_at_its_limit_answers_429_with_retry_after(tmp_path):
         assert httpx.post(f"{url}/v1/answer", json=body, timeout=60).status_code == 200  # the slot came back
     finally:
         stop([serve])
-
-
-def test_bench_service_runs_both_modes_end_to_end():
-    """`dartserve bench service` on a few requests: the figures exist and the modes agree."""
-    from services.bench import run_service_bench
-
-    result = run_service_bench(requests=4, kv_rounds=2, threads=1, ttl_s=2, floor_rounds=3)
-    assert result["same_answers"] is True and result["requests"] == 4
-    assert result["warm_up_answers"] >= 10 and set(result["minor_page_faults_per_answer"]) >= {"embedded", "redis"}
-    for mode in ("embedded", "distributed"):
-        for metric in ("ttft_ms", "e2e_ms"):
-            figures = result["modes"][mode][metric]
-            assert figures["n"] == 4 and 0 < figures["p50"] <= figures["p95"]
-    assert 0 < result["kv_bytes_per_request"]["pruned"] < result["kv_bytes_per_request"]["unpruned"]
-    # The throughput is measured on the first request's cache; questions differ by a few tokens.
-    assert abs(result["redis_kv"]["kv_bytes"] / result["kv_bytes_per_request"]["pruned"] - 1) < 0.01
-    assert result["redis_kv"]["store_mb_per_s"] > 0 and result["redis_kv"]["plain_mb_per_s"] > 0
-    assert set(result["stage_call_overhead_ms"]) == {"encode", "prefill", "generate"}
-    assert result["design_floor"]["rounds"] == 3 and result["design_floor"]["calls_and_claim_check_added_p50_ms"] > 0

@@ -18,8 +18,8 @@ from dartserve.pruning import PruningConfig
 from dartserve.stages import DecodeStep, PrefillStep, StageMiss, VisionStep, visible_text
 from processes import dartserve_process, free_port, stop, wait_until
 from services.config import DEFAULT_PRUNING, Settings
-from services.frontend.backends import LocalBackend
-from services.frontend.pipeline import Final, Question, answer
+from stages_in_process import StagesInProcess
+from services.frontend.pipeline import Final, Question
 from tiny_checkpoints import make_image
 
 PROMPT = "What is shown here?"
@@ -38,11 +38,11 @@ def sse_json(text: str) -> list[dict]:
 
 def steps(engine, store=None):
     store = store or MemoryStore()
-    return LocalBackend(VisionStep(engine, store), PrefillStep(engine, store), DecodeStep(engine, store)), store
+    return StagesInProcess(VisionStep(engine, store), PrefillStep(engine, store), DecodeStep(engine, store)), store
 
 
 def run(backend, images, prompt, pruning, sampling) -> Final:
-    return [e for e in answer(backend, Question(images, [{"role": "user", "content": prompt}], pruning, sampling)) if isinstance(e, Final)][0]
+    return [e for e in backend.answer(Question(images, [{"role": "user", "content": prompt}], pruning, sampling)) if isinstance(e, Final)][0]
 
 
 def test_sampling_split_over_the_stages_equals_the_engine(engines):
@@ -97,7 +97,7 @@ def test_a_recomputed_prefill_that_picks_another_first_token_is_a_503_not_a_spli
     can go on from it. Not streamed, the answer starts from the new one."""
     from dataclasses import replace
 
-    from services.frontend.backends import Unavailable
+    from services.frontend.errors import Unavailable
 
     engine = engines["llava"]
     image, pruning = make_image(5), PruningConfig(budget=12)
@@ -116,14 +116,14 @@ def test_a_recomputed_prefill_that_picks_another_first_token_is_a_503_not_a_spli
             return super().prefill(prompt_ref, pruning, replace(sampling, seed=other) if self.calls > 1 else sampling, image_hashes, wanted)
 
     store = ForgetfulStore("dartserve:kv:")
-    backend = LocalBackend(VisionStep(engine, store), OtherReplica(engine, store), DecodeStep(engine, store))
+    backend = StagesInProcess(VisionStep(engine, store), OtherReplica(engine, store), DecodeStep(engine, store))
     with pytest.raises(Unavailable, match="another first token"):
         run(backend, [png(image)], PROMPT, pruning, sampling)
     assert store.forgotten == 1
     store = ForgetfulStore("dartserve:kv:")
-    backend = LocalBackend(VisionStep(engine, store), OtherReplica(engine, store), DecodeStep(engine, store))
+    backend = StagesInProcess(VisionStep(engine, store), OtherReplica(engine, store), DecodeStep(engine, store))
     question = Question([png(image)], [{"role": "user", "content": PROMPT}], pruning, sampling)
-    final = [e for e in answer(backend, question, stream=False) if isinstance(e, Final)][0]
+    final = [e for e in backend.answer(question, stream=False) if isinstance(e, Final)][0]
     assert store.forgotten == 1 and final.token_ids[0] == firsts[other] and final.text == engine.generator.detokenize(final.token_ids).strip()
 
 
@@ -460,29 +460,34 @@ def test_pruning_as_applied_models_and_chat_usage_chunks(demo_client):
     assert all(c["choices"][0]["delta"].get("content") != "" for c in plain[1:])  # no empty deltas past the role's
 
 
-def test_an_answer_follow_up_whose_cache_was_evicted_is_a_503_without_retry_after(demo_client):
+def test_a_follow_up_continues_from_kept_blocks_else_from_the_text_else_is_a_503_without_retry_after(demo_client):
     from dartserve.demo.data import example
 
     def conversation_hits():
         text = demo_client.get("/metrics").text
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith('dartserve_cache_hits_total{cache="conversation"}'))
 
+    backend = demo_client.app.state.gateway.backend
+    kv = backend.engine.loop.core.kv
+
+    def release_blocks():  # as a full pool does
+        while kv.evict_one():
+            pass
+
     item = example("test", 7)
     first = demo_client.post("/v1/answer", json={"image": base64.b64encode(png(item.image)).decode(), "question": item.question}).json()
     before = conversation_hits()
     follow_up = {"conversation_id": first["conversation_id"], "question": "how many objects are there ?"}
-    assert demo_client.post("/v1/answer", json=follow_up).status_code == 200
-    assert conversation_hits() == before + 1
-    backend = demo_client.app.state.gateway.backend
-    store, kv = backend.decode.store, backend.decode.engine.loop.core.kv
-    for key in [k for k in store._values if k.startswith("dartserve:kv:")]:
-        del store._values[key]  # evicted, as Redis may
-    while kv.evict_one():  # and the blocks the engine kept for the next turn, as a full pool does
-        pass
+    kept = demo_client.post("/v1/answer", json=follow_up).json()
+    assert kept["usage"]["prefill_tokens"] < kept["usage"]["prompt_tokens"] and conversation_hits() == before + 1
+    release_blocks()
+    again = demo_client.post("/v1/answer", json=follow_up).json()  # the whole conversation, from its text
+    assert again["usage"]["prefill_tokens"] == again["usage"]["prompt_tokens"] and conversation_hits() == before + 1
+    release_blocks()
+    backend.images._entries.clear()  # and the image, as the cache lets it go
     gone = demo_client.post("/v1/answer", json=follow_up)
     assert gone.status_code == 503 and "retry-after" not in gone.headers
     assert gone.json()["error"]["type"] == "service_unavailable" and gone.json()["error"]["param"] == "conversation_id"
-    assert conversation_hits() == before + 1  # a turn that was not served from the cache is no hit
 
 
 def test_a_conversation_answers_one_turn_at_a_time(demo_client):
@@ -511,7 +516,7 @@ def test_the_embedded_store_holds_what_the_setting_allows(engines):
 
     assert Settings.from_env({"DARTSERVE_MEMORY_STORE_MB": "16"}).memory_store_mb == 16
     gateway = embedded_gateway(Settings(memory_store_mb=16), engines["llava"])
-    assert gateway.backend.vision.store is gateway.conversations.store and gateway.conversations.store.max_bytes == 16 << 20
+    assert gateway.backend.images.max_bytes == gateway.conversations.store.max_bytes == 16 << 20
 
 
 def test_a_turn_whose_hold_cannot_be_released_still_answers_and_frees_its_slot(engines, monkeypatch):
@@ -538,6 +543,23 @@ def test_a_turn_whose_hold_cannot_be_released_still_answers_and_frees_its_slot(e
     assert gateway.admission.active == 0
 
 
+def break_after_first(backend, error):
+    """Makes the in-process backend's token streams fail with ``error`` once they have shown text."""
+    deltas = backend._deltas
+
+    def broken(request):
+        events = deltas(request)
+        try:
+            for event in events:
+                yield event
+                if event[2]:  # text the client has been sent: mid-stream
+                    raise error
+        finally:
+            events.close()
+
+    return broken
+
+
 def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an_error(engines, monkeypatch):
     from fastapi.testclient import TestClient
 
@@ -545,14 +567,8 @@ def test_a_failure_no_error_path_foresaw_is_a_json_500_and_ends_a_stream_with_an
     from services.launch import embedded_gateway
 
     client = TestClient(create_app(embedded_gateway(Settings(), engines["llava"])))
-    decode = client.app.state.gateway.backend.decode
-    generate = decode.generate
-
-    def broken(*args, **kwargs):  # fails after its first token: mid-stream
-        yield next(generate(*args, **kwargs))
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(decode, "generate", broken)
+    backend = client.app.state.gateway.backend
+    monkeypatch.setattr(backend, "_deltas", break_after_first(backend, RuntimeError("a bug")))  # mid-stream
     body = {"image": base64.b64encode(png(make_image(43))).decode(), "question": PROMPT, "max_new_tokens": 3}
     failed = client.post("/v1/answer", json=body, headers={"X-Request-Id": "req-500"})
     assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error" and failed.headers["x-request-id"] == "req-500"
@@ -575,21 +591,14 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_the_error_and_count
     from fastapi.testclient import TestClient
 
     from dartserve.demo.data import example
-    from dartserve.kv.store import StoreUnavailable
     from services.gateway.app import create_app
-    from services.frontend.backends import Overloaded, Unavailable
+    from services.frontend.errors import Overloaded, Unavailable
     from services.launch import embedded_gateway
 
     client = TestClient(create_app(embedded_gateway(Settings())))  # the demo model: answers have text
-    decode = client.app.state.gateway.backend.decode
-    generate = decode.generate
-    error = StoreUnavailable("Redis is unreachable: connection refused") if failure == "store" else Overloaded("a stage is at its limit")
-
-    def broken(*args, **kwargs):
-        yield next(generate(*args, **kwargs))
-        raise error
-
-    monkeypatch.setattr(decode, "generate", broken)
+    backend = client.app.state.gateway.backend
+    error = Unavailable("Redis is unreachable: connection refused") if failure == "store" else Overloaded("a stage is at its limit")
+    monkeypatch.setattr(backend, "_deltas", break_after_first(backend, error))
     item = example("test", 3)
     image = base64.b64encode(png(item.image)).decode()
     body = {"image": image, "question": item.question, "max_new_tokens": 4, "stream": True}
@@ -628,15 +637,15 @@ def test_a_client_that_leaves_a_stream_is_counted_as_499_and_frees_its_slot(engi
 
     app = create_app(embedded_gateway(Settings(), engines["llava"]))  # a random model: long answers
     gateway = app.state.gateway
-    decode = gateway.backend.decode
-    generate, left, closed, produced = decode.generate, threading.Event(), threading.Event(), []
+    backend = gateway.backend
+    deltas, left, closed, produced = backend._deltas, threading.Event(), threading.Event(), []
 
-    def held_until_the_client_left(*args, **kwargs):
+    def held_until_the_client_left(request):
         try:
-            for chunk in generate(*args, **kwargs):
-                produced.append(chunk)
-                yield chunk
-                if chunk.text:  # out to the client: the stream reads the next one in a later step
+            for event in deltas(request):
+                produced.append(event)
+                yield event
+                if event[2]:  # out to the client: the stream reads the next one in a later step
                     left.wait(30)
         finally:
             closed.set()
@@ -652,7 +661,7 @@ def test_a_client_that_leaves_a_stream_is_counted_as_499_and_frees_its_slot(engi
         whole = client.post("/v1/answer", json=body).json()["usage"]["completion_tokens"]
     assert whole == 24
     monkeypatch.setattr(StreamingResponse, "listen_for_disconnect", listen_and_tell)
-    monkeypatch.setattr(decode, "generate", held_until_the_client_left)
+    monkeypatch.setattr(backend, "_deltas", held_until_the_client_left)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -967,7 +976,7 @@ def test_turns_store_only_their_tails_and_equal_from_scratch_runs():
     for question in questions:
         messages = (record["messages"] if record else []) + [{"role": "user", "content": question}]
         before = set(store._values)
-        final = [e for e in answer(backend, Question([png(item.image)] if record is None else [], messages, none, sampling), record) if isinstance(e, Final)][0]
+        final = [e for e in backend.answer(Question([png(item.image)] if record is None else [], messages, none, sampling), record) if isinstance(e, Final)][0]
         scratch = engine.generate([item.image], messages, none, sampling)
         assert final.text == scratch.text and final.usage["prompt_tokens"] == scratch.stats.prompt_tokens
         if record is not None:  # a follow-up writes a tail of a few tokens, not the conversation again
@@ -986,9 +995,9 @@ def test_chat_follow_up_whose_cache_expired_is_recomputed(demo_client):
     first = demo_client.post("/v1/chat/completions", json=body | {"messages": messages}).json()
     messages += [first["choices"][0]["message"], {"role": "user", "content": "how many objects are there ?"}]
     cached = demo_client.post("/v1/chat/completions", json=body | {"messages": messages}).json()
-    store = demo_client.app.state.gateway.backend.decode.store
-    for key in [k for k in store._values if k.startswith("dartserve:kv:")]:
-        del store._values[key]  # evicted, as Redis may
+    kv = demo_client.app.state.gateway.backend.engine.loop.core.kv
+    while kv.evict_one():  # the blocks kept for the conversation released, as a full pool does
+        pass
     recomputed = demo_client.post("/v1/chat/completions", json=body | {"messages": messages})
     assert recomputed.status_code == 200
     assert recomputed.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
@@ -1053,7 +1062,8 @@ def held_stream(engines, **settings):
 def test_a_stage_at_its_limit_refuses_at_once(engines):
     """Admission control: a stage serves DARTSERVE_WORKERS calls, queues DARTSERVE_MAX_QUEUE
     more and refuses the rest, which the gateway's backend reports as Overloaded (429)."""
-    from services.frontend.backends import GrpcBackend, Overloaded
+    from services.frontend.backends import GrpcBackend
+    from services.frontend.errors import Overloaded
 
     server, _, _, request, holding, _, expected = held_stream(engines, workers=1, max_queue=0, drain_s=0)
     try:
@@ -1133,7 +1143,8 @@ def _certificates(folder):
 
 
 def test_stages_serve_tls_and_mutual_tls_by_configuration(engines, tmp_path):
-    from services.frontend.backends import GrpcBackend, Unavailable
+    from services.frontend.backends import GrpcBackend
+    from services.frontend.errors import Unavailable
     from services.probe import probe
     from services.vision.server import serve
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dartserve.checks import SettingError
+from dartserve.defaults import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from dartserve.engine.kv_manager import KVCacheManager, check_fits
 from dartserve.engine.requests import CoreRequest, RequestOutput, RequestState, Status
 from dartserve.engine.runner import ModelRunner, SchedulerOutput
@@ -26,16 +27,14 @@ from dartserve.models.base import ModelAdapter
 from dartserve.models.decode import check_room
 from dartserve.timing import stopwatch
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-DEFAULT_MAX_NUM_SEQS = 64
 
 
 @dataclass(frozen=True)
 class CoreConfig:
     kv_cache_mb: float | None = None  # None: a share of free CUDA memory, or 2048 MB on the CPU
     block_size: int = DEFAULT_BLOCK_SIZE
-    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
-    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: int = MAX_NUM_SEQS
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dartserve.engine.loop import EngineLoop, RequestStream
 from dartserve.engine.requests import CoreRequest
 from dartserve.kv.cache import RaggedKVCache
 from dartserve.models import EncodedPrompt, ModelAdapter, SamplingConfig, load_adapter
+from dartserve.models.base import PARTS
 from dartserve.pruning.config import PruningConfig
 from dartserve.timing import stopwatch
 
@@ -97,8 +98,9 @@ class Engine:
         self._loop_lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: str, device: str = "cpu", dtype: torch.dtype | None = None, core_config: CoreConfig | None = None) -> Engine:
-        return cls(load_adapter(model, device=device, dtype=dtype), core_config)
+    def load(cls, model: str, device: str = "cpu", dtype: torch.dtype | None = None, core_config: CoreConfig | None = None, parts: tuple[str, ...] = PARTS) -> Engine:
+        """``parts``: the parts of the model this process runs (``ModelAdapter.keep_only``)."""
+        return cls(load_adapter(model, device=device, dtype=dtype, parts=parts), core_config)
 
     @property
     def loop(self) -> EngineLoop:

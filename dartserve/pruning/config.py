@@ -5,12 +5,8 @@ from __future__ import annotations
 import math
 
 from dartserve.checks import SettingError, require_int, require_number
+from dartserve.defaults import DEFAULT_PRUNING  # noqa: F401  (where the library's users find it)
 from dartserve.pruning.registry import RESERVED, all_settings, method_spec
-
-
-# The pruning a request gets when it names none, in the server and in the command line: DART at
-# layer 2 keeping 64 of LLaVA-1.5's 576 vision tokens, scaled to the image's token count.
-DEFAULT_PRUNING = {"method": "dart", "ratio": 64 / 576, "layer": 2}
 
 
 class PruningConfig:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from dartserve.models.base import chat_messages
+from dartserve.pruning.registry import all_settings, available_methods
 from services.convert import merge_pruning
 from services.frontend.image_urls import ImageUrls
 from services.frontend.inputs import ApiError, image_bytes, sampling, validated
@@ -15,15 +16,24 @@ from services.frontend.pipeline import Delta, Final, Question
 from services.frontend.prompt_limits import PromptLimits
 
 
-class PruningIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    method: str | None = None
-    budget: int | None = None
-    ratio: float | None = None
-    layer: int | None = None
-    pivot_image: int | None = None
-    pivot_text: int | None = None
-    seed: int | None = None
+def _pruning_model() -> type[BaseModel]:
+    """The request's ``pruning`` object: the method, the amount, the layer, and every method's
+    settings as the methods declare them (``dartserve.pruning.registry.Setting``)."""
+    settings = {
+        s.name: (int | None if s.kind is int else float | None, Field(default=None, description=s.help)) for s in all_settings().values()
+    }
+    return create_model(
+        "PruningIn",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        method=(str | None, Field(default=None, description=f"one of {', '.join(available_methods())}")),
+        budget=(int | None, Field(default=None, description="vision tokens kept over all the request's images")),
+        ratio=(float | None, Field(default=None, description="or the fraction of them kept")),
+        layer=(int | None, Field(default=None, description="K: the layer the method prunes at; 0 before the LLM")),
+        **settings,
+    )
+
+
+PruningIn = _pruning_model()
 
 
 class AnswerIn(BaseModel):

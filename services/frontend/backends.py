@@ -1,8 +1,7 @@
-"""How the gateway reaches the stages: in process (embedded mode) or over gRPC (distributed).
-
-Both give the same calls and raise the same errors: ``ValueError`` for bad input,
-``StageMiss`` when a claim check or KV handle has expired, ``Unavailable`` when a stage or the
-store cannot be reached in time.
+"""How the gateway and the worker reach the model: every backend answers a ``Question``
+(``answer``: the answer's events) and raises the same errors: ``ValueError`` for bad input,
+``Unavailable`` when a stage or the store cannot be reached in time. ``GrpcBackend`` calls the
+three gRPC stages; ``engine_backend.EngineBackend`` runs the engine in this process.
 """
 
 from __future__ import annotations
@@ -15,61 +14,20 @@ import grpc.experimental
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dartserve.checks import SettingError
-from dartserve.kv.store import StoreUnavailable
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
-from dartserve.stages import Chunk, DecodeStep, Encoded, Prefilled, PrefillStep, StageMiss, VisionStep
+from dartserve.stages import Chunk, Encoded, Prefilled, StageMiss
 from services import request_ids, stage_auth, tls
+from services.frontend.errors import Overloaded, Unavailable
+from services.frontend.pipeline import staged_answer
 from services.grpc_server import PARAM_KEY
 from services.convert import from_message, pruning_to_proto, sampling_to_proto
 from services.rpc.dartserve.v1 import generator_pb2, generator_pb2_grpc, pruner_pb2, pruner_pb2_grpc, vision_pb2, vision_pb2_grpc
 
 
-class Unavailable(Exception):
-    """A stage or the store did not answer: the gateway replies 503. Its text, which may name
-    addresses and keys, is for the log; a client is told ``public``."""
-
-    public = "a service the gateway needs is unavailable; retry shortly"
-
-
-class Overloaded(Unavailable):
-    """A stage is answering all the calls it admits: the gateway replies 429, a batch item waits."""
-
-    public = "the services are answering all the requests they admit; retry shortly"
-
-
-class LocalBackend:
-    def __init__(self, vision: VisionStep, prefill: PrefillStep, decode: DecodeStep) -> None:
-        self.vision, self.prefill_step, self.decode = vision, prefill, decode
-
-    def encode(self, images: list[bytes], conversation: list[dict], tenant: str = "") -> Encoded:
-        with store_errors():
-            return self.vision.encode(images, conversation, cache_scope=tenant)
-
-    def prefill(self, prompt_ref: str, pruning: PruningConfig, sampling: SamplingConfig, image_hashes: list[str] = ()) -> Prefilled:
-        with store_errors():
-            return self.prefill_step.prefill(prompt_ref, pruning, sampling, image_hashes)
-
-    def generate(self, kv_handle: str, sampling: SamplingConfig, pending: int, question: str | None = None, stream: bool = True) -> Iterator[Chunk]:
-        """The answer's chunks; without ``stream`` they may come all at once, in the last."""
-        with store_errors():
-            yield from self.decode.generate(kv_handle, sampling, pending, question)
-
-    def readiness(self) -> dict[str, bool]:
-        return {"vision": True, "pruner": True, "generator": True}
-
-
-class store_errors:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, StoreUnavailable):
-            raise Unavailable(str(error)) from None
-        return False
-
-
 class GrpcBackend:
+    """The three stages over gRPC, handing work over through Redis (``pipeline.staged_answer``)."""
+
     def __init__(self, settings) -> None:
         limit = settings.max_message_bytes
         options = [
@@ -90,6 +48,9 @@ class GrpcBackend:
         self.vision = vision_pb2_grpc.VisionServiceStub(self.channels["vision"])
         self.pruner = pruner_pb2_grpc.PrunerServiceStub(self.channels["pruner"])
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.channels["generator"])
+
+    def answer(self, question, previous: dict | None = None, stream: bool = True):
+        return staged_answer(self, question, previous, stream)
 
     def encode(self, images: list[bytes], conversation: list[dict], tenant: str = "") -> Encoded:
         turns = [vision_pb2.Turn(role=t["role"], content=t["content"]) for t in conversation]

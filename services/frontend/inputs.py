@@ -98,9 +98,9 @@ def image_bytes(value, param: str, urls=None, url_only: bool = False) -> bytes:
     return data
 
 
-def sampling(max_new_tokens, temperature, top_p, seed) -> SamplingConfig:
+def sampling(max_new_tokens, temperature, top_p, seed, ignore_eos: bool = False) -> SamplingConfig:
     try:
-        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos)
     except ValueError as error:
         raise ApiError(400, str(error), _param_of(str(error), ("max_new_tokens", "temperature", "top_p", "seed"))) from None
 

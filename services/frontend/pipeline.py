@@ -1,4 +1,5 @@
-"""One answer through the three stages, first turn or follow-up, as a stream of events."""
+"""A question, the events of its answer, and the answer through the three stages over a store
+(``staged_answer``: claim checks and KV handles), which the gRPC backend runs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import PruningConfig
 from dartserve.stages import StageMiss
-from services.frontend.backends import Unavailable
+from services.frontend.errors import Unavailable
 from services.frontend.inputs import ApiError
 
 
@@ -39,7 +40,7 @@ class Final:
     pruning: dict  # as applied: the budget in tokens, also where the request gave a ratio
 
 
-def answer(backend, question: Question, previous: dict | None = None, stream: bool = True) -> Iterator[Delta | Final]:
+def staged_answer(backend, question: Question, previous: dict | None = None, stream: bool = True) -> Iterator[Delta | Final]:
     """Streams the answer's text, then a ``Final``. With ``previous`` (a conversation record),
     only the new turn is prefilled, on top of the cached conversation. Without ``stream``, the
     decoded text may come in one delta, just before the ``Final``."""
@@ -111,7 +112,7 @@ def _follow_up(backend, question: Question, previous: dict, started: float, stre
         first = next(chunks)
     except StageMiss:
         if question.images:  # the client sent the whole conversation (chat API): recompute it
-            yield from answer(backend, question, stream=stream)
+            yield from staged_answer(backend, question, stream=stream)
             return
         # The store lost the cache (evicted) before the record that names it: the service failed
         # this conversation. A retry cannot bring the cache back, so no Retry-After.

@@ -20,12 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dartserve.stages import StageMiss
 from services.gateway import conversations as conv
 from services.gateway.admission import RETRY_AFTER_S, Admission, Slot
-from services.frontend.backends import Overloaded, Unavailable
+from services.frontend.errors import Overloaded, Unavailable
 from services.frontend.answers import AnswerIn, AnswerShape, Policy, answer_images, first_turn, make_question, parse_answer
 from services.frontend.inputs import ApiError, json_body, json_object, media_type, sampling
 from services.gateway.metrics import Metrics
 from services.gateway.middleware import CLIENT_LEFT, COUNTED_BY_STREAM, SERVER_ERROR, ApiKeys, BodyGuard, RequestLog, endpoint, state, tenant
-from services.frontend.pipeline import Final, Question, answer
+from services.frontend.pipeline import Final, Question
 from services.gateway.schemas import Answer, Health, ModelCard, ModelList, Readiness, answered, drop_validation_errors
 
 
@@ -81,7 +81,7 @@ class Gateway:
         ``end_turn`` is called once the conversation's record is written, or the answer failed
         or its client left."""
         started = time.monotonic()
-        events = answer(self.backend, question, previous, stream)
+        events = self.backend.answer(question, previous, stream)
         if not stream:
             try:
                 final = next(e for e in events if isinstance(e, Final))

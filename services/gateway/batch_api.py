@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from services.frontend.answers import Policy, answer_images, first_turn, parse_answer
-from services.frontend.backends import Unavailable, store_errors
+from services.frontend.errors import Unavailable, store_errors
 from services.frontend.inputs import ApiError, json_body, json_object, media_type
 from services.gateway.middleware import tenant
 from services.gateway.schemas import Batch, InvalidBatch, answered, errors

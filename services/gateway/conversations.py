@@ -15,7 +15,7 @@ import json
 import logging
 
 from dartserve.kv.store import StoreUnavailable
-from services.frontend.backends import store_errors
+from services.frontend.errors import store_errors
 from services.gateway.turns import TurnHolds
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,7 @@ class ChatIn(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     pruning: PruningIn | None = None
+    ignore_eos: bool = False  # as vLLM's: the model's end-of-sequence token does not end the answer (benchmarks)
 
 
 class ChatShape:
@@ -195,7 +196,7 @@ def _chat(gateway: Gateway, tenant: str, body: ChatIn, slot):
 def _sampling(body: ChatIn, limits: dict):
     """Greedy unless asked otherwise; errors name the request's own fields."""
     try:
-        return sampling(next(iter(limits.values()), 64), 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0)
+        return sampling(next(iter(limits.values()), 64), 0.0 if body.temperature is None else body.temperature, 1.0 if body.top_p is None else body.top_p, body.seed or 0, body.ignore_eos)
     except ApiError as error:
         if error.param != "max_new_tokens":
             raise

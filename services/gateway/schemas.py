@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
+
+from dartserve.pruning.registry import all_settings
 
 
 class ErrorDetail(BaseModel):
@@ -51,15 +53,14 @@ class Timings(BaseModel):
     total_ms: float
 
 
-class AppliedPruning(BaseModel):
-    """The pruning applied: the method and the settings it reads, the budget in tokens."""
-
-    method: str
-    budget: int | None = None
-    layer: int | None = None
-    pivot_image: int | None = None
-    pivot_text: int | None = None
-    seed: int | None = None
+AppliedPruning = create_model(
+    "AppliedPruning",
+    __doc__="The pruning applied: the method and the settings it reads, the budget in tokens.",
+    method=(str, ...),
+    budget=(int | None, None),
+    layer=(int | None, None),
+    **{s.name: (int | None if s.kind is int else float | None, None) for s in all_settings().values()},
+)
 
 
 class Answer(BaseModel):

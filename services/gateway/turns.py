@@ -17,7 +17,7 @@ import threading
 import time
 
 from dartserve.kv.store import StoreUnavailable, redis_call
-from services.frontend.backends import store_errors
+from services.frontend.errors import store_errors
 from services.frontend.inputs import ApiError
 
 log = logging.getLogger(__name__)

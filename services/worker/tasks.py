@@ -15,9 +15,9 @@ from dartserve.kv.store import StoreUnavailable
 from dartserve.stages import StageMiss
 from services import request_ids
 from services.frontend.answers import AnswerShape, Policy, first_turn, parse_answer
-from services.frontend.backends import Overloaded, Unavailable
+from services.frontend.errors import Overloaded, Unavailable
 from services.frontend.inputs import ApiError
-from services.frontend.pipeline import Final, answer
+from services.frontend.pipeline import Final
 from services.batches.queue import TASK, make_celery
 from services.batches.store import FINISHED, BatchStore, UnknownBatch
 
@@ -90,7 +90,7 @@ class Worker:
     def answer(self, custom_id: str, fields: dict, images: list[bytes], tenant: str = "") -> dict:
         try:
             question = first_turn(parse_answer(fields), images, self.policy, tenant)
-            final = next(e for e in answer(self.backend, question, stream=False) if isinstance(e, Final))
+            final = next(e for e in self.backend.answer(question, stream=False) if isinstance(e, Final))
         except ApiError as error:
             return _failure(custom_id, error.status, error.kind, error.message, error.param)
         except ValueError as error:  # what a stage found wrong with the input, e.g. not an image
