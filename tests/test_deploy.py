@@ -599,12 +599,19 @@ def test_k8s_images_labels_and_selectors_agree(directory):
     assert all("replicas" not in d["spec"] for d in deployments.values()), "replicas belong to the autoscalers"
 
 
+WAITING = "dartserve:num_requests_waiting"  # the engine cores' queue, as vLLM names it
+SCALED_ON = {"vision": IN_FLIGHT, "pruner": WAITING, "generator": WAITING}
+
+
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
 def test_autoscalers_read_metrics_the_services_export(directory):
     docs = rendered(directory)
     deployments = by_kind(docs, "Deployment")
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == {"gateway", *STAGES}
+    scaled_objects = by_kind(docs, "ScaledObject")
+    assert set(hpas) | set(scaled_objects) == {"gateway", *STAGES, "worker"} and not set(hpas) & set(scaled_objects)
+    adapter = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    served = {rule["name"]["as"]: rule for rule in adapter["rules"]["custom"]}  # what the adapter gives the HPAs
     for name, hpa in hpas.items():
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
         (metric,) = hpa["spec"]["metrics"]
@@ -612,13 +619,15 @@ def test_autoscalers_read_metrics_the_services_export(directory):
         if name == "gateway":
             assert metric["resource"]["name"] == "cpu" and container["resources"]["requests"]["cpu"]
         else:
-            assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == IN_FLIGHT
+            rule = served[metric["pods"]["metric"]["name"]]
+            assert metric["type"] == "Pods" and rule["seriesQuery"].startswith(SCALED_ON[name] + "{")
             assert deployments[name]["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    adapter = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
-    (rule,) = adapter["rules"]["custom"]
-    assert rule["seriesQuery"].startswith(IN_FLIGHT + "{") and rule["name"]["as"] == IN_FLIGHT
+    for name in set(scaled_objects) & set(STAGES):  # KEDA in place of an HPA: the same metric from Prometheus
+        (trigger,) = scaled_objects[name]["spec"]["triggers"]
+        assert trigger["type"] == "prometheus" and trigger["metadata"]["query"].count(SCALED_ON[name] + "{") == 1
+        assert f'pod=~"{name}-.*"' in trigger["metadata"]["query"] and scaled_objects[name]["spec"]["scaleTargetRef"]["name"] == name
     # The workers scale on the Celery queue: a Redis list named after it, in the services' Redis DB.
-    (scaled,) = by_kind(docs, "ScaledObject").values()
+    scaled = scaled_objects["worker"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "worker" and "worker" in deployments
     (trigger,) = scaled["spec"]["triggers"]
     metadata = trigger["metadata"]
@@ -809,7 +818,7 @@ def test_compose_services_answer_through_the_gateway(tmp_path):
         assert "dartserve_in_flight_requests" in httpx.get(f"{url}/metrics").text
         for stage in STAGES:
             metrics = httpx.get(f"http://127.0.0.1:{ports[(stage, listening(stage, services[stage])['metrics'])]}/metrics").text
-            assert f'{IN_FLIGHT}{{stage="{stage}"}}' in metrics, "the autoscalers' metric"
+            assert SCALED_ON[stage] in metrics, "the autoscalers' metric"
 
         requests = [{"custom_id": f"q{i}", "image": image, "question": item.question} for i in range(3)]
         batch = httpx.post(f"{url}/v1/batches", json={"requests": requests}, timeout=30)
