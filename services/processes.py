@@ -25,7 +25,7 @@ def start_dartserve(command: str, env: dict, log: Path, args: tuple[str, ...] = 
     ``DARTSERVE_*`` settings), its output to ``log``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "dartserve.cli", command, *args], env=full, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "services.cli", command, *args], env=full, stdout=out, stderr=subprocess.STDOUT)
 
 
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")

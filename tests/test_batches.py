@@ -251,7 +251,7 @@ def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_serv
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, tmp_path / "serve.log")
         requests = requests_for(6, images=3)
         (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
-        cli = [sys.executable, "-m", "dartserve.cli", "batch"]
+        cli = [sys.executable, "-m", "services.cli", "batch"]
         keyless = subprocess.run([*cli, "status", "batch_x", "--url", url], capture_output=True, text=True, env=os.environ | {"DARTSERVE_API_KEY": ""})
         assert keyless.returncode == 2 and "HTTP 401" in keyless.stderr
         keyed = os.environ | {"DARTSERVE_API_KEY": "batch-key"}  # what the CLI sends
@@ -275,7 +275,7 @@ def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_serv
 def test_probe_says_whether_each_service_on_this_host_is_healthy(cluster, worker):
     def probe(service, env):
         full = {k: v for k, v in os.environ.items() if not k.startswith("DARTSERVE_")} | env
-        return subprocess.run([sys.executable, "-m", "dartserve.cli", "probe", service], env=full, capture_output=True, timeout=60).returncode
+        return subprocess.run([sys.executable, "-m", "services.cli", "probe", service], env=full, capture_output=True, timeout=60).returncode
 
     gateway_port = cluster["url"].rsplit(":", 1)[1]
     assert probe("gateway", {"DARTSERVE_PORT": gateway_port}) == 0

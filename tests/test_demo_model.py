@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from dartserve.cli import main
+from services.cli import main
 from dartserve.demo import CHECKPOINT, default_model
 from dartserve.demo.data import example
 from dartserve.engine import Engine, Request

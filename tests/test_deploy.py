@@ -30,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dartserve.cli import build_parser
+from services.cli import build_parser
 from services.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ENVIRONMENT, Settings
 from services.processes import free_port
 from services.stage_calls import IN_FLIGHT
@@ -195,7 +195,7 @@ def test_build_context_is_the_package_without_model_weights():
 def test_dockerignore_matcher_follows_docker_rules():
     patterns = ["*", "!dartserve", "**/__pycache__"]
     assert ignored(".venv/bin/python", patterns) and ignored("notes.txt", patterns)
-    assert not ignored("dartserve/cli.py", patterns)
+    assert not ignored("dartserve/engine/core.py", patterns)
     assert ignored("dartserve/demo/__pycache__/x.pyc", patterns)
 
 

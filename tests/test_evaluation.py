@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dartserve.cli import main
+from services.cli import main
 from dartserve.evaluation import is_correct, jsonl_items
 from tiny_checkpoints import make_image
 

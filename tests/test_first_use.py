@@ -92,14 +92,14 @@ def test_a_stage_listens_on_its_port_flag(redis_server, tmp_path):
         wait_until(serving, "dartserve vision --port", process, tmp_path / "vision.log")
     finally:
         stop([process])
-    bad = subprocess.run([sys.executable, "-m", "dartserve.cli", "serve", "--port", "0"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--port", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "a port is 1-65535" in bad.stderr
 
 
 def test_ask_prunes_as_the_server_does_and_names_its_figures_as_rest_does(served):
     reply = httpx.post(f"{served}/v1/answer", json={"image": base64.b64encode(SAMPLE.read_bytes()).decode(), "question": "what colour is the circle ?"}, timeout=60).json()
     asked = subprocess.run(
-        [sys.executable, "-m", "dartserve.cli", "ask", str(SAMPLE), "what colour is the circle ?", "--stats"],
+        [sys.executable, "-m", "services.cli", "ask", str(SAMPLE), "what colour is the circle ?", "--stats"],
         capture_output=True, text=True, timeout=300, env=_env(),
     )
     assert asked.returncode == 0, asked.stderr
@@ -226,7 +226,7 @@ def test_ctrl_c_while_following_a_batch_stops_cleanly(served, tmp_path):
         # As a terminal's foreground job gets it: a shell that started this test in the
         # background may have passed SIGINT on ignored.
         follow = subprocess.Popen(
-            [sys.executable, "-m", "dartserve.cli", "batch", "submit", str(QUESTIONS), "--wait", "--url", served],
+            [sys.executable, "-m", "services.cli", "batch", "submit", str(QUESTIONS), "--wait", "--url", served],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:

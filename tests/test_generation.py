@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dartserve.cli import main
+from services.cli import main
 from dartserve.engine.requests import CoreRequest
 from dartserve.models import SamplingConfig
 from dartserve.models.decode import pick_token

@@ -1,4 +1,5 @@
-"""The ``dartserve`` command line."""
+"""The ``dartserve`` command line: the library's commands (ask, generate, eval, train-demo, the
+engine's benchmarks) and the services' (serve, the stages, gateway, worker, batch, probe)."""
 
 from __future__ import annotations
 
