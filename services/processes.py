@@ -114,7 +114,7 @@ def stop(processes, grace_s: float = 30) -> None:
 
 class BenchRun:
     """What a benchmark starts, as a user would: a private, empty redis-server unless it is
-    given one (nothing an earlier run cached can help), and dartserve's processes on ``model``
+    given one (nothing cached before can help), and dartserve's processes on ``model``
     with ``threads`` torch threads each (``OMP_NUM_THREADS``; by default all cores each, which
     oversubscribes a small machine running several) and the settings in ``env``, logging to a
     temporary folder. Everything is stopped when the ``with`` block ends."""

@@ -169,7 +169,7 @@ class ModelAdapter:
         tower: Callable[[list[dict]], list[torch.Tensor]] | None = None,
     ) -> EncodedPrompt:
         """Runs the processor and the vision tower for one request. ``known[i]``, when given, are
-        image i's projected tokens from an earlier run, and its tower pass is skipped. ``tower``
+        image i's projected tokens from an earlier encoding, and its tower pass is skipped. ``tower``
         runs the tower on the other images' inputs (``image_inputs``); by default in one forward
         (``image_features_many``), or, given, where the caller batches them with other requests'."""
         text = self._leading_special_text + self.prompt_text(prompt, len(images))
