@@ -99,3 +99,15 @@ def test_bench_serve_reports_the_service_against_the_engine_alone(distributed):
         assert set(memory) == ({"vision", "pruner", "generator", "gateway"} if distributed else {"serve"}) and all(m > 0 for m in memory.values())
     if distributed:
         assert rows[0]["design_floor"]["rounds"] == 3
+
+
+def test_counting_a_questions_tokens_leaves_the_engines_tokenizer_as_it_was(engine):
+    """The gateway counts a question's tokens with special tokens split, in its request threads,
+    while the engine's thread tokenizes prompts whose <image> must stay one token."""
+    from services.frontend.prompt_limits import PromptLimits
+
+    limits = PromptLimits.of_adapter(engine.adapter)
+    backend = engine.adapter.processor.tokenizer.backend_tokenizer
+    limits.check([], ["what is <image> here?"], 4)
+    assert backend.encode_special_tokens is False
+    assert limits.tokenizer.backend_tokenizer.encode_special_tokens is True

@@ -8,7 +8,6 @@ thread of its own and serves callers from any thread.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 

@@ -10,6 +10,7 @@ weights.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -21,9 +22,13 @@ from dartserve.checks import SettingError
 class PromptLimits:
     def __init__(self, processor, max_positions: int) -> None:
         self.processor, self.max_positions = processor, max_positions
+        # A fast tokenizer keeps split_special_tokens as state of its shared backend: counting
+        # with it set on the engine's own tokenizer would, in another thread, tokenize a prompt's
+        # <image> as text. The limits count with a copy.
+        self.tokenizer = copy.deepcopy(processor.tokenizer)
         # No token stands for more characters than its own string has: byte-level BPE spells
         # each byte as one character, SentencePiece each character as itself.
-        self.max_token_chars = max(len(token) for token in processor.tokenizer.get_vocab())
+        self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
 
     @classmethod
     def for_model(cls, model: str) -> PromptLimits:
@@ -47,8 +52,7 @@ class PromptLimits:
             raise SettingError(f"the images take {image_tokens} positions; the model has {room} left", "images")
         text_tokens = math.ceil(sum(len(text) for text in texts) / self.max_token_chars)
         if image_tokens + text_tokens <= room:  # not refused by the cheap bound: count them
-            tokenizer = self.processor.tokenizer
-            text_tokens = sum(len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) for text in texts)
+            text_tokens = sum(len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]) for text in texts)
         if image_tokens + text_tokens > room:
             raise SettingError(f"the question takes at least {text_tokens} positions and its images {image_tokens}; the model has {room} left", "question")
         if image_tokens + text_tokens + max_new_tokens > room:
