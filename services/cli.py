@@ -67,9 +67,13 @@ def _bench_prefill(args: argparse.Namespace) -> int:
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
+    import torch
+
     from dartserve.bench_engine import run_engine_bench
     from dartserve.engine.core import CoreConfig
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     given = {"kv_cache_mb": args.kv_cache_mb, "max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs}
     config = CoreConfig(**{name: value for name, value in given.items() if value is not None})
     rows = run_engine_bench(
@@ -207,7 +211,15 @@ def _bench_serve(args: argparse.Namespace) -> int:
 def _bench_batch(args: argparse.Namespace) -> int:
     from services.bench_batch import run_batch_bench
 
-    return _print_json(run_batch_bench(requests=args.requests, runs=args.runs, model=args.model, threads=args.threads), args.json)
+    rows = run_batch_bench(tuple(args.workload.split(",")), args.requests, args.runs, args.distributed, args.threads, args.width, args.depth)
+    print(f"{'workload':<8} {'mode':<11} {'items':>5} {'one by one/s':>12} {'batch/s':>8} {'speed-up':>8} {'same':>5}")
+    for row in rows:
+        rates = row["items_per_s"]
+        print(
+            f"{row['workload']:<8} {row['mode']:<11} {row['requests']:>5} {rates['one_by_one']['median']:>12.2f} {rates['batch']['median']:>8.2f} "
+            f"{row['batch_vs_one_by_one']:>8.2f} {str(row['same_answers']):>5}"
+        )
+    return _print_json(rows, args.json, echo=False)
 
 
 def _bench_load(args: argparse.Namespace) -> int:
@@ -383,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train_demo)
 
     service_help = {
-        "serve": "the gateway with every stage in one process and an in-memory store (embedded mode)",
+        "serve": "the gateway with every stage and a batch worker in one process and an in-memory store (embedded mode)",
         "gateway": "the REST gateway in front of the gRPC stages (distributed mode)",
         "vision": "the vision encoder gRPC service",
         "pruner": "the pruning prefill gRPC service",
@@ -397,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="a Celery worker that answers batch items (docs/api.md, Batches)")
     worker.add_argument("--local", action="store_true", help="run the stages in this process (embedded mode) instead of over gRPC")
-    worker.add_argument("--concurrency", type=_positive_int, default=1, help="items at once, in threads")
+    worker.add_argument("--concurrency", type=_positive_int, help="items at once, each on a thread (default: DARTSERVE_BATCH_CONCURRENCY, else half of DARTSERVE_MAX_NUM_SEQS)")
     worker.set_defaults(run=_worker)
 
     probe = commands.add_parser("probe", help="exit 0 if a service on this host is healthy (container health checks)")
@@ -434,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.set_defaults(run=_bench_prefill)
     engine = suites.add_parser("engine", help="the engine core under closed-loop load: throughput, TTFT, inter-token latency, KV pool")
     engine.add_argument("--json", help="write the rows to this file")
-    engine.add_argument("--workloads", default="decode", help="comma-separated: decode (LLaVA-shaped random model), demo (the bundled model)")
+    engine.add_argument("--workloads", default="decode", help="comma-separated: decode (LLaVA-shaped random model), demo (the bundled model's short answers), describe (its descriptions)")
     engine.add_argument("--concurrency", type=_csv_ints, default=(1, 4, 16), help="clients, comma-separated")
     engine.add_argument("--runs", type=_positive_int, default=3)
     engine.add_argument("--requests", type=_positive_int, help="requests per run (default: 32 decode, 64 demo)")
@@ -446,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=_positive_int, help="tokens one step runs at most (default 2048)")
     engine.add_argument("--max-num-seqs", type=_positive_int, help="requests running at once at most (default 64)")
     engine.add_argument("--pool-requests", type=_positive_int, default=8, help="the pool of the capacity count holds this many unpruned prompts")
+    engine.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
     engine.set_defaults(run=_bench_engine)
     serve = suites.add_parser("serve", help="the service under closed-loop load against the engine alone: throughput, TTFT, ITL, memory")
     serve.add_argument("--json", help="write the rows to this file")
-    serve.add_argument("--workloads", default="decode,demo", help="comma-separated: decode (LLaVA-shaped random model), demo (the bundled model)")
+    serve.add_argument("--workloads", default="decode,demo", help="comma-separated: decode (LLaVA-shaped random model), demo (the bundled model's short answers), describe (its descriptions)")
     serve.add_argument("--concurrency", type=_csv_ints, default=(1, 4, 16), help="clients, comma-separated")
     serve.add_argument("--distributed", action="store_true", help="the three gRPC stages and the gateway, with a private Redis (default: embedded)")
     serve.add_argument("--requests", type=_positive_int, help="requests per concurrency (default: 32 decode, 64 demo)")
@@ -458,8 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
     serve.add_argument("--floor-rounds", type=_positive_int, default=100, help="rounds of the design's floor (distributed): bare gRPC stages that only wait")
     serve.set_defaults(run=_bench_serve)
-    batch_bench = _service_bench(suites, "batch", "a batch on one Celery worker against the same requests one by one to /v1/answer", _bench_batch, 200)
+    batch_bench = suites.add_parser("batch", help="a batch on one worker against the same requests one by one to /v1/answer: items per second, the same answers")
+    batch_bench.add_argument("--json", help="write the rows to this file")
+    batch_bench.add_argument("--workload", default="decode", help="comma-separated: decode (LLaVA-shaped random model, 64 new tokens), demo (the bundled model), describe (the bundled model describing pictures, up to 48 new tokens)")
+    batch_bench.add_argument("--requests", type=_positive_int, help="requests per workload (default: 48 decode, 200 demo, 48 describe)")
     batch_bench.add_argument("--runs", type=_positive_int, default=3)
+    batch_bench.add_argument("--distributed", action="store_true", help="the three gRPC stages, the gateway and one dartserve worker (default: dartserve serve and its own worker)")
+    batch_bench.add_argument("--width", type=_positive_int, default=1024, help="the decode workload's hidden size")
+    batch_bench.add_argument("--depth", type=_positive_int, default=8, help="the decode workload's decoder layers")
+    batch_bench.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
+    batch_bench.set_defaults(run=_bench_batch)
     load = _service_bench(suites, "load", "bounded load on a gateway: throughput, latency percentiles, errors, peak memory", _bench_load, 1000)
     load.add_argument("--url", help="a running gateway (default: start distributed mode with the bench's own Redis)")
     load.add_argument("--concurrency", type=_positive_int, default=16)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from dartserve.checks import MAX_PIXELS
 from dartserve.defaults import DEFAULT_PRUNING, MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from dartserve.kv.store import DEFAULT_TTL_S
+from services.batches.namespace import check_name
 
 ENVIRONMENT = {
     "DARTSERVE_MODEL": "checkpoint directory or Hugging Face id (default: the bundled demo model)",
@@ -56,6 +57,8 @@ ENVIRONMENT = {
     "DARTSERVE_BATCH_MAX_MB": "largest batch upload (default 256)",
     "DARTSERVE_BATCH_RETRIES": "retries of a batch item while a stage is unavailable (not merely at its call limit), with backoff 1, 2, 4 ... 30 s (default 6)",
     "DARTSERVE_BATCH_VISIBILITY_S": "seconds before a batch item taken by a worker that died is delivered again (default 300)",
+    "DARTSERVE_BATCH_NAMESPACE": "the prefix of the batch queue (the Redis list NAMESPACE:batches) and of every batch key in the batch Redis: deployments that share a Redis see and answer only their own namespace's batches; 1 to 64 letters, digits, '.', '_' or '-' (default: dartserve- and 12 hex digits of the model's config.json, so that deployments of different models never share one)",
+    "DARTSERVE_BATCH_CONCURRENCY": "batch items a worker answers at once, each a request of its own to the engine core, where they share its steps: the batch worker that `dartserve serve` runs in its process (0: none; at most DARTSERVE_MAX_NUM_SEQS) and `dartserve worker` (default: half of DARTSERVE_MAX_NUM_SEQS, leaving the rest to interactive requests)",
 }
 
 PLACEHOLDER = "replace-me"  # how the secrets shipped in k8s/base begin
@@ -109,6 +112,8 @@ class Settings:
     batch_max_mb: int = 256
     batch_retries: int = 6
     batch_visibility_s: int = 300
+    batch_namespace: str | None = None  # None: named after the model (services.batches.namespace)
+    batch_concurrency: int | None = None  # None: half of max_num_seqs
 
     @classmethod
     def from_env(cls, environ=None) -> Settings:
@@ -173,6 +178,8 @@ class Settings:
             batch_max_mb=read("DARTSERVE_BATCH_MAX_MB", int, cls.batch_max_mb),
             batch_retries=read("DARTSERVE_BATCH_RETRIES", int, cls.batch_retries, least=0),
             batch_visibility_s=read("DARTSERVE_BATCH_VISIBILITY_S", int, cls.batch_visibility_s),
+            batch_namespace=read("DARTSERVE_BATCH_NAMESPACE", check_name, None),
+            batch_concurrency=read("DARTSERVE_BATCH_CONCURRENCY", int, None, least=0),
         )
 
     def port_for(self, service: str) -> int:
@@ -188,6 +195,10 @@ class Settings:
     @property
     def batch_redis(self) -> str:
         return self.batch_redis_url or self.redis_url
+
+    @property
+    def batch_in_flight(self) -> int:
+        return self.batch_concurrency if self.batch_concurrency is not None else max(1, self.max_num_seqs // 2)
 
     @property
     def max_message_bytes(self) -> int:

@@ -69,9 +69,24 @@ def embedded_gateway(settings, engine: Engine | None = None):
     engine = engine or load_engine(settings)
     backend = EngineBackend(engine, settings.max_image_pixels, settings.memory_store_mb << 20)
     store = MemoryStore(settings.memory_store_mb << 20)
-    gateway = _gateway(backend, store, LocalLeases(), PromptLimits.of_adapter(engine.adapter), settings)
+    limits = PromptLimits.of_adapter(engine.adapter)
+    gateway = _gateway(backend, store, LocalLeases(), limits, settings)
     engine_metrics(engine, gateway.metrics.registry, settings)
+    if settings.batch_concurrency != 0:
+        gateway.batches.worker = embedded_worker(settings, backend, limits, gateway.batches.store)
     return gateway
+
+
+def embedded_worker(settings, backend, limits, store):
+    """The batch worker of ``dartserve serve``, on the gateway's own backend: its items are
+    requests to the same engine core, as many at once as DARTSERVE_BATCH_CONCURRENCY, and never
+    more than the core runs at once. ``serve_http`` starts and stops it."""
+    from services.batches.namespace import batch_namespace
+    from services.worker.embedded import EmbeddedWorker
+    from services.worker.tasks import Worker
+
+    worker = Worker(settings, backend, model_name(settings), batch_namespace(settings), limits)
+    return EmbeddedWorker(settings, worker, min(settings.batch_in_flight, settings.max_num_seqs), store.reachable)
 
 
 def distributed_gateway(settings):
@@ -94,34 +109,45 @@ def _gateway(backend, store, leases, limits, settings):
     from services.gateway.batch_api import Batches
     from services.gateway.conversations import Conversations
     from services.gateway.turns import TurnHolds
+    from services.batches.namespace import batch_namespace
     from services.batches.queue import make_celery
     from services.batches.store import BatchStore
 
     policy = Policy.from_settings(settings, limits)
-    batches = Batches(BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s), make_celery(settings), model_name(settings), policy, settings.batch_max_requests)
+    namespace = batch_namespace(settings)
+    batch_store = BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s, namespace)
+    batches = Batches(batch_store, make_celery(settings, namespace), model_name(settings), policy, settings.batch_max_requests)
     return Gateway(backend, Conversations(store, settings.ttl_s, TurnHolds(leases)), model_name(settings), settings, policy, batches)
 
 
 def serve_http(gateway, settings) -> None:
+    """Serves until SIGINT or SIGTERM, with the batch worker of ``dartserve serve`` beside it;
+    answers in progress finish first, then the worker's items."""
     import uvicorn
 
     from services.gateway.app import create_app
 
     from services.gateway.protocol import JsonErrorsH11Protocol
 
+    worker = gateway.batches.worker if gateway.batches is not None else None
     # Logging as configured (JSON, one line per request from the gateway itself).
     uvicorn.run(
-        create_app(gateway), host=settings.host, port=settings.port_for("gateway"), log_config=None, access_log=False, http=JsonErrorsH11Protocol
+        create_app(gateway, worker), host=settings.host, port=settings.port_for("gateway"), log_config=None, access_log=False, http=JsonErrorsH11Protocol
     )
 
 
-def run_worker(settings, local: bool, concurrency: int) -> None:
-    """A Celery worker for batch items: stages over gRPC, or in this process with ``local``."""
+def run_worker(settings, local: bool, concurrency: int | None = None) -> None:
+    """A Celery worker for batch items: stages over gRPC, or in this process with ``local``;
+    ``concurrency`` items at once (default DARTSERVE_BATCH_CONCURRENCY), each on a thread."""
+    from services.batches.namespace import batch_namespace
     from services.frontend.backends import GrpcBackend
     from services.frontend.engine_backend import EngineBackend
     from services.frontend.prompt_limits import PromptLimits
     from services.worker.tasks import Worker, worker_app
 
+    concurrency = concurrency or settings.batch_in_flight
+    if concurrency < 1:
+        raise ValueError("a worker answers at least one item at a time: set DARTSERVE_BATCH_CONCURRENCY or --concurrency to 1 or more")
     if local:
         engine = load_engine(settings)
         backend = EngineBackend(engine, settings.max_image_pixels, settings.memory_store_mb << 20)
@@ -129,7 +155,7 @@ def run_worker(settings, local: bool, concurrency: int) -> None:
     else:
         backend = GrpcBackend(settings)
         limits = PromptLimits.for_model(settings.model or default_model())
-    app = worker_app(settings, Worker(settings, backend, model_name(settings), limits))
+    app = worker_app(settings, Worker(settings, backend, model_name(settings), batch_namespace(settings), limits))
     # One process: the stages' model (or channels) is loaded once; threads share it.
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
     app.worker_main(["--quiet", "worker", "--loglevel=INFO", "--without-gossip", "--without-mingle", *pool])  # no banner: every line is JSON

@@ -33,8 +33,9 @@ def probe(service: str, settings, timeout_s: float = 3.0) -> bool:
             except grpc.RpcError:
                 return False
             return reply.status == health_pb2.HealthCheckResponse.SERVING
+    from services.batches.namespace import batch_namespace
     from services.batches.queue import make_celery
 
-    # The worker of this host answers a ping through the broker.
-    replies = make_celery(settings).control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=timeout_s)
+    # The worker of this host answers a ping through the broker, in its deployment's namespace.
+    replies = make_celery(settings, batch_namespace(settings)).control.ping(destination=[f"celery@{socket.gethostname()}"], timeout=timeout_s)
     return bool(replies)

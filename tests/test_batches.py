@@ -1,5 +1,6 @@
 """Batches for real: the stages and gateway as processes over a private redis-server, and
-Celery workers as processes of their own (``dartserve worker``)."""
+Celery workers as processes of their own (``dartserve worker``), many items in flight each;
+``dartserve serve`` with the worker it runs itself."""
 
 import json
 import os
@@ -12,7 +13,9 @@ import pytest
 import redis
 
 from cluster import b64, png, pruner_down, running_cluster
-from processes import dartserve_process, free_port, stop, wait_until
+from dartserve.demo import CHECKPOINT
+from processes import RedisServer, dartserve_process, free_port, stop, wait_until
+from services.batches.namespace import model_namespace
 
 PRUNINGS = [{"method": "dart", "budget": 64}, {"method": "none"}, {"method": "fastv", "ratio": 0.25}]
 
@@ -100,10 +103,12 @@ def test_a_batch_answers_every_request_as_v1_answer_does(cluster, worker):
         for key in ("answer", "model", "finish_reason", "pruning"):
             assert body[key] == single[key], (request["custom_id"], key)
         assert {k: v for k, v in body["usage"].items() if k != "cached_images"} == {k: v for k, v in single["usage"].items() if k != "cached_images"}
-    # One worker takes items in order: each image is encoded by its first request only.
-    assert [line["response"]["body"]["usage"]["cached_images"] for line in lines] == [0] * 8 + [1] * 22
+    # Each image is encoded once, by one of the requests about it, though they ran at once.
+    encoded = [request["image"] for request, line in zip(requests, lines) if line["response"]["body"]["usage"]["cached_images"] == 0]
+    assert sorted(encoded) == sorted({request["image"] for request in requests})
     client = redis.Redis.from_url(cluster["env"]["DARTSERVE_REDIS_URL"])
-    keys = list(client.scan_iter(f"dartserve:batch:{{{created['id']}}}*"))
+    # The gateway and the worker named the namespace alike, after the model.
+    keys = list(client.scan_iter(f"{model_namespace(str(CHECKPOINT))}:batch:{{{created['id']}}}*"))
     assert len(keys) == 4 and all(0 < client.ttl(key) <= 86400 for key in keys)  # results included
     # Every log line is JSON (no banner, no raw warning), and an item's lines, in the worker and
     # in every stage, carry BATCH_ID/CUSTOM_ID.
@@ -114,23 +119,25 @@ def test_a_batch_answers_every_request_as_v1_answer_does(cluster, worker):
 
 
 def test_a_killed_worker_loses_and_duplicates_nothing(cluster, worker):
-    requests = requests_for(40, images=40)
+    requests = requests_for(60, images=60)
     created = submit(cluster, requests)
-    first, log = worker()
+    first, log = worker("--concurrency", "12")
     client = redis.Redis.from_url(cluster["env"]["DARTSERVE_REDIS_URL"])
+    unacked = f"{model_namespace(str(CHECKPOINT))}:unacked"
 
-    def holding_an_item():  # killed while it holds an unacknowledged item, which must come back
+    def holding_many():  # killed while it holds many unacknowledged items, which must come back
         done = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"]
-        return done >= 5 and client.hlen("unacked") > 0
+        return done >= 5 and client.hlen(unacked) >= 8
 
-    wait_until(holding_an_item, "five answers and an item in hand", first, log)
+    wait_until(holding_many, "five answers and many items in hand", first, log)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     done_at_kill = httpx.get(f"{cluster['url']}/v1/batches/{created['id']}").json()["request_counts"]["done"]
-    assert done_at_kill < 40, "the worker finished before it was killed; the test proves nothing"
-    second, log = worker()
+    assert done_at_kill < 60, "the worker finished before it was killed; the test proves nothing"
+    second, log = worker("--concurrency", "12")
     status = wait_for(cluster, created["id"], second, log)
-    assert status["status"] == "completed" and status["request_counts"] == {"total": 40, "done": 40, "failed": 0}
+    # Each item counted once: a redelivered item whose result was stored changed nothing.
+    assert status["status"] == "completed" and status["request_counts"] == {"total": 60, "done": 60, "failed": 0}
     lines = results(cluster, created["id"])
     assert [line["custom_id"] for line in lines] == [r["custom_id"] for r in requests]
     assert all(line["error"] is None and line["response"]["body"]["answer"] for line in lines)
@@ -240,23 +247,36 @@ def test_cancelling_a_queued_batch_runs_none_of_it_and_lists_every_request(clust
     assert all(line["error"] == {"status_code": 499, "type": "cancelled", "message": "the batch was cancelled before this request ran", "param": None} for line in lines)
 
 
-def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_server, tmp_path):
-    """``dartserve serve`` next to ``dartserve worker --local``, driven by ``dartserve batch``,
-    which sends DARTSERVE_API_KEY to a gateway that wants a key."""
-    env = {"DARTSERVE_REDIS_URL": redis_server.url.replace("/0", "/1"), "DARTSERVE_PORT": str(free_port())}
+def test_dartserve_serve_runs_batches_itself_once_redis_answers(tmp_path):
+    """``dartserve serve`` alone, driven by ``dartserve batch``, which sends DARTSERVE_API_KEY to a
+    gateway that wants a key. Started before its Redis, it answers questions, says why batches
+    do not run, refuses them with a 503 that names what is missing, and runs them once Redis
+    answers, with no other process started by hand."""
+    redis_server = RedisServer()
+    redis_server.stop()
+    env = {"DARTSERVE_REDIS_URL": redis_server.url, "DARTSERVE_PORT": str(free_port()), "DARTSERVE_API_KEYS": "batch-key"}
     url = f"http://127.0.0.1:{env['DARTSERVE_PORT']}"
-    serve = dartserve_process("serve", env | {"DARTSERVE_API_KEYS": "batch-key"}, tmp_path / "serve.log")
-    local = dartserve_process("worker", env, tmp_path / "worker.log", ("--local",))
+    log = tmp_path / "serve.log"
+    serve = dartserve_process("serve", env, log)
     try:
-        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, tmp_path / "serve.log")
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, "serve", serve, log)
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["ready"] is True and ready["batches"]["available"] is False and "Redis" in ready["batches"]["reason"]
         requests = requests_for(6, images=3)
         (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+        refused = httpx.post(f"{url}/v1/batches", json={"requests": requests}, headers={"Authorization": "Bearer batch-key"})
+        message = refused.json()["error"]["message"]
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert "they need a Redis" in message and "DARTSERVE_BATCH_REDIS_URL" in message and "redis-server" in message
+
+        redis_server.start()
+        wait_until(lambda: httpx.get(f"{url}/readyz").json()["batches"]["available"], "the batch worker", serve, log, timeout_s=60)
         cli = [sys.executable, "-m", "services.cli", "batch"]
         keyless = subprocess.run([*cli, "status", "batch_x", "--url", url], capture_output=True, text=True, env=os.environ | {"DARTSERVE_API_KEY": ""})
         assert keyless.returncode == 2 and "HTTP 401" in keyless.stderr
         keyed = os.environ | {"DARTSERVE_API_KEY": "batch-key"}  # what the CLI sends
         submitted = subprocess.run([*cli, "submit", str(tmp_path / "in.jsonl"), "--wait", "-o", str(tmp_path / "out.jsonl"), "--url", url], capture_output=True, text=True, timeout=300, env=keyed)
-        assert submitted.returncode == 0, submitted.stderr + (tmp_path / "worker.log").read_text()
+        assert submitted.returncode == 0, submitted.stderr + log.read_text()
         batch_id = submitted.stdout.splitlines()[0]
         lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
         for request, line in zip(requests, lines, strict=True):
@@ -268,8 +288,12 @@ def test_embedded_mode_runs_batches_on_a_local_worker_through_the_cli(redis_serv
         assert [json.loads(line) for line in printed.splitlines()] == lines
         unknown = subprocess.run([*cli, "status", "batch_nope", "--url", url], capture_output=True, text=True, env=keyed)
         assert unknown.returncode == 2 and "HTTP 404" in unknown.stderr
+        serve.terminate()  # stops its worker too, then ends as SIGTERM asks (uvicorn raises it again)
+        assert serve.wait(timeout=60) == -signal.SIGTERM, log.read_text()
+        assert "the batch worker stopped" in log.read_text()
     finally:
-        stop([local, serve])
+        stop([serve])
+        redis_server.stop()
 
 
 def test_probe_says_whether_each_service_on_this_host_is_healthy(cluster, worker):
@@ -299,7 +323,7 @@ def test_an_item_that_raises_unexpectedly_is_recorded_as_500_not_dropped(redis_s
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     settings = Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_visibility_s=3)
-    worker = Worker(settings, CrashingStages(), "demo")
+    worker = Worker(settings, CrashingStages(), "demo", "tests")
     batch_id = one_item_batch(worker.batches)
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     (line,) = worker.batches.results(batch_id)
@@ -308,7 +332,7 @@ def test_an_item_that_raises_unexpectedly_is_recorded_as_500_not_dropped(redis_s
     assert worker.batches.status(batch_id)["status"] == "completed"
     # Backoff doubles, but stays under the visibility timeout, past which an item held back comes again.
     assert [worker.backoff_s(n) for n in range(4)] == [1, 1, 1, 1]
-    assert [Worker(Settings(redis_url=settings.redis_url), None, "demo").backoff_s(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert [Worker(Settings(redis_url=settings.redis_url), None, "demo", "tests").backoff_s(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
 
 
 def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
@@ -321,7 +345,7 @@ def test_a_batch_that_failed_to_queue_runs_none_of_its_items(redis_server):
         def answer(self, question, previous=None, stream=True):
             raise AssertionError("an item of a failed batch was run")
 
-    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), NoStages(), "demo")
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), NoStages(), "demo", "tests")
     batch_id = one_item_batch(worker.batches)
     worker.batches.fail(batch_id, "the queue went away after the first item")
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
@@ -343,7 +367,7 @@ def test_an_item_whose_error_cannot_be_recorded_goes_back_on_the_queue(redis_ser
         def answer(self, question, previous=None, stream=True):
             raise StoreUnavailable("Redis is unreachable")
 
-    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=1), DownStages(), "demo")
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=1), DownStages(), "demo", "tests")
     batch_id = one_item_batch(worker.batches)
 
     class QueueDown:  # Celery's retry when it cannot publish: it would drop the message
@@ -369,12 +393,11 @@ def test_a_batch_whose_requests_were_evicted_fails_instead_of_hanging(redis_serv
     from types import SimpleNamespace
 
     from services.config import Settings
-    from services.batches.store import _keys
     from services.worker.tasks import Worker
 
-    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), None, "demo")
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2")), None, "demo", "tests")
     batch_id = one_item_batch(worker.batches)
-    worker.batches.client.delete(_keys(batch_id)["items"])  # evicted under memory pressure
+    worker.batches.client.delete(worker.batches._keys(batch_id)["items"])  # evicted under memory pressure
     worker.run(SimpleNamespace(request=SimpleNamespace(retries=0)), batch_id, 0)
     status = worker.batches.status(batch_id)
     assert status["status"] == "failed" and "evicted" in status["error"]
@@ -403,7 +426,7 @@ def test_a_busy_stage_makes_an_item_wait_without_spending_its_retries(redis_serv
             return Retried()
 
     stages = Stages()
-    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=2), stages, "demo")
+    worker = Worker(Settings(redis_url=redis_server.url.replace("/0", "/2"), batch_retries=2), stages, "demo", "tests")
     batch_id = one_item_batch(worker.batches)
     task = Task()
     with pytest.raises(Retried):  # busy: it waits, with its budget for outages untouched
@@ -422,7 +445,7 @@ def test_an_item_recorded_twice_is_counted_and_listed_once(redis_server):
     """A redelivered item (its worker died after storing its result) changes nothing."""
     from services.batches.store import BatchStore
 
-    store = BatchStore.from_url(redis_server.url.replace("/0", "/2"), ttl_s=600)
+    store = BatchStore.from_url(redis_server.url.replace("/0", "/2"), ttl_s=600, namespace="tests")
     items = [{"custom_id": name, "fields": {"question": "q"}, "images": []} for name in ("a", "b")]
     batch_id = store.create(items, {}, "demo")
     first = {"custom_id": "a", "response": {"status_code": 200, "body": {"answer": "red"}}, "error": None}

@@ -34,7 +34,7 @@ from services.cli import build_parser
 from services.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ENVIRONMENT, Settings
 from services.processes import free_port
 from services.stage_calls import IN_FLIGHT
-from services.batches.queue import QUEUE
+from services.batches.namespace import queue_key
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -633,8 +633,9 @@ def test_autoscalers_read_metrics_the_services_export(directory):
     metadata = trigger["metadata"]
     assert trigger["type"] == "redis" and set(metadata) <= REDIS_SCALER_KEYS
     worker = deployments["worker"]["spec"]["template"]["spec"]["containers"][0]
-    redis = httpx.URL(container_env(docs, worker)["DARTSERVE_BATCH_REDIS_URL"])
-    assert metadata["listName"] == QUEUE and metadata["databaseIndex"] == redis.path.strip("/")
+    env = container_env(docs, worker)
+    redis = httpx.URL(env["DARTSERVE_BATCH_REDIS_URL"])
+    assert metadata["listName"] == queue_key(env["DARTSERVE_BATCH_NAMESPACE"]) and metadata["databaseIndex"] == redis.path.strip("/")
     namespace = deployments["worker"]["metadata"]["namespace"]
     in_cluster = redis.host in by_kind(docs, "Service")
     host = f"{redis.host}.{namespace}.svc.cluster.local" if in_cluster else redis.host  # KEDA resolves from its own namespace

@@ -1,19 +1,21 @@
 """The Celery app over Redis, shared by the gateway (which queues items) and the workers.
 
-Messages are JSON only. Items are acknowledged after they run, one at a time per worker, so
-an item taken by a worker that dies is delivered again; the batch store keeps that from
-answering it twice.
+Messages are JSON only. Items are acknowledged after they run; a worker holds as many as it
+runs at once (its threads), so an item taken by a worker that dies is delivered again, and
+the batch store keeps that from answering it twice. Every key the queue writes (the list of
+items, those delivered and not yet acknowledged, the bindings) begins with the namespace.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-QUEUE = "dartserve-batches"
+from services.batches.namespace import QUEUE
+
 TASK = "dartserve.batch_item"
 
 
-def make_celery(settings) -> Celery:
+def make_celery(settings, namespace: str) -> Celery:
     app = Celery("dartserve", broker=settings.batch_redis, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -21,9 +23,10 @@ def make_celery(settings) -> Celery:
         task_ignore_result=True,  # results go to the batch store, keyed by batch and custom_id
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        worker_prefetch_multiplier=1,  # per thread: a worker holds no item it is not running
         task_default_queue=QUEUE,
         broker_transport_options={
+            "global_keyprefix": f"{namespace}:",
             "visibility_timeout": settings.batch_visibility_s,
             # Look for items of dead workers every few seconds, not kombu's default 100.
             "unacked_restore_interval": max(1, min(10, settings.batch_visibility_s // 2)),

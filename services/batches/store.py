@@ -1,13 +1,14 @@
 """A batch's records in Redis: its status, its requests, their images and their results.
 
 Every key of a batch shares one hash tag, so a batch lives on one Redis Cluster slot and the
-scripts below can update it atomically. A result is written once per ``custom_id``: a
-redelivered item finds its result there and changes nothing, so no item is counted or
-listed twice. Everything is JSON or raw image bytes; nothing read back is unpickled.
+scripts below can update it atomically. Every key begins with the deployment's namespace
+(``services.batches.namespace``): to any other, a batch does not exist. A result is written
+once per ``custom_id``: a redelivered item finds its result there and changes nothing, so no
+item is counted or listed twice. Everything is JSON or raw image bytes; nothing read back is unpickled.
 
 A batch belongs to the tenant that created it (a digest of its API key; "" on a gateway
 without keys): to any other it does not exist. Its id carries when it was created and a tag
-bound to its tenant, so a batch whose records Redis lost can still be told from one that
+bound to its namespace and tenant, so a batch whose records Redis lost can still be told from one that
 never was.
 """
 
@@ -19,7 +20,7 @@ import re
 import secrets
 import time
 
-from dartserve.kv.store import redis_call
+from dartserve.kv.store import StoreUnavailable, redis_call
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -81,32 +82,42 @@ class UnknownBatch(LookupError):
 
 
 class BatchStore:
-    def __init__(self, client, ttl_s: int) -> None:
-        self.client, self.ttl_s = client, ttl_s
+    def __init__(self, client, ttl_s: int, namespace: str, health=None) -> None:
+        """``health``: a client with short timeouts for ``reachable`` (default: ``client``)."""
+        self.client, self.ttl_s, self.namespace = client, ttl_s, namespace
+        self.health = health or client
         self._record = client.register_script(_RECORD)
         self._start = client.register_script(_START)
         self._cancel = client.register_script(_CANCEL)
         self._fail = client.register_script(_FAIL)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int) -> BatchStore:
+    def from_url(cls, url: str, ttl_s: int, namespace: str) -> BatchStore:
         import redis
 
         # Long enough to store a large batch in one transaction; a Redis that is down still
-        # shows at once, when connecting.
-        return cls(redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=5.0), ttl_s)
+        # shows at once, when connecting. A health check waits a second at most.
+        client = redis.Redis.from_url(url, socket_timeout=30.0, socket_connect_timeout=5.0)
+        return cls(client, ttl_s, namespace, redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0))
+
+    def reachable(self) -> bool:
+        try:
+            redis_call(self.health.ping)
+            return True
+        except StoreUnavailable:
+            return False
 
     def create(self, items: list[dict], images: dict[str, bytes], model: str, tenant: str = "") -> str:
         """Stores a validated batch as queued; ``items`` are ``{"custom_id", "fields", "images",
         "tenant"}`` with images named by their SHA-256 in ``images``. Returns the batch id."""
         now = int(time.time())
         stamp = f"{now:08x}{secrets.token_hex(12)}"
-        batch_id = f"batch_{stamp}{_tag(tenant, stamp)}"
+        batch_id = f"batch_{stamp}{_tag(self.namespace, tenant, stamp)}"
         meta = {
             "status": "queued", "model": model, "total": len(items), "done": 0, "failed": 0,
             "created_at": now, "expires_at": now + self.ttl_s, "owner": tenant,
         }
-        keys = _keys(batch_id)
+        keys = self._keys(batch_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(keys["items"], mapping={str(i): json.dumps(item) for i, item in enumerate(items)})
         if images:
@@ -120,7 +131,7 @@ class BatchStore:
     def status(self, batch_id: str, tenant: str | None = None) -> dict:
         """The batch's status; ``tenant``: the caller's, to whom another's batch is unknown
         (None: a worker's call, which has no tenant)."""
-        meta = redis_call(self.client.hgetall, _keys(batch_id)["meta"])
+        meta = redis_call(self.client.hgetall, self._keys(batch_id)["meta"])
         meta = {k.decode(): v.decode() for k, v in meta.items()}
         if not meta or (tenant is not None and meta.get("owner", "") != tenant):
             raise UnknownBatch(f"batch {batch_id!r} is unknown or expired")
@@ -145,7 +156,7 @@ class BatchStore:
 
     def item(self, batch_id: str, index: int) -> tuple[dict, list[bytes]] | None:
         """An item and its images, or None where the batch has expired."""
-        keys = _keys(batch_id)
+        keys = self._keys(batch_id)
         raw = redis_call(self.client.hget, keys["items"], str(index))
         if raw is None:
             return None
@@ -161,7 +172,7 @@ class BatchStore:
         return status.decode() if status is not None else None
 
     def has_result(self, batch_id: str, custom_id: str) -> bool:
-        return bool(redis_call(self.client.hexists, _keys(batch_id)["results"], custom_id))
+        return bool(redis_call(self.client.hexists, self._keys(batch_id)["results"], custom_id))
 
     def record(self, batch_id: str, custom_id: str, result: dict) -> bool:
         """Stores an item's result unless it has one; returns whether this call stored it."""
@@ -173,7 +184,7 @@ class BatchStore:
         expired since (its TTL restarts with each change, so it lives at least that long):
         a batch with that id but no records was lost, not never made."""
         match = _ID.match(batch_id)
-        if match is None or not secrets.compare_digest(match["tag"], _tag(tenant, match["created"] + match["nonce"])):
+        if match is None or not secrets.compare_digest(match["tag"], _tag(self.namespace, tenant, match["created"] + match["nonce"])):
             return None
         created = int(match["created"], 16)
         return created if time.time() < created + self.ttl_s else None
@@ -186,8 +197,12 @@ class BatchStore:
         return status.decode()
 
     def _script(self, script, batch_id: str, *args):
-        keys = _keys(batch_id)
+        keys = self._keys(batch_id)
         return redis_call(script, keys=[keys["meta"], keys["items"], keys["images"], keys["results"]], args=[int(time.time()), self.ttl_s, *args])
+
+    def _keys(self, batch_id: str) -> dict[str, str]:
+        base = f"{self.namespace}:batch:{{{batch_id}}}"
+        return {"meta": base, "items": base + ":items", "images": base + ":images", "results": base + ":results"}
 
     def fail(self, batch_id: str, error: str) -> None:
         self._script(self._fail, batch_id, error)
@@ -196,7 +211,7 @@ class BatchStore:
         """The results in input order. Items not yet answered are left out while the batch runs;
         once it is cancelled, they are listed with a ``cancelled`` error."""
         status = self.status(batch_id, tenant)["status"]
-        keys = _keys(batch_id)
+        keys = self._keys(batch_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(keys["items"])
         pipe.hgetall(keys["results"])
@@ -212,11 +227,6 @@ class BatchStore:
         return out
 
 
-def _tag(tenant: str, stamp: str) -> str:
-    return hashlib.sha256(f"{tenant}\0{stamp}".encode()).hexdigest()[:8]
-
-
-def _keys(batch_id: str) -> dict[str, str]:
-    base = f"dartserve:batch:{{{batch_id}}}"
-    return {"meta": base, "items": base + ":items", "images": base + ":images", "results": base + ":results"}
-
+def _tag(namespace: str, tenant: str, stamp: str) -> str:
+    """Binds an id to its namespace and tenant: in any other, it was never made."""
+    return hashlib.sha256(f"{namespace}\0{tenant}\0{stamp}".encode()).hexdigest()[:8]

@@ -46,6 +46,7 @@ class AnswerIn(BaseModel):
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # as vLLM's: the end-of-sequence token does not end the answer (benchmarks)
     stream: bool = False
     conversation_id: str | None = Field(default=None, min_length=1, max_length=256)
 
@@ -104,7 +105,7 @@ def first_turn(body: AnswerIn, images: list[bytes], policy: Policy, tenant: str 
     """The question of a request that starts a conversation."""
     if not images:
         raise ApiError(400, "a conversation's first turn needs an image: 'image', 'images' or an uploaded file", "image")
-    config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+    config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos)
     # An explicit null budget or ratio is kept: it asks for every vision token.
     pruning = body.pruning.model_dump(exclude_unset=True) if body.pruning else None
     return make_question(images, [{"role": "user", "content": body.question}], pruning, config, policy, tenant)

@@ -160,7 +160,9 @@ def as_api_error(error: ApiError | ValueError | Unavailable | StageMiss, endpoin
     return ApiError(503, public, kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway, batch_worker=None) -> FastAPI:
+    """``batch_worker``: the ``EmbeddedWorker`` that ``dartserve serve`` runs while it serves;
+    it stops at shutdown, before uvicorn ends the process with the signal that asked it to."""
     from services.gateway.batch_api import register_batches
     from services.gateway.openai_api import register_chat
 
@@ -169,7 +171,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         # An answer holds a worker thread while it runs: beyond every admitted one, threads are
         # left for readiness checks and batch calls, so the limit answers 429 before they queue.
         anyio.to_thread.current_default_thread_limiter().total_tokens = gateway.admission.limit + SPARE_THREADS
-        yield
+        if batch_worker is not None:
+            batch_worker.start()
+        try:
+            yield
+        finally:
+            if batch_worker is not None:
+                await anyio.to_thread.run_sync(batch_worker.stop)
 
     # /docs serves Swagger UI's files itself, so that it also works where no CDN can be reached.
     app = FastAPIOffline(title="dartserve", version="1", summary="Multimodal LLM serving with DART visual-token pruning", lifespan=lifespan)
@@ -224,7 +232,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     def readyz():
         stages = gateway.backend.readiness() | {"store": gateway.conversations.reachable()}
         ready = all(stages.values())
-        return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
+        body = {"ready": ready, "stages": stages}
+        if gateway.batches is not None:  # questions are answered without them: ready either way
+            body["batches"] = gateway.batches.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format 0.0.4"}})
     async def metrics():
@@ -297,7 +308,7 @@ def _turn(gateway: Gateway, tenant: str, body: AnswerIn, images: list[bytes], pr
             raise ApiError(400, "images belong to a conversation's first turn; this conversation already has its images", "image")
         if body.pruning is not None:
             raise ApiError(400, "a conversation keeps the pruning of its first turn", "pruning")
-        config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+        config = sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos)
         messages = previous["messages"] + [{"role": "user", "content": body.question}]
         question = gateway.question(images, messages, None, config, tenant, previous["context_tokens"])
     conversation_id = body.conversation_id or uuid.uuid4().hex

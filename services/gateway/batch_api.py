@@ -1,37 +1,72 @@
-"""``/v1/batches``: asynchronous batches of ``/v1/answer`` requests, run by Celery workers.
+"""``/v1/batches``: asynchronous batches of ``/v1/answer`` requests, run by Celery workers
+(``dartserve serve``'s own, or ``dartserve worker`` processes).
 
 A batch is checked whole before anything runs: a bad line rejects it with every bad line
-named. Its images are stored once each, however many requests share them.
+named. Its images are stored once each, however many requests share them. Without the batch
+Redis, every call answers 503 saying so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from services.frontend.answers import Policy, answer_images, first_turn, parse_answer
-from services.frontend.errors import Unavailable, store_errors
+from dartserve.kv.store import StoreUnavailable
 from services.frontend.inputs import ApiError, json_body, json_object, media_type
+from services.gateway.admission import RETRY_AFTER_S
 from services.gateway.middleware import tenant
 from services.gateway.schemas import Batch, InvalidBatch, answered, errors
 from services.batches.queue import queue_items
 from services.batches.store import FINISHED, UnknownBatch
 
+log = logging.getLogger(__name__)
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "text/plain")
 MAX_REPORTED = 50  # bad lines listed in one error
+REDIS_SETTING = "DARTSERVE_BATCH_REDIS_URL (else DARTSERVE_REDIS_URL, default redis://127.0.0.1:6379/0)"
+NO_REDIS = f"batches are unavailable: they need a Redis, and none answers at {REDIS_SETTING}; start one there (redis-server)"
+REFUSED = f"batches are unavailable: the batch Redis at {REDIS_SETTING} refused the command (out of memory, or a read-only replica); the server's log says which"
+
+
+class batch_store_errors:
+    """The batch Redis unreachable or refusing: a 503 that says so; what Redis said goes to the log."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not isinstance(error, StoreUnavailable):
+            return False
+        log.warning("answered 503: %s", error)
+        refused = str(error).startswith("Redis refused")  # see dartserve.kv.store.redis_call
+        raise _unavailable(REFUSED if refused else NO_REDIS) from None
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(503, message, kind="service_unavailable", headers={"Retry-After": RETRY_AFTER_S})
 
 
 class Batches:
     """The gateway's side of batches: checking, storing and queueing them, and reading them back,
     each for the tenant that created it."""
 
-    def __init__(self, store, celery, model_name: str, policy: Policy, max_requests: int) -> None:
+    def __init__(self, store, celery, model_name: str, policy: Policy, max_requests: int, worker=None) -> None:
+        """``worker``: the ``EmbeddedWorker`` of this process, if it runs one."""
         self.store, self.celery, self.model_name, self.max_requests = store, celery, model_name, max_requests
-        self.policy = policy
+        self.policy, self.worker = policy, worker
+
+    def readiness(self) -> dict:
+        """Whether batches run now, and why not; a gateway answers without them."""
+        if not self.store.reachable():
+            reason = NO_REDIS
+        else:
+            reason = self.worker.unavailable if self.worker is not None else None
+        return {"available": reason is None, "reason": reason}
 
     def submit(self, tenant: str, requests: list[tuple[int, object]]) -> dict:
         """``requests`` are (line number, parsed JSON) pairs."""
@@ -49,24 +84,25 @@ class Batches:
                 errors.append({"line": line, "message": str(error), "param": getattr(error, "param", None)})
         if errors:
             raise InvalidLines(errors, len(requests))
-        with store_errors():
+        with batch_store_errors():
             batch_id = self.store.create(items, images, self.model_name, tenant)
             try:
                 queue_items(self.celery, batch_id, len(items))
             except Exception as error:  # the broker refused: the batch must not sit queued forever
+                log.warning("answered 503: the batch queue refused batch %s: %s", batch_id, error)
                 self.store.fail(batch_id, "the batch could not be queued: the queue was unreachable")
-                raise Unavailable(f"the batch queue is unreachable: {error}") from None
+                raise _unavailable(NO_REDIS) from None
             return self.store.status(batch_id, tenant)
 
     def status(self, tenant: str, batch_id: str) -> dict:
-        with store_errors():
+        with batch_store_errors():
             try:
                 return self.store.status(batch_id, tenant)
             except UnknownBatch:
                 return self._lost(tenant, batch_id)
 
     def results(self, tenant: str, batch_id: str) -> list[dict]:
-        with store_errors():
+        with batch_store_errors():
             try:
                 return self.store.results(batch_id, tenant)
             except UnknownBatch:
@@ -74,7 +110,7 @@ class Batches:
                 return []  # nothing of it is left to list
 
     def cancel(self, tenant: str, batch_id: str) -> dict:
-        with store_errors():
+        with batch_store_errors():
             try:
                 before = self.store.cancel(batch_id, tenant)
             except UnknownBatch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, Field, create_model
 
 from dartserve.pruning.registry import all_settings
 
@@ -130,9 +130,15 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class BatchReadiness(BaseModel):
+    available: bool
+    reason: str | None = Field(description="why batches do not run now, e.g. no Redis")
+
+
 class Readiness(BaseModel):
     ready: bool
     stages: dict[str, bool]
+    batches: BatchReadiness | None = Field(default=None, description="whether batches run now; not part of ready")
 
 
 class RequestCounts(BaseModel):

@@ -1,8 +1,10 @@
 """The worker: runs each batch item through the vision, pruner and generator stages exactly as
 ``/v1/answer`` would, and records its answer or its error in the batch store.
 
-An item is never dropped: while a stage or Redis is unavailable it is retried with backoff,
-and then recorded as a 503; anything else that goes wrong is recorded as a 500.
+A worker runs many items at once, each on a thread of its own, so that their requests reach
+the engine core together and share its steps; items that share an image encode it once
+(``encodes``). An item is never dropped: while a stage or Redis is unavailable it is retried
+with backoff, and then recorded as a 503; anything else that goes wrong is recorded as a 500.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from services.frontend.inputs import ApiError
 from services.frontend.pipeline import Final
 from services.batches.queue import TASK, make_celery
 from services.batches.store import FINISHED, BatchStore, UnknownBatch
+from services.worker.encodes import FirstEncodes
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 30
@@ -29,11 +32,13 @@ TRANSIENT = (Unavailable, StageMiss, StoreUnavailable)
 class Worker:
     """What a worker process needs to answer items: the stages, the batch store and the defaults."""
 
-    def __init__(self, settings, backend, model_name: str, limits=None) -> None:
-        """``limits``: the model's ``PromptLimits``, which refuse what cannot fit as the gateway does."""
-        self.settings, self.backend, self.model_name = settings, backend, model_name
+    def __init__(self, settings, backend, model_name: str, namespace: str, limits=None) -> None:
+        """``namespace``: the deployment's batches (``services.batches.namespace``); ``limits``:
+        the model's ``PromptLimits``, which refuse what cannot fit as the gateway does."""
+        self.settings, self.backend, self.model_name, self.namespace = settings, backend, model_name, namespace
         self.policy = Policy.from_settings(settings, limits)
-        self.batches = BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s)
+        self.batches = BatchStore.from_url(settings.batch_redis, settings.batch_ttl_s, namespace)
+        self.encodes = FirstEncodes()
 
     def run(self, task, batch_id: str, index: int, unavailable: int = 0) -> None:
         """``unavailable``: the retries so far for a stage or Redis that did not answer. A stage
@@ -85,12 +90,24 @@ class Worker:
         status = self.batches.start(batch_id)
         if status is None or status in FINISHED or self.batches.has_result(batch_id, custom_id):
             return
-        self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images, item.get("tenant", "")))
+        tenant = item.get("tenant", "")
+        self.batches.record(batch_id, custom_id, self.answer(custom_id, item["fields"], images, tenant, [f"{tenant}\0{h}" for h in item["images"]]))
 
-    def answer(self, custom_id: str, fields: dict, images: list[bytes], tenant: str = "") -> dict:
+    def answer(self, custom_id: str, fields: dict, images: list[bytes], tenant: str = "", image_keys: list[str] = ()) -> dict:
+        """``image_keys``: the images by tenant and content, which one item at a time encodes."""
         try:
             question = first_turn(parse_answer(fields), images, self.policy, tenant)
-            final = next(e for e in self.backend.answer(question, stream=False) if isinstance(e, Final))
+            release, final = self.encodes.claim(list(image_keys)), None
+            try:
+                # Streamed: the first event comes once the images are encoded, when the items
+                # waiting on them can go on.
+                for event in self.backend.answer(question, stream=True):
+                    release()
+                    final = event
+            finally:
+                release()
+            if not isinstance(final, Final):
+                raise RuntimeError("the answer ended without its Final")
         except ApiError as error:
             return _failure(custom_id, error.status, error.kind, error.message, error.param)
         except ValueError as error:  # what a stage found wrong with the input, e.g. not an image
@@ -114,10 +131,12 @@ def _failure(custom_id: str, status: int, kind: str, message: str, param: str | 
 
 
 def worker_app(settings, worker: Worker):
-    app = make_celery(settings)
+    app = make_celery(settings, worker.namespace)
 
     # Retries are counted by the worker against DARTSERVE_BATCH_RETRIES, not Celery's default 3.
-    @app.task(name=TASK, bind=True, acks_late=True, max_retries=None)
+    # Not shared: a shared task joins every Celery app made later in the process, where it would
+    # answer that app's items with this worker's store.
+    @app.task(name=TASK, bind=True, acks_late=True, max_retries=None, shared=False)
     def batch_item(task, batch_id: str, index: int, unavailable: int = 0) -> None:
         worker.run(task, batch_id, index, unavailable)
 
