@@ -7,7 +7,10 @@ next when it is done, until the workload's requests are answered. Workloads:
   576 vision tokens per request (each its own random image and question), DART keeping 64 at
   K=2, 64 new tokens with EOS ignored;
 - ``demo``: the bundled model on the demo task's test questions, with the server's default
-  pruning, greedy, up to 8 new tokens.
+  pruning, greedy, up to 8 new tokens;
+- ``describe``: the bundled model asked to describe test pictures, with the server's default
+  pruning, greedy, up to 48 new tokens (a sentence per picture: the bundled decode workload);
+  its rows also give the share of descriptions that list the objects right.
 
 Prompts are encoded before the clock starts: this measures the core. Every setting runs
 ``runs`` times and reports medians; ``exact`` says whether every answer equals the request's
@@ -23,6 +26,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +40,7 @@ from dartserve.models.base import EncodedPrompt, ModelAdapter
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import DEFAULT_PRUNING, PruningConfig
 
-WORKLOADS = ("decode", "demo")
+WORKLOADS = ("decode", "demo", "describe")
 
 
 @dataclass
@@ -46,6 +50,8 @@ class Workload:
     prompts: list[EncodedPrompt]
     pruning: PruningConfig
     sampling: SamplingConfig
+    score: Callable[[list[str]], float] | None = None  # the share of right answers, from their texts
+    detokenize: Callable[[list[int]], str] | None = None
 
 
 def decode_workload(requests: int, width: int, depth: int, device: str, dtype: torch.dtype) -> Workload:
@@ -62,6 +68,23 @@ def demo_workload(requests: int, device: str, dtype: torch.dtype | None) -> Work
     engine = Engine.load(default_model(), device=device, dtype=dtype)
     prompts = [engine.vision.encode([item.load_image()], item.question) for item in synthetic_items("test", requests)]
     return Workload("demo", engine.adapter, prompts, PruningConfig(**DEFAULT_PRUNING), SamplingConfig(max_new_tokens=8))
+
+
+def describe_workload(requests: int, device: str, dtype: torch.dtype | None) -> Workload:
+    from dartserve.demo import default_model
+    from dartserve.demo.data import describe_examples, score_description
+    from dartserve.engine import Engine
+    from dartserve.evaluation import DESCRIPTION_TOKENS
+
+    engine = Engine.load(default_model(), device=device, dtype=dtype)
+    examples = describe_examples("test", requests)
+    prompts = [engine.vision.encode([e.image], e.question) for e in examples]
+
+    def score(texts: list[str]) -> float:
+        return sum(score_description(text, e.objects).objects for text, e in zip(texts, examples)) / len(examples)
+
+    sampling = SamplingConfig(max_new_tokens=DESCRIPTION_TOKENS)
+    return Workload("describe", engine.adapter, prompts, PruningConfig(**DEFAULT_PRUNING), sampling, score, engine.generator.detokenize)
 
 
 @dataclass
@@ -242,8 +265,10 @@ def run_engine_bench(
     for name in workloads:
         if name == "decode":
             workload = decode_workload(requests or 32, width, depth, device, dtype)
-        else:
+        elif name == "demo":
             workload = demo_workload(requests or 64, device, None if dtype == torch.float32 else dtype)
+        else:
+            workload = describe_workload(requests or 32, device, None if dtype == torch.float32 else dtype)
         solo = None
         measured = []
         for concurrency in sorted(set(concurrencies) | {1}):
@@ -252,6 +277,8 @@ def run_engine_bench(
             if concurrency in concurrencies:
                 measured.append(row)
         extra = {"machine": machine, "dtype": str(workload.adapter.dtype).removeprefix("torch.")}
+        if workload.score is not None:
+            extra["answers_right"] = round(workload.score([workload.detokenize(tokens) for tokens in solo]), 4)
         if name == "decode":
             rate = matmul_gflops(width, device, dtype)
             ceiling = rate * 1e9 / flops_per_output_token(workload)

@@ -3,7 +3,8 @@
 A dataset is a list of ``Item``s: the bundled synthetic task's splits, or a JSONL file with one
 object per line, ``{"image": "path", "question": "...", "answer": "..." | ["...", ...],
 "type": "..."}``. Image paths are relative to the file; ``type`` is optional and groups the
-per-type accuracies (POPE's yes/no, GQA's short answers, ...).
+per-type accuracies (POPE's yes/no, GQA's short answers, ...). The synthetic splits end with
+requests for a description, scored on the objects it lists (type ``describe``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dartserve.pruning import PruningConfig
 from dartserve.pruning.registry import method_spec
 
 SPLIT_SIZES = {"validation": 500, "test": 500}
+DESCRIPTIONS = 100  # description requests after a synthetic split's questions
+DESCRIPTION_TOKENS = 48  # four objects' description is 33 tokens with </s>
 
 
 @dataclass(frozen=True)
@@ -32,18 +35,27 @@ class Item:
     question: str
     answers: tuple[str, ...]
     question_type: str
+    score: Callable[[str], bool] | None = None  # judges the answer instead of matching ``answers``
+    max_new_tokens: int | None = None  # what a long answer needs, where the run's limit is less
 
 
 def synthetic_items(split: str, limit: int | None = None) -> list[Item]:
-    """The bundled task's split; images are drawn again when loaded rather than held in memory."""
-    from dartserve.demo.data import example
+    """The bundled task's split: its questions, then its description requests (right when the
+    objects listed, colour and shape in reading order, are the image's). Images are drawn again
+    when loaded rather than held in memory."""
+    from dartserve.demo.data import describe_example, example, score_description
 
     if split not in SPLIT_SIZES:
         raise ValueError(f"the synthetic dataset's evaluation splits are {', '.join(SPLIT_SIZES)}")
+    wanted = SPLIT_SIZES[split] + DESCRIPTIONS if limit is None else limit
     items = []
-    for index in range(min(limit or SPLIT_SIZES[split], SPLIT_SIZES[split])):
+    for index in range(min(wanted, SPLIT_SIZES[split])):
         e = example(split, index)
         items.append(Item(lambda i=index: example(split, i).image, e.question, (e.answer,), e.question_type))
+    for index in range(min(wanted - len(items), DESCRIPTIONS)):
+        e = describe_example(split, index)
+        score = lambda text, objects=e.objects: score_description(text, objects).objects  # noqa: E731
+        items.append(Item(lambda i=index: describe_example(split, i).image, e.question, (e.answer,), e.question_type, score, DESCRIPTION_TOKENS))
     return items
 
 
@@ -126,7 +138,6 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     for pruning in settings:
         pruning.check_layers(engine.adapter.num_layers)  # fail before hours of work, not after
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     rows = []
     bar = tqdm(total=len(items) * len(settings), disable=not progress, unit="q")
     for pruning in settings:
@@ -135,10 +146,10 @@ def evaluate(
         prefill_ms = 0.0
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            requests = [Request([item.load_image()], item.question + prompt_suffix, sampling) for item in batch]
+            requests = [Request([item.load_image()], item.question + prompt_suffix, _sampling(item, max_new_tokens)) for item in batch]
             results = engine.generate_batch(requests, pruning)
             for item, result in zip(batch, results):
-                correct.append(is_correct(result.text, item.answers))
+                correct.append(item.score(result.text) if item.score else is_correct(result.text, item.answers))
                 kept.append(result.stats.vision_tokens_kept)
             prefill_ms += results[0].stats.prefill_ms
             bar.set_description(f"{pruning.method} {pruning.budget or ''}".strip())
@@ -149,6 +160,10 @@ def evaluate(
     for row in rows:
         row["relative_accuracy"] = round(row["accuracy"] / baseline, 4) if baseline else None
     return rows
+
+
+def _sampling(item: Item, max_new_tokens: int) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=max(max_new_tokens, item.max_new_tokens or 0))
 
 
 def _row(pruning: PruningConfig, items: list[Item], correct: list[bool], kept: list[int], prefill_ms: float, batch_size: int) -> dict:

@@ -35,27 +35,35 @@ def markdown_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + f"\n\nn = {rows[0]['n']} questions per row.\n"
 
 
+DESCRIBE = "describe"  # the synthetic task's descriptions, where the kept tokens' spatial coverage shows
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against kept tokens, one line per method and layer; beside it the descriptions'
+    accuracy alone where the rows have them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    panels = [("accuracy (%)", lambda r: r["accuracy"])]
+    if any(DESCRIBE in r["per_type"] for r in rows):
+        panels.append(("descriptions right (%)", lambda r: r["per_type"].get(DESCRIBE, float("nan"))))
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
     baseline = next((r for r in rows if r["method"] == "none"), None)
-    if baseline:
-        axes.axhline(100 * baseline["accuracy"], color="grey", linestyle="--", label=f"none ({baseline['kept_tokens']:.0f} tokens)")
     lines = dict.fromkeys((r["method"], r["layer"]) for r in rows if r["method"] != "none")
     several_layers = len({layer for _, layer in lines}) > 1
-    for method, layer in lines:
-        points = sorted((r["kept_tokens"], 100 * r["accuracy"]) for r in rows if (r["method"], r["layer"]) == (method, layer))
-        label = f"{method} K={layer}" if several_layers else method
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    axes.set_xlabel("vision tokens kept")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", ncol=2)
+    for ax, (label, value) in zip(axes[0], panels):
+        if baseline:
+            ax.axhline(100 * value(baseline), color="grey", linestyle="--", label=f"none ({baseline['kept_tokens']:.0f} tokens)")
+        for method, layer in lines:
+            points = sorted((r["kept_tokens"], 100 * value(r)) for r in rows if (r["method"], r["layer"]) == (method, layer))
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} K={layer}" if several_layers else method)
+        ax.set_xlabel("vision tokens kept")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title(title)
+    axes[0][-1].legend(fontsize="small", ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

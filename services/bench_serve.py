@@ -13,7 +13,10 @@ service idles. Workloads, as ``bench engine``'s:
   tokenizer, processor and vision tower with a wide language model, ``bench.servable_checkpoint``),
   demo images and questions, DART keeping 64 of 576 at K=2, 64 new tokens with EOS ignored;
 - ``demo``: the bundled model on the demo task's test questions, a new image each, with the
-  server's default pruning, up to 8 new tokens.
+  server's default pruning, up to 8 new tokens;
+- ``describe``: the bundled model asked to describe test pictures, with the server's default
+  pruning, up to 48 new tokens; its rows also give the share of the service's descriptions
+  that list the objects right.
 
 The distributed rows also give each process's memory and the design's floor on this machine
 (``services.bench_floor``: three bare gRPC calls in turn and the image tokens through Redis).
@@ -26,6 +29,7 @@ import json
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +43,7 @@ from services.bench import png, resident_mb, wait_ready
 from services.bench_floor import measure_floor
 from services.processes import BenchRun, free_port
 
-WORKLOADS = ("decode", "demo")
+WORKLOADS = ("decode", "demo", "describe")
 CACHE = Path.home() / ".cache" / "dartserve"
 
 
@@ -51,11 +55,13 @@ class Workload:
     pruning: dict
     max_tokens: int
     ignore_eos: bool
+    score: Callable[[list[str]], float] | None = None  # the share of right answers, from their texts
 
 
 def workload(name: str, requests: int | None, width: int, depth: int) -> Workload:
     from dartserve.demo import CHECKPOINT
-    from dartserve.demo.data import example
+    from dartserve.demo.data import describe_examples, example, score_description
+    from dartserve.evaluation import DESCRIPTION_TOKENS
 
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
@@ -63,6 +69,14 @@ def workload(name: str, requests: int | None, width: int, depth: int) -> Workloa
         items = [example("test", i) for i in range(requests or 32)]
         model = str(servable_checkpoint(width, depth, CACHE))
         return Workload(name, model, [(png(e.image), e.question) for e in items], {"method": "dart", "budget": 64, "layer": 2}, 64, True)
+    if name == "describe":
+        examples = describe_examples("test", requests or 32)
+
+        def score(texts: list[str]) -> float:
+            return sum(score_description(text, e.objects).objects for text, e in zip(texts, examples)) / len(examples)
+
+        items = [(png(e.image), e.question) for e in examples]
+        return Workload(name, str(CHECKPOINT), items, dict(DEFAULT_PRUNING), DESCRIPTION_TOKENS, False, score)
     items = [example("test", i) for i in range(requests or 64)]
     return Workload(name, str(CHECKPOINT), [(png(e.image), e.question) for e in items], dict(DEFAULT_PRUNING), 8, False)
 
@@ -197,6 +211,8 @@ def run_serve_bench(
                 row["served_vs_engine"] = round(row["output_throughput"] / row["engine_output_throughput"], 3)
                 row["e2e_p50_vs_engine_ms"] = round(row["e2e_p50_ms"] / engine_ms, 3)
                 row["exact"] = [a.text for a in answers] == [a.text for a in solo]
+                if load.score is not None:
+                    row["answers_right"] = round(load.score([a.text for a in answers]), 4)
                 rows.append(row | extra | {"machine": f"{cpu_name()}, torch threads per process: {threads or 'all cores'}"})
         finally:
             alone.close()

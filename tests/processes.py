@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,18 @@ def wait_until(check, what: str, process: subprocess.Popen | None = None, log: P
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not come up in {timeout_s} s:\n{log.read_text() if log else ''}")
         time.sleep(0.2)
+
+
+@contextmanager
+def serving(env: dict, log: Path) -> Iterator[str]:
+    """``dartserve serve`` on a free port given by its flags, with ``env``; yields its URL."""
+    import httpx
+
+    port = free_port()
+    process = dartserve_process("serve", env, log, ("--host", "127.0.0.1", "--port", str(port)))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, "dartserve serve", process, log)
+        yield url
+    finally:
+        stop([process])

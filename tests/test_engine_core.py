@@ -261,8 +261,8 @@ def test_the_loop_serves_threads_at_once_and_aborts_a_stream(engines):
 def test_the_engine_bench_reports_every_figure_and_exact_answers():
     from dartserve.bench_engine import run_engine_bench
 
-    rows = run_engine_bench(("decode", "demo"), (1, 3), runs=1, requests=6, width=128, depth=4, pool_requests=2)
-    assert [(r["workload"], r["concurrency"]) for r in rows] == [("decode", 1), ("decode", 3), ("demo", 1), ("demo", 3)]
+    rows = run_engine_bench(("decode", "demo", "describe"), (1, 3), runs=1, requests=6, width=128, depth=4, pool_requests=2)
+    assert [(r["workload"], r["concurrency"]) for r in rows] == [(w, c) for w in ("decode", "demo", "describe") for c in (1, 3)]
     for row in rows:
         assert row["exact"] is True and row["requests"] == 6
         assert row["output_throughput"] > 0 and row["ttft_p50_ms"] <= row["ttft_p95_ms"] and row["itl_p50_ms"] <= row["itl_p95_ms"]
@@ -272,6 +272,9 @@ def test_the_engine_bench_reports_every_figure_and_exact_answers():
     assert decode["pool_unpruned_requests"] == 2 and decode["pool_pruned_requests"] > 2
     assert 0.9 <= decode["pool_pruned_of_bound"] <= 1 and decode["pool_max_running_pruned"] >= decode["pool_pruned_requests"] - 1
     assert decode["ceiling_output_throughput"] > 0 and decode["of_ceiling"] > 0
+    describe = rows[5]
+    assert describe["output_throughput"] / describe["request_throughput"] > 12  # a sentence each: the bundled model decodes
+    assert describe["answers_right"] >= 0.5
 
 
 def test_concurrent_encodes_share_tower_forwards_and_equal_lone_encodes(engines):

@@ -133,3 +133,25 @@ def test_eval_appends_the_prompt_suffix_to_every_question():
     items = [Item(i.load_image, i.question, (answer,), "q") for i, answer in zip(source, suffixed)]
     (row,) = evaluate(engine, items, [PruningConfig(method="none")], prompt_suffix=suffix, progress=False)
     assert row["accuracy"] == 1.0
+
+
+def test_the_synthetic_split_ends_with_descriptions_scored_on_the_objects_they_list():
+    from dartserve.demo import CHECKPOINT
+    from dartserve.demo.data import describe_example, score_description
+    from dartserve.engine import Engine
+    from dartserve.evaluation import DESCRIPTION_TOKENS, DESCRIPTIONS, SPLIT_SIZES, evaluate, synthetic_items
+    from dartserve.models import SamplingConfig
+    from dartserve.pruning import PruningConfig
+
+    items = synthetic_items("test")
+    assert len(items) == SPLIT_SIZES["test"] + DESCRIPTIONS
+    assert {i.question_type for i in items[: SPLIT_SIZES["test"]]} == {"colour", "shape", "count", "exists", "position"}
+    assert {i.question_type for i in items[SPLIT_SIZES["test"] :]} == {"describe"}
+    described = items[SPLIT_SIZES["test"] : SPLIT_SIZES["test"] + 4]
+    engine = Engine.load(str(CHECKPOINT))
+    said = [engine.generate([i.load_image()], i.question, sampling=SamplingConfig(max_new_tokens=DESCRIPTION_TOKENS)).text for i in described]
+    truth = [score_description(text, describe_example("test", n).objects).objects for n, text in enumerate(said)]
+    assert [i.score(text) for i, text in zip(described, said)] == truth
+    # A description is decoded whole even where the run's limit is a short answer's.
+    (row,) = evaluate(engine, described, [PruningConfig(method="none")], max_new_tokens=8, progress=False)
+    assert row["per_type"] == {"describe": sum(truth) / 4}

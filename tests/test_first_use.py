@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dartserve.demo.data import example
-from processes import TEST_ENV, dartserve_process, free_port, stop, wait_until
+from processes import TEST_ENV, dartserve_process, free_port, serving, stop, wait_until
 from services.batch_client import LOG_EVERY_S, POLL_S, LogLines
 
 ROOT = Path(__file__).parents[1]
@@ -47,23 +47,17 @@ needs_system_turns = pytest.mark.xfail(
 @pytest.fixture(scope="module")
 def served(redis_server, tmp_path_factory):
     """``dartserve serve`` on the port its flags give, with a Redis of the test's own for batches
-    (no worker runs them)."""
-    log = tmp_path_factory.mktemp("served") / "serve.log"
-    port = free_port()
-    process = dartserve_process("serve", {"DARTSERVE_REDIS_URL": redis_server.url, "DARTSERVE_PORT": "1"}, log, ("--host", "127.0.0.1", "--port", str(port)))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, "dartserve serve", process, log)
+    and its batch worker off (a batch stays queued)."""
+    env = {"DARTSERVE_REDIS_URL": redis_server.url, "DARTSERVE_PORT": "1", "DARTSERVE_BATCH_CONCURRENCY": "0"}
+    with serving(env, tmp_path_factory.mktemp("served") / "serve.log") as url:
         yield url
-    finally:
-        stop([process])
 
 
 def test_the_sample_files_are_the_demo_task_s_and_the_model_answers_them(served):
     assert SAMPLE.stat().st_size < 4096
     from PIL import Image
 
-    assert Image.open(SAMPLE).convert("RGB").tobytes() == example("test", 280).image.tobytes()
+    assert Image.open(SAMPLE).convert("RGB").tobytes() == example("test", 15490).image.tobytes()
     lines = [json.loads(line) for line in QUESTIONS.read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == list(ANSWERS)
     for line in lines:

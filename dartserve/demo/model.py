@@ -14,21 +14,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dartserve.demo.data import COLOURS, NUMBERS, SHAPES, SIZE
+from dartserve.demo.data import COLOURS, DESCRIBE_QUESTIONS, NUMBERS, PLACES, SHAPES, SIZE
 
 PATCH = 14
-# A turn with an image states its question before the image as well as after it. The vision
-# tokens can then look at the question (attention is causal) and mark the object it names,
-# which a small model trained from scratch learns sooner than finding the object from the
-# answer's position alone. The question after the image is the one pruning methods read.
-# A system message is left out: none of its words are in the demo's vocabulary (WORDS).
+# LLaVA-1.5's layout: the image opens the first user turn, the question follows it, and a
+# follow-up turn is text alone, answered from the image tokens already in the cache. A system
+# message is left out: none of its words are in the demo's vocabulary (WORDS).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "{% for text in message['content'] %}{% if text['type'] == 'text' %}{{ text['text'] }} {% endif %}{% endfor %}"
-    "<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% endif %}"
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
@@ -39,8 +35,9 @@ WORDS = sorted(
     set(SHAPES)
     | set(COLOURS)
     | set(NUMBERS)
-    | set("what colour is the shape object how many objects are there a left of above yes no user assistant".split())
-    | {"?", ":"}
+    | {word for text in (*DESCRIBE_QUESTIONS, *PLACES) for word in text.split()}
+    | set("what colour is the shape object how many objects are there a an left of above yes no and user assistant".split())
+    | {"?", ":", ".", ","}
 )
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
@@ -51,7 +48,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\bcolor\b"), "colour")])
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, none before punctuation
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(

@@ -1,23 +1,23 @@
 """Training the demo model on the synthetic task: ``dartserve train-demo``.
 
-Each step draws a fresh batch from the generator's train split, so there is no epoch and no
-overfitting to a fixed set. A run from scratch has four phases:
+Every sample is a conversation of one to four turns about one image, in the chat template the
+server uses; the loss is on every answer's tokens and ``</s>``. A run from scratch has three phases:
 
-1. The vision tower alone learns to name the shape and colour of the object under each patch,
-   and where the patch lies. Inside an object every patch looks the same, so naming its shape
-   means attending to the object's edges; a vision transformer trained from scratch learns
-   that slowly, and much faster without the language model's cost in every step. Object
-   patches weigh more than the background, or the background's many patches drown them.
-2. With the vision tower fixed, the projector and the language model learn the answers from
-   every object patch and a random sample of the background, each kept patch at its place in
-   the whole sequence (as after pruning). A sequence a fifth as long makes a step about four
-   times cheaper. The loss is the answer word and end-of-sequence token, plus the same probes
-   on the projected vision tokens (and the object count from their mean), plus the two
-   signals of ``dartserve.demo.guidance`` that teach the language model where to look.
+1. The vision tower alone learns to name, under each patch, the shape and colour of the object
+   there, the cell of the 3 x 3 grid that object lies in, and where the patch itself lies.
+   Inside an object every patch looks the same, so naming its shape means attending to the
+   object's edges; a vision transformer trained from scratch learns that slowly, and much
+   faster without the language model's cost in every step. Object patches weigh more than the
+   background, or the background's many patches drown them.
+2. With the vision tower fixed, the projector and the language model learn the conversations
+   from every object patch and a random sample of the background, each kept patch at its place
+   in the whole sequence (as after pruning): a sequence a quarter as long makes a step several
+   times cheaper. Beside the answers, the same probes on the projected vision tokens (and the
+   object count from their mean) and the signals of ``dartserve.demo.guidance`` that teach the
+   language model where to look. The tower is fixed, so each image's tower output serves
+   ``reuse`` conversations about it in consecutive steps: the tower's forward pass is most of a
+   step's cost.
 3. The same on every patch, so the model answers from the whole image as served.
-4. Phase two again, at a lower rate, with the place signals of ``PlaceProbe`` and every other
-   example a position question: the heads that find the named objects learn to carry where
-   they lie, which position questions need and the first three phases did not teach.
 
 The probes are dropped after training.
 """
@@ -26,51 +26,61 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from transformers import LlavaForConditionalGeneration
 
 from dartserve.bench import cpu_name
-from dartserve.demo.data import COLOURS, QUESTION_TYPES, SHAPES, SIZE, SPLIT_SIZE, example, named_roles, patch_objects
-from dartserve.demo.guidance import GUIDED_LAYER, PlaceProbe, QuestionProbe, guided_attention_loss, guided_values
+from dartserve.demo.data import (
+    COLOURS, DESCRIBE, PLACES, SHAPES, SIZE, SPLIT_SIZE, Shape, Turn, conversation, conversation_turns,
+    WORD, named_objects, object_phrase, patch_objects, reading_order,
+)  # fmt: skip
+from dartserve.demo.guidance import GUIDED_LAYER, FoundProbe, PlaceProbe, QuestionProbe, guided_attention_loss, guided_values
 from dartserve.demo.model import PATCH, build_model, build_processor
 
 AUX_WEIGHT = 0.5
 OBJECT_WEIGHT = 10.0  # an object patch's weight in the probes' loss; background patches weigh 1
-SEED_STRIDE = 10_000_000  # train examples per seed: seeds never share examples
+SEED_STRIDE = 10_000_000  # train conversations per seed: seeds never share examples
 SEEDS = SPLIT_SIZE // SEED_STRIDE
 COLOUR_NAMES = list(COLOURS)
 # The generator draws its images at the processor's size, so resizing and cropping them changes
 # nothing (a test checks it) and would only cost time in every step.
 AS_DRAWN = {"do_resize": False, "do_center_crop": False}
-_AXIS = torch.linspace(-1, 1, SIZE // PATCH)
+GRID = SIZE // PATCH
+_AXIS = torch.linspace(-1, 1, GRID)
 PATCH_GRID = torch.stack(torch.meshgrid(_AXIS, _AXIS, indexing="ij")[::-1], dim=-1).reshape(1, -1, 2)  # (column, row), row-major
 
 
 @dataclass
 class PatchTargets:
-    """Per patch of each example, ``[batch, 576]``: the shape and colour classes of the object
-    under it (0: background) and that object's role in the question (see ``named_roles``)."""
+    """Per patch of each image, ``[images, 576]``: the shape and colour classes of the object
+    under it, the cell of the 3 x 3 grid that object lies in (all three 0 for the background)
+    and which object it is (its index in the image's objects, plus one)."""
 
     shapes: torch.Tensor
     colours: torch.Tensor
-    roles: torch.Tensor
-    counts: torch.Tensor  # objects per example, ``[batch]``
+    cells: torch.Tensor
+    owners: torch.Tensor
+    counts: torch.Tensor  # objects per image, ``[images]``
 
     @classmethod
-    def of(cls, examples) -> PatchTargets:
-        shapes, colours, roles = [], [], []
-        for e in examples:
-            role_of = {id(o): r for o, r in zip(e.objects, named_roles(e))}
-            under = patch_objects(e.objects)
+    def of(cls, scenes: list[tuple[Shape, ...]]) -> PatchTargets:
+        shapes, colours, cells, owners = [], [], [], []
+        for objects in scenes:
+            under = patch_objects(objects)
             shapes.append([0 if o is None else SHAPES.index(o.shape) + 1 for o in under])
             colours.append([0 if o is None else COLOUR_NAMES.index(o.colour) + 1 for o in under])
-            roles.append([0 if o is None else role_of[id(o)] for o in under])
-        return cls(torch.tensor(shapes), torch.tensor(colours), torch.tensor(roles), torch.tensor([len(e.objects) for e in examples]))
+            cells.append([0 if o is None else o.cell + 1 for o in under])
+            owners.append([0 if o is None else next(i for i, p in enumerate(objects) if p is o) + 1 for o in under])
+        tensor = torch.tensor
+        return cls(tensor(shapes), tensor(colours), tensor(cells), tensor(owners), tensor([len(o) for o in scenes]))
+
+    def rows(self, index: list[int]) -> PatchTargets:
+        return PatchTargets(*(t[index] for t in (self.shapes, self.colours, self.cells, self.owners, self.counts)))
 
 
 def _weighted_loss(logits: torch.Tensor, targets: torch.Tensor, on_object: torch.Tensor) -> torch.Tensor:
@@ -87,16 +97,19 @@ class AuxiliaryHeads(torch.nn.Module):
         super().__init__()
         self.shape = torch.nn.Linear(width, len(SHAPES) + 1)  # class 0: background
         self.colour = torch.nn.Linear(width, len(COLOURS) + 1)
+        self.cell = torch.nn.Linear(width, len(PLACES) + 1)
         self.count = torch.nn.Linear(width, 5) if count else None
         self.where = torch.nn.Linear(width, 2)  # the patch's column and row, scaled to [-1, 1]
 
     def loss(self, vision_tokens: torch.Tensor, targets: PatchTargets) -> tuple[torch.Tensor, float]:
-        """``vision_tokens`` ``[batch, 576, width]``; returns the loss and the shape accuracy on object patches."""
+        """``vision_tokens`` ``[images, 576, width]``; returns the loss and the shape accuracy on object patches."""
         shapes = targets.shapes.flatten()
         on_object = shapes > 0
         shape_logits = self.shape(vision_tokens).flatten(0, 1)
-        colour_logits = self.colour(vision_tokens).flatten(0, 1)
-        loss = _weighted_loss(shape_logits, shapes, on_object) + _weighted_loss(colour_logits, targets.colours.flatten(), on_object)
+        loss = _weighted_loss(shape_logits, shapes, on_object)
+        loss = loss + _weighted_loss(self.colour(vision_tokens).flatten(0, 1), targets.colours.flatten(), on_object)
+        # The object's cell: its coarse position, and its place in a description's reading order.
+        loss = loss + _weighted_loss(self.cell(vision_tokens).flatten(0, 1), targets.cells.flatten(), on_object)
         # Where each token lies, so that a relative position can be read off the tokens themselves.
         loss = loss + torch.nn.functional.mse_loss(self.where(vision_tokens), PATCH_GRID.expand(len(vision_tokens), -1, -1))
         if self.count is not None:
@@ -110,6 +123,12 @@ def cosine_schedule(steps: int, warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
 
 
+def tower_features(model, processor, images) -> torch.Tensor:
+    """The vision tower's last layer before its final norm, without CLS: what LLaVA's projector reads."""
+    pixels = processor.image_processor(images, return_tensors="pt", **AS_DRAWN)["pixel_values"]
+    return model.model.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+
+
 def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, warmup: int, seed: int, log_every: int = 25) -> dict:
     """Phase one: the vision tower learns, through the probes alone, what lies under each patch."""
     tower = model.model.vision_tower
@@ -119,15 +138,12 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, wa
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps, warmup))
     log = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "history": []}
-    started, running, running_accuracy = time.time(), 0.0, 0.0
+    started, cpu_started, running, running_accuracy = time.time(), time.process_time(), 0.0, 0.0
     tower.train()
     for step in range(steps):
-        first = seed * SEED_STRIDE + SEED_STRIDE // 2 + step * batch_size  # apart from phase two's examples
-        examples = [example("train", first + i) for i in range(batch_size)]
-        pixels = processor.image_processor([e.image for e in examples], return_tensors="pt", **AS_DRAWN)["pixel_values"]
-        # The encoder's last layer before its final norm, without CLS: what LLaVA's projector reads.
-        tokens = tower(pixel_values=pixels).last_hidden_state[:, 1:]
-        loss, accuracy = heads.loss(tokens, PatchTargets.of(examples))
+        first = seed * SEED_STRIDE + SEED_STRIDE // 2 + step * batch_size  # apart from the language phases' images
+        scenes = [conversation("train", first + i) for i in range(batch_size)]
+        loss, accuracy = heads.loss(tower_features(model, processor, [s.image for s in scenes]), PatchTargets.of([s.objects for s in scenes]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -141,57 +157,83 @@ def pretrain_vision(model, processor, steps: int, batch_size: int, lr: float, wa
             log["history"].append(entry)
             running = running_accuracy = 0.0
     log["train_seconds"] = time.time() - started
+    log["cpu_seconds"] = time.process_time() - cpu_started  # every thread's: other work on the machine inflates the wall time, not this
     return log
 
 
-def batch_inputs(processor, examples):
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}],
-            add_generation_prompt=True,
-        )
-        for e in examples
-    ]
-    texts = [f"{p} {e.answer}</s>" for p, e in zip(prompts, examples)]
-    return processor(text=texts, images=[e.image for e in examples], return_tensors="pt", padding=True, **AS_DRAWN)
+@dataclass
+class Encoded:
+    """A conversation's token ids, its image one placeholder token, and what training reads off them.
+
+    Positions count in ``ids``; ``points`` are where a guided head is pulled to objects:
+    (token, the objects head 0 is to find, those head 1 is to find, its weight), objects
+    numbered from 1 as ``PatchTargets.owners`` numbers them. Each turn's points weigh 1 in all,
+    so a description's many words do not drown the questions."""
+
+    objects: tuple[Shape, ...]
+
+    ids: list[int]
+    image_at: int
+    labels: list[int] = field(default_factory=list)  # positions whose token is a target: answers and </s>
+    # Each target's weight: a turn's tokens share its weight, 1 for a question and one per object
+    # for a description, so that a description's many easy words do not drown the questions.
+    label_weights: list[float] = field(default_factory=list)
+    asking: list[int] = field(default_factory=list)  # each turn's last prompt token, which predicts its answer
+    questions: list[str] = field(default_factory=list)
+    points: list[tuple[int, frozenset[int], frozenset[int], float]] = field(default_factory=list)
 
 
-def answer_labels(inputs) -> torch.Tensor:
-    """Targets for the last two real tokens of each row (the answer word and ``</s>``); the rest ignored."""
-    mask = inputs["attention_mask"]
-    if not bool((mask[:, :-1] >= mask[:, 1:]).all()):
-        raise ValueError("training batches must be padded on the right")
-    labels = torch.full_like(inputs["input_ids"], -100)
-    lengths = inputs["attention_mask"].sum(dim=1)
-    for row, length in enumerate(lengths.tolist()):
-        labels[row, length - 2 : length] = inputs["input_ids"][row, length - 2 : length]
-    return labels
+def encode_conversation(vocab: dict[str, int], objects: tuple[Shape, ...], turns: tuple[Turn, ...]) -> Encoded:
+    """The ids the chat template gives ``USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...``
+    (a test checks it), built from the task's words directly: the template costs more than a step's data."""
+    ids = [vocab["<s>"], vocab["user"], vocab[":"], vocab["<image>"]]
+    encoded = Encoded(objects, ids, image_at=3)
+    for number, turn in enumerate(turns):
+        if number:
+            ids += [vocab["user"], vocab[":"]]
+        ids += [vocab[w] for w in WORD.findall(turn.question)] + [vocab["assistant"], vocab[":"]]
+        asking = len(ids) - 1
+        answer = WORD.findall(turn.answer)
+        encoded.labels += range(len(ids), len(ids) + len(answer) + 1)
+        weight = len(objects) if turn.question_type == DESCRIBE else 1
+        encoded.label_weights += [weight / (len(answer) + 1)] * (len(answer) + 1)
+        ids += [vocab[w] for w in answer] + [vocab["</s>"]]
+        encoded.asking.append(asking)
+        encoded.questions.append(turn.question)
+        if turn.question_type == DESCRIBE:
+            # The token before each word looks at the object that word is about.
+            about = _description_objects(objects)
+            for offset, number_in_order in enumerate(about):
+                encoded.points.append((asking + offset, frozenset({number_in_order}), frozenset(), 1 / len(about)))
+        else:
+            first, second = named_objects(turn.question_type, turn.question, objects)
+            encoded.points.append((asking, frozenset(i + 1 for i in first), frozenset(i + 1 for i in second), 1.0))
+    return encoded
 
 
-def _sequences(inputs, projected: torch.Tensor, embed, image_token: int, keep: list[torch.Tensor]):
-    """The language model's inputs with only the ``keep`` patches of each image (sorted patch
-    indices), at their positions in the whole sequence, as after pruning; padded on the right.
-    Returns the embeddings, the attention mask, the position ids, the answer labels and each
-    row's first vision token."""
-    rows, positions, labels, starts = [], [], [], []
-    for row, kept in enumerate(keep):
-        ids = inputs["input_ids"][row, : int(inputs["attention_mask"][row].sum())]
-        start = int((ids == image_token).nonzero()[0])
-        end = start + projected.shape[1]
-        rows.append(torch.cat([embed(ids[:start]), projected[row, kept], embed(ids[end:])]))
-        positions.append(torch.cat([torch.arange(start), start + kept, torch.arange(end, len(ids))]))
-        answer = torch.full((len(positions[-1]),), -100)
-        answer[-2:] = ids[-2:]  # the answer word and </s>
-        labels.append(answer)
-        starts.append(start)
-    pad = torch.nn.utils.rnn.pad_sequence
-    mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
-    return pad(rows, batch_first=True), mask, pad(positions, batch_first=True), pad(labels, batch_first=True, padding_value=-100), starts
+def _description_objects(objects: tuple[Shape, ...]) -> list[int]:
+    """For each word of the description of ``objects``, the object it is about (numbered from
+    1): its own phrase's, for "and" and the full stop the phrase before."""
+    numbers = []
+    for o in reading_order(objects):
+        number = next(i for i, p in enumerate(objects) if p is o) + 1
+        numbers += [number] * (len(object_phrase(o).split()) + 1)  # the phrase and the "and" or "." after it
+    return numbers
+
+
+@dataclass
+class Batch:
+    """A language step's inputs: the cached tower output of each row's image, its patch targets
+    and its conversation."""
+
+    features: torch.Tensor  # [rows, 576, vision width]
+    targets: PatchTargets
+    conversations: list[Encoded]
 
 
 def _kept_patches(targets: PatchTargets, background: int | None, generator: torch.Generator) -> list[torch.Tensor]:
     """Every object patch and a random sample of up to ``background`` background patches per
-    example (a size drawn afresh each time); all patches where ``background`` is None."""
+    image (a size drawn afresh each time); all patches where ``background`` is None."""
     if background is None:
         return [torch.arange(targets.shapes.shape[1])] * len(targets.shapes)
     keep = []
@@ -203,69 +245,155 @@ def _kept_patches(targets: PatchTargets, background: int | None, generator: torc
     return keep
 
 
-class LanguageHeads(torch.nn.Module):
-    """Everything phases two to four train beside the model; dropped after training."""
+@dataclass
+class Sequences:
+    """The language model's inputs with only the kept patches of each image, at their positions
+    in the whole sequence, as after pruning; padded on the right."""
 
-    def __init__(self, width: int, head_dim: int, place: bool) -> None:
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor  # each label's weight, 0 where there is none
+    where: list[torch.Tensor]  # per row, the position in the row of each token of its ``ids``, the image's at its first patch
+
+
+def build_sequences(conversations: list[Encoded], projected: torch.Tensor, embed, keep: list[torch.Tensor]) -> Sequences:
+    rows, positions, labels, weights, where = [], [], [], [], []
+    image_len = projected.shape[1]
+    for row, (c, kept) in enumerate(zip(conversations, keep)):
+        ids = torch.tensor(c.ids)
+        start = c.image_at
+        rows.append(torch.cat([embed(ids[:start]), projected[row, kept], embed(ids[start + 1 :])]))
+        after = len(ids) - start - 1
+        positions.append(torch.cat([torch.arange(start), start + kept, torch.arange(start + image_len, start + image_len + after)]))
+        shift = torch.arange(len(ids))
+        shift[start + 1 :] += len(kept) - 1
+        where.append(shift)
+        label = torch.full((len(rows[-1]),), -100)
+        targets = torch.tensor(c.labels)
+        label[shift[targets]] = ids[targets]
+        labels.append(label)
+        weight = torch.zeros(len(rows[-1]))
+        weight[shift[targets]] = torch.tensor(c.label_weights)
+        weights.append(weight)
+    pad = torch.nn.utils.rnn.pad_sequence
+    mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
+    return Sequences(
+        pad(rows, batch_first=True), mask, pad(positions, batch_first=True), pad(labels, batch_first=True, padding_value=-100), pad(weights, batch_first=True), where
+    )
+
+
+class LanguageHeads(torch.nn.Module):
+    """Everything phases two and three train beside the model; dropped after training."""
+
+    def __init__(self, width: int, head_dim: int) -> None:
         super().__init__()
         self.probes = AuxiliaryHeads(width)
         self.question = QuestionProbe(width)
-        self.place = PlaceProbe(head_dim, width) if place else None
+        self.found = FoundProbe(width)
+        self.place = PlaceProbe(head_dim)
 
 
-def language_step(model, processor, examples, heads: LanguageHeads, background: int | None, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One forward pass of phase two, three or four: the answer loss, the training signals' loss, and
-    the guided heads' mean attention on the named objects. The vision tower is fixed."""
-    inputs = batch_inputs(processor, examples)
-    targets = PatchTargets.of(examples)
-    with torch.no_grad():
-        # The encoder's last layer before its final norm, without CLS: what LLaVA's projector reads.
-        features = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 1:]
-    projected = model.model.multi_modal_projector(features)
-    probes, _ = heads.probes.loss(projected, targets)
-    keep = _kept_patches(targets, background, generator)
-    embeds, mask, positions, labels, starts = _sequences(inputs, projected, model.get_input_embeddings(), model.config.image_token_index, keep)
-    outputs = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+def language_step(model, batch: Batch, heads: LanguageHeads, background: int | None, generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One forward pass of phase two or three: the answer loss, the training signals' loss, and
+    the guided heads' mean attention on the objects they are to find. The vision tower is fixed."""
+    projected = model.model.multi_modal_projector(batch.features)
+    probes, _ = heads.probes.loss(projected, batch.targets)
+    keep = _kept_patches(batch.targets, background, generator)
+    seq = build_sequences(batch.conversations, projected, model.get_input_embeddings(), keep)
+    outputs = model.model.language_model(inputs_embeds=seq.embeds, attention_mask=seq.mask, position_ids=seq.positions, output_hidden_states=True)
     logits = model.lm_head(outputs.last_hidden_state)
-    answer = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-    asking = mask.sum(dim=1) - 3  # the last prompt token, before the answer word and </s>
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), seq.labels[:, 1:].flatten(), reduction="none")
+    answer = (losses * seq.weights[:, 1:].flatten()).sum() / seq.weights.sum()
     hidden = outputs.hidden_states[GUIDED_LAYER]  # the guided layer's input
-    question = heads.question.loss(hidden[torch.arange(len(examples)), asking], [e.question for e in examples])
-    roles, vision = torch.zeros_like(mask), torch.zeros_like(mask, dtype=torch.bool)
-    for row, (start, kept) in enumerate(zip(starts, keep)):
-        roles[row, start : start + len(kept)] = targets.roles[row, kept]
-        vision[row, start : start + len(kept)] = True
-    guided, share = guided_attention_loss(model, hidden, positions, asking, roles)
-    aux = probes + question + guided
-    if heads.place is not None:
-        places = torch.cat([PATCH_GRID[0, kept] for kept in keep])
-        asked = outputs.hidden_states[GUIDED_LAYER + 1][torch.arange(len(examples)), asking]
-        aux = aux + heads.place.loss(guided_values(model, hidden)[vision], places, asked, examples)
-    return answer, aux, share
+    rows, tokens, targets, weights = [], [], [], []
+    asking_rows, asking_tokens = [], []
+    length = seq.mask.shape[1]
+    for row, (c, kept) in enumerate(zip(batch.conversations, keep)):
+        owners = torch.zeros(length, dtype=torch.long)
+        start = c.image_at
+        owners[start : start + len(kept)] = batch.targets.owners[row, kept]
+        for token, *named, weight in c.points:
+            rows.append(row)
+            tokens.append(int(seq.where[row][token]))
+            targets.append(torch.stack([torch.isin(owners, torch.tensor(sorted(n), dtype=torch.long)) for n in named]))
+            weights.append(weight)
+        asking_rows += [row] * len(c.asking)
+        asking_tokens += [int(seq.where[row][t]) for t in c.asking]
+    rows, tokens = torch.tensor(rows), torch.tensor(tokens)
+    guided, share = guided_attention_loss(model, hidden, seq.positions, rows, tokens, torch.stack(targets), torch.tensor(weights))
+    asking_rows, asking_tokens = torch.tensor(asking_rows), torch.tensor(asking_tokens)
+    question = heads.question.loss(hidden[asking_rows, asking_tokens], [q for c in batch.conversations for q in c.questions])
+    vision = torch.zeros_like(seq.mask, dtype=torch.bool)
+    for row, (c, kept) in enumerate(zip(batch.conversations, keep)):
+        vision[row, c.image_at : c.image_at + len(kept)] = True
+    place = heads.place.loss(guided_values(model, hidden)[vision], torch.cat([PATCH_GRID[0, kept] for kept in keep]))
+    found, centres = _found_targets(batch.conversations)
+    found = heads.found.loss(outputs.hidden_states[GUIDED_LAYER + 1][rows, tokens], found, centres, torch.tensor(weights))
+    return answer, probes + question + guided + found + place, share
+
+
+def _found_targets(conversations: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point of every conversation and per guided head, the shape, colour and cell class of
+    the one object the head is to find (-1 where it is to find none, or several, as for a
+    count) and how many it is to find; and the one object's centre in [-1, 1]."""
+    found, centres = [], []
+    for c in conversations:
+        for _, *named, _ in c.points:
+            classes, places = [], []
+            for numbers in named:
+                o = c.objects[next(iter(numbers)) - 1] if len(numbers) == 1 else None
+                classes.append([-1] * 3 + [len(numbers)] if o is None else [SHAPES.index(o.shape), COLOUR_NAMES.index(o.colour), o.cell, 1])
+                places.append([0.0, 0.0] if o is None else [o.x / SIZE * 2 - 1, o.y / SIZE * 2 - 1])
+            found.append(classes)
+            centres.append(places)
+    return torch.tensor(found), torch.tensor(centres)
+
+
+def language_batches(model, processor, vocab, first: int, steps: int, batch_size: int, reuse: int, generator: torch.Generator):
+    """Batches of conversations on train images from ``first`` on. Each chunk of ``reuse``
+    steps encodes ``batch_size`` images once and asks ``reuse`` conversations about each; the
+    chunk's conversations go into its steps by length, the steps in a random order, so that a
+    batch pads its rows little."""
+    for chunk in range(0, steps, reuse):
+        start = first + chunk // reuse * batch_size
+        scenes = [conversation("train", start + i) for i in range(batch_size)]
+        with torch.no_grad():
+            features = tower_features(model, processor, [s.image for s in scenes])
+        targets = PatchTargets.of([s.objects for s in scenes])
+        talks = [
+            (i, encode_conversation(vocab, s.objects, s.turns if not repeat else conversation_turns(random.Random(f"{start + i}/{repeat}"), s.objects)))
+            for repeat in range(reuse)
+            for i, s in enumerate(scenes)
+        ]
+        talks.sort(key=lambda talk: len(talk[1].ids) + int((targets.shapes[talk[0]] > 0).sum()))
+        batches = [talks[b : b + batch_size] for b in range(0, len(talks), batch_size)]
+        for b in torch.randperm(len(batches), generator=generator)[: steps - chunk].tolist():
+            rows = [i for i, _ in batches[b]]
+            yield Batch(features[rows], targets.rows(rows), [e for _, e in batches[b]])
 
 
 def train_language(model, processor, log: dict, name: str, steps: int, batch_size: int, lr: float, warmup: int, seed: int, first: int,
-                   background: int | None, out: Path, log_every: int, eval_every: int, eval_size: int, place: bool = False) -> None:
-    """Phase two (``background``: how many background patches at most), three (None: all) or,
-    with ``place``, four; recorded in ``log[name]``."""
+                   background: int | None, reuse: int, out: Path, log_every: int, eval_every: int, validation: Validation) -> None:
+    """Phase two (``background``: how many background patches at most) or three (None: all);
+    recorded in ``log[name]``."""
     model.model.vision_tower.requires_grad_(False)
     text = model.config.text_config
-    heads = LanguageHeads(text.hidden_size, text.hidden_size // text.num_attention_heads, place)
+    heads = LanguageHeads(text.hidden_size, text.hidden_size // text.num_attention_heads)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps, warmup))
     generator = torch.Generator().manual_seed(seed)
-    phase = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "background_patches": background, "history": []}
-    if place:
-        phase["position_share"] = 0.5
+    phase = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "background_patches": background, "reuse": reuse, "history": []}
     log[name] = phase
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     running = running_aux = running_share = 0.0
-    for step in range(steps):
+    vocab = processor.tokenizer.get_vocab()
+    batches = language_batches(model, processor, vocab, seed * SEED_STRIDE + first, steps, batch_size, reuse, generator)
+    for step, batch in enumerate(batches):
         model.train()
-        start = seed * SEED_STRIDE + first + step * batch_size  # a new seed, as when training on, sees new examples
-        examples = [_with_positions(start + i) if place else example("train", start + i) for i in range(batch_size)]
-        answer, aux, share = language_step(model, processor, examples, heads, background, generator)
+        answer, aux, share = language_step(model, batch, heads, background, generator)
         optimizer.zero_grad(set_to_none=True)
         (answer + AUX_WEIGHT * aux).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -290,23 +418,56 @@ def train_language(model, processor, log: dict, name: str, steps: int, batch_siz
             phase["history"].append(entry)
             running = running_aux = running_share = 0.0
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            accuracy, by_type = validation_accuracy(model, processor, eval_size)
-            print(f"{name} step {step + 1} validation accuracy {accuracy:.3f} " + " ".join(f"{t} {a:.2f}" for t, a in by_type.items()), flush=True)
-            phase["history"].append({"step": step + 1, "validation_accuracy": accuracy, "validation_by_type": by_type})
-            phase["train_seconds"] = time.time() - started
+            accuracy = validation.accuracy(model)
+            print(f"{name} step {step + 1} validation " + " ".join(f"{t} {a:.3f}" for t, a in accuracy.items()), flush=True)
+            phase["history"].append({"step": step + 1, "validation": accuracy})
+            phase["train_seconds"], phase["cpu_seconds"] = time.time() - started, time.process_time() - cpu_started
             _save(out, model, processor, log)
-    phase["train_seconds"] = time.time() - started
+    phase["train_seconds"], phase["cpu_seconds"] = time.time() - started, time.process_time() - cpu_started
 
 
-def _with_positions(index: int):
-    """Train examples where every odd index gives a position question (the split's indices 4 mod 5)."""
-    return example("train", (5 * index + 4) % SPLIT_SIZE if index % 2 else index)
+class Validation:
+    """Per-turn accuracy on the first ``size`` validation conversations, unpruned and teacher-forced:
+    a turn is right when every token of its answer is the most likely one given the turns before,
+    which is what greedy decoding gives."""
+
+    def __init__(self, model, processor, size: int, batch_size: int = 25) -> None:
+        vocab = processor.tokenizer.get_vocab()
+        conversations = [conversation("validation", i) for i in range(size)]
+        self.chunks = []
+        for start in range(0, size, batch_size):
+            chunk = conversations[start : start + batch_size]
+            with torch.no_grad():
+                features = tower_features(model, processor, [c.image for c in chunk])
+            self.chunks.append((features, [encode_conversation(vocab, c.objects, c.turns) for c in chunk], chunk))
+
+    @torch.inference_mode()
+    def accuracy(self, model) -> dict[str, float]:
+        model.eval()
+        right: dict[str, list[bool]] = {}
+        for features, encoded, chunk in self.chunks:
+            projected = model.model.multi_modal_projector(features)
+            keep = [torch.arange(projected.shape[1])] * len(encoded)
+            seq = build_sequences(encoded, projected, model.get_input_embeddings(), keep)
+            logits = model.model.language_model(inputs_embeds=seq.embeds, attention_mask=seq.mask, position_ids=seq.positions).last_hidden_state
+            predicted = model.lm_head(logits).argmax(-1)
+            for row, (e, c) in enumerate(zip(encoded, chunk)):
+                labels = iter(e.labels)
+                for number, turn in enumerate(c.turns):
+                    tokens = [next(labels) for _ in range(len(WORD.findall(turn.answer)) + 1)]
+                    at = seq.where[row][torch.tensor(tokens)]
+                    ok = bool((predicted[row, at - 1] == seq.labels[row, at]).all())
+                    kind = DESCRIBE if turn.question_type == DESCRIBE else "first" if number == 0 else "follow_up"
+                    right.setdefault(kind, []).append(ok)
+                    if turn.question_type != DESCRIBE:
+                        right.setdefault(turn.question_type, []).append(ok)
+        return {kind: sum(v) / len(v) for kind, v in right.items()}
 
 
 def train(
     out: Path,
     steps: int = 300,
-    batch_size: int = 12,
+    batch_size: int = 16,
     lr: float = 1e-3,
     warmup: int = 100,
     seed: int = 0,
@@ -317,21 +478,18 @@ def train(
     vision_steps: int = 1500,
     vision_batch_size: int = 16,
     vision_lr: float = 1e-3,
-    sampled_steps: int = 6500,
+    sampled_steps: int = 6000,
     sampled_background: int = 64,
-    place_steps: int = 2500,
-    place_lr: float = 5e-4,
-    place_warmup: int = 50,
+    reuse: int = 4,
 ) -> dict:
-    """Trains from scratch (phases one to four), or on from the checkpoint ``init`` (phases two
-    to four); saves to ``out`` at every evaluation."""
-    if min(steps, sampled_steps, vision_steps, sampled_background, place_steps) < 0:
+    """Trains from scratch (phases one to three), or on from the checkpoint ``init`` (phases two
+    and three); saves to ``out`` at every evaluation."""
+    if min(steps, sampled_steps, vision_steps, sampled_background) < 0:
         raise ValueError("step counts and the background sample must not be negative")
-    if not 0 <= seed < SEEDS or max(steps, sampled_steps, place_steps) * batch_size > SEED_STRIDE // 4:
+    if not 0 <= seed < SEEDS or max(steps, sampled_steps) * batch_size > SEED_STRIDE // 4:
         raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size at most {SEED_STRIDE // 4}")
     torch.manual_seed(seed)
     processor = build_processor()
-    processor.tokenizer.padding_side = "right"  # so each row's answer sits at its own last real tokens
     model = LlavaForConditionalGeneration.from_pretrained(init) if init else build_model(processor.tokenizer)
     vision = None if init or not vision_steps else pretrain_vision(model, processor, vision_steps, vision_batch_size, vision_lr, warmup, seed)
     log = {
@@ -343,14 +501,14 @@ def train(
         "earlier": _earlier_runs(init),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
-    common = dict(batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, out=out, log_every=log_every, eval_every=eval_every, eval_size=eval_size)
+    validation = Validation(model, processor, eval_size)
+    common = dict(batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, reuse=reuse, out=out, log_every=log_every, eval_every=eval_every, validation=validation)
     if sampled_steps:
         train_language(model, processor, log, "sampled", sampled_steps, first=0, background=sampled_background, **common)
     if steps:
         train_language(model, processor, log, "whole", steps, first=SEED_STRIDE // 4, background=None, **common)
-    if place_steps:
-        common.update(lr=place_lr, warmup=place_warmup)
-        train_language(model, processor, log, "place", place_steps, first=3 * SEED_STRIDE // 4, background=sampled_background, place=True, **common)
+    if not (sampled_steps or steps):
+        _save(out, model, processor, log)
     return log
 
 
@@ -372,23 +530,4 @@ def _save(out: Path, model, processor, log: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    processor.tokenizer.padding_side = "right"
     (out / "training.json").write_text(json.dumps(log, indent=2))
-
-
-@torch.inference_mode()
-def validation_accuracy(model, processor, size: int, batch_size: int = 25) -> tuple[float, dict[str, float]]:
-    """Greedy next-token accuracy on the validation split, unpruned: overall and per question type."""
-    model.eval()
-    correct = dict.fromkeys(QUESTION_TYPES, 0)
-    asked = dict.fromkeys(QUESTION_TYPES, 0)
-    for start in range(0, size, batch_size):
-        examples = [example("validation", i) for i in range(start, min(size, start + batch_size))]
-        inputs = batch_inputs(processor, examples)
-        logits = model(**inputs).logits
-        labels = answer_labels(inputs)
-        for row, e in enumerate(examples):
-            answer = int((labels[row] != -100).nonzero()[0])  # the answer word; the position before predicts it
-            correct[e.question_type] += int(logits[row, answer - 1].argmax()) == int(labels[row, answer])
-            asked[e.question_type] += 1
-    return sum(correct.values()) / size, {t: correct[t] / asked[t] for t in QUESTION_TYPES if asked[t]}
