@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--model", default=default_model())
     _pruning_flags(ask)
     ask.add_argument("--stats", action="store_true", help="print the answer's usage, timings and pruning as JSON on stderr, as /v1/answer names them")
-    ask.set_defaults(run=_generate, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=0, device="cpu", dtype=None)
+    ask.set_defaults(run=_generate, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=0, device="cpu", dtype=None)
 
     evaluation = commands.add_parser("eval", help="accuracy of pruning methods on a dataset: JSON, markdown and a plot")
     evaluation.add_argument("--model", default=default_model())

@@ -135,7 +135,7 @@ def write_card(checkpoint: Path) -> dict:
         f"As served by default ({served}): descriptions {_pct(figures['describe']['served']['objects'])},",
         f"follow-up turns {_pct(talks['served continued']['all']['follow_up'])} continued and {_pct(talks['served resent']['all']['follow_up'])} with the history resent.",
         "",
-        f"Measured with torch {torch.__version__} on {platform.machine()} in {figures['measure_seconds'] / 60:.0f} minutes.",
+        f"Measured with torch {torch.__version__} on {platform.machine()} in {figures['measure_seconds']} seconds.",
         "",
     ]
     (checkpoint / "README.md").write_text("\n".join(lines))
