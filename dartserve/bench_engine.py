@@ -22,6 +22,7 @@ DART-64 (counted by admitting prompts into it, and seen in a run at full concurr
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -72,18 +73,15 @@ def demo_workload(requests: int, device: str, dtype: torch.dtype | None) -> Work
 
 def describe_workload(requests: int, device: str, dtype: torch.dtype | None) -> Workload:
     from dartserve.demo import default_model
-    from dartserve.demo.data import describe_examples, score_description
+    from dartserve.demo.data import describe_examples, descriptions_right
     from dartserve.engine import Engine
     from dartserve.evaluation import DESCRIPTION_TOKENS
 
     engine = Engine.load(default_model(), device=device, dtype=dtype)
     examples = describe_examples("test", requests)
     prompts = [engine.vision.encode([e.image], e.question) for e in examples]
-
-    def score(texts: list[str]) -> float:
-        return sum(score_description(text, e.objects).objects for text, e in zip(texts, examples)) / len(examples)
-
     sampling = SamplingConfig(max_new_tokens=DESCRIPTION_TOKENS)
+    score = functools.partial(descriptions_right, examples=examples)
     return Workload("describe", engine.adapter, prompts, PruningConfig(**DEFAULT_PRUNING), sampling, score, engine.generator.detokenize)
 
 

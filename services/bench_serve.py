@@ -25,6 +25,7 @@ The distributed rows also give each process's memory and the design's floor on t
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import statistics
 import time
@@ -60,7 +61,7 @@ class Workload:
 
 def workload(name: str, requests: int | None, width: int, depth: int) -> Workload:
     from dartserve.demo import CHECKPOINT
-    from dartserve.demo.data import describe_examples, example, score_description
+    from dartserve.demo.data import describe_examples, descriptions_right, example
     from dartserve.evaluation import DESCRIPTION_TOKENS
 
     if name not in WORKLOADS:
@@ -71,11 +72,8 @@ def workload(name: str, requests: int | None, width: int, depth: int) -> Workloa
         return Workload(name, model, [(png(e.image), e.question) for e in items], {"method": "dart", "budget": 64, "layer": 2}, 64, True)
     if name == "describe":
         examples = describe_examples("test", requests or 32)
-
-        def score(texts: list[str]) -> float:
-            return sum(score_description(text, e.objects).objects for text, e in zip(texts, examples)) / len(examples)
-
         items = [(png(e.image), e.question) for e in examples]
+        score = functools.partial(descriptions_right, examples=examples)
         return Workload(name, str(CHECKPOINT), items, dict(DEFAULT_PRUNING), DESCRIPTION_TOKENS, False, score)
     items = [example("test", i) for i in range(requests or 64)]
     return Workload(name, str(CHECKPOINT), [(png(e.image), e.question) for e in items], dict(DEFAULT_PRUNING), 8, False)

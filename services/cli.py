@@ -52,18 +52,12 @@ def _bench_prefill(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=_dtype(args.dtype),
     )
-    print(f"{'method':<12} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'ideal':>6} {'% ideal':>8} {'select %':>9} {'KV MiB':>8}")
-    for row in rows:
-        print(
-            f"{row['method']:<12} {row['budget']:>6} {row['prefill_ms']:>11.1f} {row['speedup']:>8.2f} "
-            f"{row['ideal_speedup']:>6.2f} {100 * row['speedup_of_ideal']:>7.1f}% {100 * row['selection_share']:>8.3f}% "
-            f"{row['kv_bytes'] / 2**20:>8.2f}"
-        )
-    print(rows[0]["machine"])
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
-    return 0
+    header = f"{'method':<12} {'budget':>6} {'prefill ms':>11} {'speedup':>8} {'ideal':>6} {'% ideal':>8} {'select %':>9} {'KV MiB':>8}"
+    return _report(rows, args.json, header, lambda row: (
+        f"{row['method']:<12} {row['budget']:>6} {row['prefill_ms']:>11.1f} {row['speedup']:>8.2f} "
+        f"{row['ideal_speedup']:>6.2f} {100 * row['speedup_of_ideal']:>7.1f}% {100 * row['selection_share']:>8.3f}% "
+        f"{row['kv_bytes'] / 2**20:>8.2f}"
+    ), machine=True)
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -88,18 +82,12 @@ def _bench_engine(args: argparse.Namespace) -> int:
         config=config,
         pool_requests=args.pool_requests,
     )
-    print(f"{'workload':<8} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'x c=1':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'batch':>6} {'exact':>6}")
-    for row in rows:
-        print(
-            f"{row['workload']:<8} {row['concurrency']:>4} {row['request_throughput']:>7.2f} {row['output_throughput']:>8.1f} "
-            f"{row.get('output_throughput_vs_concurrency_1', 0):>6.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} "
-            f"{row['itl_p95_ms']:>8.1f} {row['mean_decode_batch']:>6.2f} {str(row['exact']):>6}"
-        )
-    print(rows[0]["machine"])
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=2)
-    return 0
+    header = f"{'workload':<8} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'x c=1':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'batch':>6} {'exact':>6}"
+    return _report(rows, args.json, header, lambda row: (
+        f"{row['workload']:<8} {row['concurrency']:>4} {row['request_throughput']:>7.2f} {row['output_throughput']:>8.1f} "
+        f"{row.get('output_throughput_vs_concurrency_1', 0):>6.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} "
+        f"{row['itl_p95_ms']:>8.1f} {row['mean_decode_batch']:>6.2f} {str(row['exact']):>6}"
+    ), machine=True)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -199,27 +187,22 @@ def _bench_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         floor_rounds=args.floor_rounds,
     )
-    print(f"{'workload':<8} {'mode':<11} {'conc':>4} {'tok/s':>8} {'engine':>8} {'served':>7} {'TTFT p50':>9} {'ITL p50':>8} {'e2e p50':>8} {'exact':>6}")
-    for row in rows:
-        print(
-            f"{row['workload']:<8} {row['mode']:<11} {row['concurrency']:>4} {row['output_throughput']:>8.1f} {row['engine_output_throughput']:>8.1f} "
-            f"{row['served_vs_engine']:>7.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} {row['e2e_p50_ms']:>8.1f} {str(row['exact']):>6}"
-        )
-    return _print_json(rows, args.json, echo=False)
+    header = f"{'workload':<8} {'mode':<11} {'conc':>4} {'tok/s':>8} {'engine':>8} {'served':>7} {'TTFT p50':>9} {'ITL p50':>8} {'e2e p50':>8} {'exact':>6}"
+    return _report(rows, args.json, header, lambda row: (
+        f"{row['workload']:<8} {row['mode']:<11} {row['concurrency']:>4} {row['output_throughput']:>8.1f} {row['engine_output_throughput']:>8.1f} "
+        f"{row['served_vs_engine']:>7.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} {row['e2e_p50_ms']:>8.1f} {str(row['exact']):>6}"
+    ))
 
 
 def _bench_batch(args: argparse.Namespace) -> int:
     from services.bench_batch import run_batch_bench
 
     rows = run_batch_bench(tuple(args.workload.split(",")), args.requests, args.runs, args.distributed, args.threads, args.width, args.depth)
-    print(f"{'workload':<8} {'mode':<11} {'items':>5} {'one by one/s':>12} {'batch/s':>8} {'speed-up':>8} {'same':>5}")
-    for row in rows:
-        rates = row["items_per_s"]
-        print(
-            f"{row['workload']:<8} {row['mode']:<11} {row['requests']:>5} {rates['one_by_one']['median']:>12.2f} {rates['batch']['median']:>8.2f} "
-            f"{row['batch_vs_one_by_one']:>8.2f} {str(row['same_answers']):>5}"
-        )
-    return _print_json(rows, args.json, echo=False)
+    header = f"{'workload':<8} {'mode':<11} {'items':>5} {'one by one/s':>12} {'batch/s':>8} {'speed-up':>8} {'same':>5}"
+    return _report(rows, args.json, header, lambda row: (
+        f"{row['workload']:<8} {row['mode']:<11} {row['requests']:>5} {row['items_per_s']['one_by_one']['median']:>12.2f} "
+        f"{row['items_per_s']['batch']['median']:>8.2f} {row['batch_vs_one_by_one']:>8.2f} {str(row['same_answers']):>5}"
+    ))
 
 
 def _bench_load(args: argparse.Namespace) -> int:
@@ -231,6 +214,17 @@ def _bench_load(args: argparse.Namespace) -> int:
         metrics=metrics, model=args.model, threads=args.threads,
     )
     return _print_json(result, args.json)
+
+
+def _report(rows: list[dict], path: str | None, header: str, line, machine: bool = False) -> int:
+    """A benchmark's rows as a table (``line`` formats one), the machine they ran on where the
+    rows do not name it in the table, and the rows as JSON in ``path``."""
+    print(header)
+    for row in rows:
+        print(line(row))
+    if machine:
+        print(rows[0]["machine"])
+    return _print_json(rows, path, echo=False)
 
 
 def _print_json(result: dict | list, path: str | None, echo: bool = True) -> int:

@@ -285,6 +285,12 @@ def score_description(text: str, objects: tuple[Shape, ...]) -> DescriptionScore
     return DescriptionScore(same_objects, same_objects and parsed == truth, parsed)
 
 
+def descriptions_right(texts: list[str], examples: list[Example]) -> float:
+    """The share of ``texts``, answers to ``examples``' description requests, that list the
+    objects right."""
+    return sum(score_description(text, e.objects).objects for text, e in zip(texts, examples, strict=True)) / len(examples)
+
+
 def named_objects(question_type: str, question: str, objects: tuple[Shape, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The indices of the objects a short question is about, in two roles: the object whose
     colour or shape is asked, every object for a count, the first and the second object of a

@@ -55,10 +55,10 @@ class Batches:
     """The gateway's side of batches: checking, storing and queueing them, and reading them back,
     each for the tenant that created it."""
 
-    def __init__(self, store, celery, model_name: str, policy: Policy, max_requests: int, worker=None) -> None:
-        """``worker``: the ``EmbeddedWorker`` of this process, if it runs one."""
+    def __init__(self, store, celery, model_name: str, policy: Policy, max_requests: int) -> None:
         self.store, self.celery, self.model_name, self.max_requests = store, celery, model_name, max_requests
-        self.policy, self.worker = policy, worker
+        self.policy = policy
+        self.worker = None  # the EmbeddedWorker of this process, where it runs one (services.launch)
 
     def readiness(self) -> dict:
         """Whether batches run now, and why not; a gateway answers without them."""
