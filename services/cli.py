@@ -169,6 +169,7 @@ def _train_demo(args: argparse.Namespace) -> int:
         out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         init=Path(args.init) if args.init else None, vision_steps=args.vision_steps,
         sampled_steps=args.sampled_steps, sampled_background=args.background, reuse=args.reuse,
+        images_from=args.images_from,
     )
     print(json.dumps(write_card(out), indent=2))
     return 0
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--background", type=int, default=64, help="phase two's most background patches per image")
     train.add_argument("--reuse", type=_positive_int, default=4, help="phase two's conversations about each image, in consecutive steps")
     train.add_argument("--batch-size", type=_positive_int, default=16, help="conversations per step")
+    train.add_argument("--images-from", type=int, default=0, help="phase three's first training image (to train on with images an earlier run did not see)")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--vision-steps", type=int, default=1500, help="steps of phase one (the vision tower alone); 0 skips it")
     train.add_argument("--seed", type=int, default=0)

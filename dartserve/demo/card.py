@@ -174,6 +174,8 @@ def _run_lines(number: int, run: dict) -> list[str]:
         if not phase:
             continue
         background = f", up to {phase['background_patches']} background patches" if phase["background_patches"] is not None else ""
+        if phase.get("images_from"):
+            background += f", images from the {phase['images_from']}th on (after those the previous run saw)"
         validation = [h for h in phase["history"] if "validation" in h]
         lines.append(
             f"   - {title}: {phase['steps']} steps of {phase['batch_size']} conversations{background}, each image in {phase['reuse']},"

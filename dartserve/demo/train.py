@@ -375,9 +375,9 @@ def language_batches(model, processor, vocab, first: int, steps: int, batch_size
 
 
 def train_language(model, processor, log: dict, name: str, steps: int, batch_size: int, lr: float, warmup: int, seed: int, first: int,
-                   background: int | None, reuse: int, out: Path, log_every: int, eval_every: int, validation: Validation) -> None:
-    """Phase two (``background``: how many background patches at most) or three (None: all);
-    recorded in ``log[name]``."""
+                   background: int | None, reuse: int, out: Path, log_every: int, eval_every: int, validation: Validation, images_from: int = 0) -> None:
+    """Phase two (``background``: how many background patches at most) or three (None: all),
+    on the phase's images from its ``images_from``-th; recorded in ``log[name]``."""
     model.model.vision_tower.requires_grad_(False)
     text = model.config.text_config
     heads = LanguageHeads(text.hidden_size, text.hidden_size // text.num_attention_heads)
@@ -385,12 +385,12 @@ def train_language(model, processor, log: dict, name: str, steps: int, batch_siz
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps, warmup))
     generator = torch.Generator().manual_seed(seed)
-    phase = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "background_patches": background, "reuse": reuse, "history": []}
+    phase = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "background_patches": background, "reuse": reuse, "images_from": images_from, "history": []}
     log[name] = phase
     started, cpu_started = time.time(), time.process_time()
     running = running_aux = running_share = 0.0
     vocab = processor.tokenizer.get_vocab()
-    batches = language_batches(model, processor, vocab, seed * SEED_STRIDE + first, steps, batch_size, reuse, generator)
+    batches = language_batches(model, processor, vocab, seed * SEED_STRIDE + first + images_from, steps, batch_size, reuse, generator)
     for step, batch in enumerate(batches):
         model.train()
         answer, aux, share = language_step(model, batch, heads, background, generator)
@@ -481,13 +481,15 @@ def train(
     sampled_steps: int = 6000,
     sampled_background: int = 64,
     reuse: int = 4,
+    images_from: int = 0,
 ) -> dict:
     """Trains from scratch (phases one to three), or on from the checkpoint ``init`` (phases two
-    and three); saves to ``out`` at every evaluation."""
-    if min(steps, sampled_steps, vision_steps, sampled_background) < 0:
-        raise ValueError("step counts and the background sample must not be negative")
-    if not 0 <= seed < SEEDS or max(steps, sampled_steps) * batch_size > SEED_STRIDE // 4:
-        raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size at most {SEED_STRIDE // 4}")
+    and three); saves to ``out`` at every evaluation. Phase three's images start at its
+    ``images_from``-th, so that training on can take images an earlier run did not see."""
+    if min(steps, sampled_steps, vision_steps, sampled_background, images_from) < 0:
+        raise ValueError("step counts, the background sample and images_from must not be negative")
+    if not 0 <= seed < SEEDS or max(steps, sampled_steps) * batch_size + images_from > SEED_STRIDE // 4:
+        raise ValueError(f"seed must be in [0, {SEEDS}) and steps * batch_size (plus images_from) at most {SEED_STRIDE // 4}")
     torch.manual_seed(seed)
     processor = build_processor()
     model = LlavaForConditionalGeneration.from_pretrained(init) if init else build_model(processor.tokenizer)
@@ -506,7 +508,7 @@ def train(
     if sampled_steps:
         train_language(model, processor, log, "sampled", sampled_steps, first=0, background=sampled_background, **common)
     if steps:
-        train_language(model, processor, log, "whole", steps, first=SEED_STRIDE // 4, background=None, **common)
+        train_language(model, processor, log, "whole", steps, first=SEED_STRIDE // 4, background=None, images_from=images_from, **common)
     if not (sampled_steps or steps):
         _save(out, model, processor, log)
     return log
