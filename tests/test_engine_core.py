@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dartserve.engine.core import CoreConfig, EngineCore, StepLog
+from dartserve.engine.gemm_layout import column_major_linears
 from dartserve.engine.loop import EngineLoop
 from dartserve.engine.requests import CoreRequest
 from dartserve.kv.pool import KVPool
@@ -340,3 +341,18 @@ def test_a_turn_fed_at_once_equals_the_turn_fed_token_by_token(engine, pruning):
     torch.testing.assert_close(logits(at_once), logits(one_by_one), atol=ATOL, rtol=0)
     for a, b in zip(at_once[-1].cache.keys + at_once[-1].cache.values, one_by_one[-1].cache.keys + one_by_one[-1].cache.values):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_column_major_weights_give_the_same_products_and_keep_ties_and_memory():
+    torch.manual_seed(0)
+    embed, hidden, head = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 48), torch.nn.Linear(32, 50, bias=False)
+    head.weight = embed.weight  # tied, as small language models are
+    model = torch.nn.ModuleDict({"embed": embed, "hidden": hidden, "head": head})
+    x = torch.randn(5, 32)
+    before = (hidden(x), head(x), embed(torch.tensor([3, 7])))
+    storages = {id(p): p.untyped_storage().nbytes() for p in model.parameters()}
+    column_major_linears(model)
+    assert head.weight is embed.weight and not head.weight.is_contiguous() and head.weight.t().is_contiguous()
+    assert {id(p): p.untyped_storage().nbytes() for p in model.parameters()} == storages
+    for got, want in zip((hidden(x), head(x), embed(torch.tensor([3, 7]))), before):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from dartserve.engine.attention import ATTENTION, LayerStep, Segment, Workspace
+from dartserve.engine.gemm_layout import column_major_linears
 from dartserve.engine.requests import Layout, RequestState
 from dartserve.models.selection import check_selection, reduce_rows
 from dartserve.kv.cache import RaggedKVCache
@@ -94,6 +95,9 @@ class ModelRunner:
         self.num_layers = adapter.num_layers
         self.workspace = Workspace(pool)
         adapter.text.config._attn_implementation = ATTENTION
+        if adapter.device.type == "cpu":
+            column_major_linears(adapter.text)
+            column_major_linears(adapter.lm_head)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, Sampled]:
