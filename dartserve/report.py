@@ -53,12 +53,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     baseline = next((r for r in rows if r["method"] == "none"), None)
     lines = dict.fromkeys((r["method"], r["layer"]) for r in rows if r["method"] != "none")
     several_layers = len({layer for _, layer in lines}) > 1
+    # One colour per method, one line style per layer: more lines than a colour cycle has stay apart.
+    colours = {method: f"C{i % 10}" for i, method in enumerate(dict.fromkeys(m for m, _ in lines))}
+    styles = {layer: ("-", "--", ":", "-.")[i % 4] for i, layer in enumerate(sorted({layer for _, layer in lines}, key=str, reverse=True))}
     for ax, (label, value) in zip(axes[0], panels):
         if baseline:
             ax.axhline(100 * value(baseline), color="grey", linestyle="--", label=f"none ({baseline['kept_tokens']:.0f} tokens)")
         for method, layer in lines:
             points = sorted((r["kept_tokens"], 100 * value(r)) for r in rows if (r["method"], r["layer"]) == (method, layer))
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{method} K={layer}" if several_layers else method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colours[method], linestyle=styles[layer], label=f"{method} K={layer}" if several_layers else method)
         ax.set_xlabel("vision tokens kept")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
