@@ -218,6 +218,18 @@ def test_a_few_steps_train_a_checkpoint_the_engine_serves(tmp_path):
     assert result.stats.vision_tokens == 576
 
 
+def test_training_on_takes_later_images_and_the_card_says_so(tmp_path):
+    from dartserve.demo.card import _run_lines
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(first, steps=1, batch_size=2, vision_steps=0, sampled_steps=0, reuse=2, eval_every=1, eval_size=2, log_every=1, warmup=1)
+    log = train(second, init=first, steps=1, batch_size=2, sampled_steps=0, reuse=2, eval_every=1, eval_size=2, log_every=1, warmup=1, images_from=4)
+    assert log["whole"]["images_from"] == 4 and log["earlier"][0]["whole"]["images_from"] == 0
+    assert "images from the 4th on" in "\n".join(_run_lines(2, log))
+
+
 def test_negative_steps_are_refused():
     with pytest.raises(ValueError, match="negative"):
         train(Path("unused"), sampled_steps=-1)
+    with pytest.raises(ValueError, match="negative"):
+        train(Path("unused"), images_from=-1)
