@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--background", type=int, default=64, help="phase two's most background patches per image")
     train.add_argument("--reuse", type=_positive_int, default=4, help="phase two's conversations about each image, in consecutive steps")
     train.add_argument("--batch-size", type=_positive_int, default=16, help="conversations per step")
-    train.add_argument("--images-from", type=int, default=0, help="phase three's first training image (to train on with images an earlier run did not see)")
+    train.add_argument("--images-from", type=int, default=0, help="phase three's first training image (to train on from a checkpoint with images it was not trained on)")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--vision-steps", type=int, default=1500, help="steps of phase one (the vision tower alone); 0 skips it")
     train.add_argument("--seed", type=int, default=0)

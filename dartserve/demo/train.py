@@ -485,7 +485,7 @@ def train(
 ) -> dict:
     """Trains from scratch (phases one to three), or on from the checkpoint ``init`` (phases two
     and three); saves to ``out`` at every evaluation. Phase three's images start at its
-    ``images_from``-th, so that training on can take images an earlier run did not see."""
+    ``images_from``-th, so that training on from a checkpoint can take images it was not trained on."""
     if min(steps, sampled_steps, vision_steps, sampled_background, images_from) < 0:
         raise ValueError("step counts, the background sample and images_from must not be negative")
     if not 0 <= seed < SEEDS or max(steps, sampled_steps) * batch_size + images_from > SEED_STRIDE // 4:
