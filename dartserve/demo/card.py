@@ -147,6 +147,11 @@ def _share(right: list[bool]) -> float:
     return round(sum(right) / len(right), 4)
 
 
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
 def _pct(share: float) -> str:
     return f"{100 * share:.1f}%"
 
@@ -174,11 +179,10 @@ def _run_lines(number: int, run: dict) -> list[str]:
         if not phase:
             continue
         background = f", up to {phase['background_patches']} background patches" if phase["background_patches"] is not None else ""
-        if phase.get("images_from"):
-            background += f", images from the {phase['images_from']}th on (after those the previous run saw)"
+        images = f", images from the {_ordinal(phase['images_from'])} on" if phase.get("images_from") else ""
         validation = [h for h in phase["history"] if "validation" in h]
         lines.append(
-            f"   - {title}: {phase['steps']} steps of {phase['batch_size']} conversations{background}, each image in {phase['reuse']},"
+            f"   - {title}: {phase['steps']} steps of {phase['batch_size']} conversations{background}{images}, each image in {phase['reuse']},"
             f" peak lr {phase['lr']}, {phase['warmup']} warm-up steps, {phase['train_seconds'] / 60:.0f} minutes; validation (first turns,"
             " follow-ups, descriptions) "
             + ", ".join(f"{_pct(h['validation']['first'])}, {_pct(h['validation']['follow_up'])}, {_pct(h['validation']['describe'])} at step {h['step']}" for h in validation)

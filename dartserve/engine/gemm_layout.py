@@ -19,6 +19,5 @@ def column_major_linears(model: torch.nn.Module) -> None:
     """Stores the weight of every ``nn.Linear`` in ``model`` column-major, in place: a weight
     shared with an embedding (tied) stays shared, so the model takes no more memory."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
-            with torch.no_grad():
-                module.weight.data = module.weight.data.t().contiguous().t()
+        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():  # a tied weight is met once more
+            module.weight.data = module.weight.data.t().contiguous().t()

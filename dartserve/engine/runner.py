@@ -96,8 +96,8 @@ class ModelRunner:
         self.workspace = Workspace(pool)
         adapter.text.config._attn_implementation = ATTENTION
         if adapter.device.type == "cpu":
-            column_major_linears(adapter.text)
-            column_major_linears(adapter.lm_head)
+            for part in (adapter.text, adapter.lm_head):
+                column_major_linears(part)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, Sampled]:
