@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dartserve.engine.core import CoreConfig, EngineCore, StepLog
-from dartserve.engine.gemm_layout import column_major_linears
+from dartserve.engine.cpu_linear import OneDnnLinear, onednn_linears
 from dartserve.engine.loop import EngineLoop
 from dartserve.engine.requests import CoreRequest
 from dartserve.kv.pool import KVPool
@@ -343,16 +343,21 @@ def test_a_turn_fed_at_once_equals_the_turn_fed_token_by_token(engine, pruning):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_column_major_weights_give_the_same_products_and_keep_ties_and_memory():
+def test_onednn_linears_give_the_same_products_and_keep_weights_and_ties():
     torch.manual_seed(0)
     embed, hidden, head = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 48), torch.nn.Linear(32, 50, bias=False)
     head.weight = embed.weight  # tied, as small language models are
-    model = torch.nn.ModuleDict({"embed": embed, "hidden": hidden, "head": head})
-    x = torch.randn(5, 32)
+    wide = torch.nn.Linear(32, 8).double()
+    model = torch.nn.ModuleDict({"embed": embed, "hidden": hidden, "head": head, "wide": wide})
+    x = torch.randn(1, 5, 32)
     before = (hidden(x), head(x), embed(torch.tensor([3, 7])))
-    storages = {id(p): p.untyped_storage().nbytes() for p in model.parameters()}
-    column_major_linears(model)
-    assert head.weight is embed.weight and not head.weight.is_contiguous() and head.weight.t().is_contiguous()
-    assert {id(p): p.untyped_storage().nbytes() for p in model.parameters()} == storages
+    weights = {name: p.data_ptr() for name, p in model.named_parameters()}
+    onednn_linears(model)
+    assert type(hidden) is OneDnnLinear and type(head) is OneDnnLinear
+    assert type(wide) is torch.nn.Linear  # float64: oneDNN's matmul is for float32 here
+    assert head.weight is embed.weight and {name: p.data_ptr() for name, p in model.named_parameters()} == weights
     for got, want in zip((hidden(x), head(x), embed(torch.tensor([3, 7]))), before):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for rows in (1, 4, 16, 300):  # decode steps of 1 to 16 requests, and a prefill
+        x = torch.randn(1, rows, 32)
+        torch.testing.assert_close(hidden(x), torch.nn.functional.linear(x, hidden.weight, hidden.bias), atol=1e-5, rtol=0)

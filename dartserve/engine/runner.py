@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from dartserve.engine.attention import ATTENTION, LayerStep, Segment, Workspace
-from dartserve.engine.gemm_layout import column_major_linears
+from dartserve.engine.cpu_linear import onednn_linears
 from dartserve.engine.requests import Layout, RequestState
 from dartserve.models.selection import check_selection, reduce_rows
 from dartserve.kv.cache import RaggedKVCache
@@ -97,7 +97,7 @@ class ModelRunner:
         adapter.text.config._attn_implementation = ATTENTION
         if adapter.device.type == "cpu":
             for part in (adapter.text, adapter.lm_head):
-                column_major_linears(part)
+                onednn_linears(part)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, Sampled]:
