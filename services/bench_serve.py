@@ -5,9 +5,11 @@ It starts the service itself, as a user would: embedded (``dartserve serve``) or
 ``distributed``, the three stages and the gateway with a private Redis. ``concurrency``
 clients each send a request to the OpenAI-compatible endpoint, streaming (so time to first
 token and inter-token latency are measured at the client), and send the next when it is
-answered. The engine alone then answers the same requests at the same concurrency in this
+answered. The engine alone answers the same requests at the same concurrency in this
 process, from the same image bytes (decoded, encoded, prefilled and decoded), while the
-service idles. Workloads, as ``bench engine``'s:
+service idles: at one client the two take turns request by request, so the machine's drift
+over the run falls on both alike; at more, the engine's run follows the service's. Workloads,
+as ``bench engine``'s:
 
 - ``decode``: a servable checkpoint of the LLaVA-shaped random model (the demo model's
   tokenizer, processor and vision tower with a wide language model, ``bench.servable_checkpoint``),
@@ -175,34 +177,13 @@ def run_serve_bench(
     rows = []
     for name in workloads:
         load = workload(name, requests, width, depth)
-        with BenchRun(load.model, threads) as run:
-            if distributed:
-                cluster = run.distributed()
-                url, processes = cluster.url, cluster.processes
-                wait_ready(url, processes["gateway"])
-            else:
-                port = free_port()
-                processes = {"serve": run.dartserve("serve", {"DARTSERVE_PORT": str(port)})}
-                url = f"http://127.0.0.1:{port}"
-                wait_ready(url, processes["serve"])
-            with httpx.Client(timeout=600) as client:
-                model = client.get(f"{url}/v1/models").json()["data"][0]["id"]
-                send = lambda item: chat(client, url, model, load, item)  # noqa: E731
-                served = {}
-                for concurrency in concurrencies:
-                    closed_loop(send, load.items[:2], min(2, concurrency))  # warm-up
-                    served[concurrency] = closed_loop(send, load.items, concurrency)
-                extra = {"memory_mb": {role: resident_mb(p.pid) for role, p in processes.items() if role != "redis"}}
-                if distributed:
-                    extra["design_floor"] = _floor(client, url, load, run.redis_url, floor_rounds)
         alone = EngineAlone(load)
         try:
-            closed_loop(alone.answer, load.items[:2], 1)  # warm-up
-            solo = [alone.answer(item) for item in load.items]
+            served, solo, extra = _serve(load, alone, concurrencies, distributed, threads, floor_rounds)
             engine_ms = statistics.median(a.e2e_s for a in solo) * 1e3
             for concurrency in concurrencies:
                 answers, seconds = served[concurrency]
-                engine_answers, engine_seconds = closed_loop(alone.answer, load.items, concurrency)
+                engine_answers, engine_seconds = (solo, _seconds(solo)) if concurrency == 1 else closed_loop(alone.answer, load.items, concurrency)
                 row = {"workload": name, "mode": mode, "concurrency": concurrency, "requests": len(answers)} | figures(answers, seconds)
                 row["engine_output_throughput"] = figures(engine_answers, engine_seconds)["output_throughput"]
                 row["engine_ms"] = round(engine_ms, 3)
@@ -215,6 +196,47 @@ def run_serve_bench(
         finally:
             alone.close()
     return rows
+
+
+def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool, threads: int | None, floor_rounds: int):
+    """The service's answers and seconds at each concurrency; the engine's answers alone, one at
+    a time, taken in turn with the service's at one client (so the machine's drift over the run
+    falls on both alike), or after the service's runs without that concurrency; and the rows'
+    extras (memory, the design floor)."""
+    with BenchRun(load.model, threads) as run:
+        if distributed:
+            cluster = run.distributed()
+            url, processes = cluster.url, cluster.processes
+            wait_ready(url, processes["gateway"])
+        else:
+            port = free_port()
+            processes = {"serve": run.dartserve("serve", {"DARTSERVE_PORT": str(port)})}
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, processes["serve"])
+        with httpx.Client(timeout=600) as client:
+            model = client.get(f"{url}/v1/models").json()["data"][0]["id"]
+            send = lambda item: chat(client, url, model, load, item)  # noqa: E731
+            served, solo = {}, []
+            closed_loop(alone.answer, load.items[:2], 1)  # warm-up
+            for concurrency in concurrencies:
+                closed_loop(send, load.items[:2], min(2, concurrency))  # warm-up
+                if concurrency == 1:
+                    answers, solo = [], []
+                    for item in load.items:
+                        answers.append(send(item))
+                        solo.append(alone.answer(item))
+                    served[1] = (answers, _seconds(answers))
+                else:
+                    served[concurrency] = closed_loop(send, load.items, concurrency)
+            extra = {"memory_mb": {role: resident_mb(p.pid) for role, p in processes.items() if role != "redis"}}
+            if distributed:
+                extra["design_floor"] = _floor(client, url, load, run.redis_url, floor_rounds)
+    return served, solo or [alone.answer(item) for item in load.items], extra
+
+
+def _seconds(answers: list[Answered]) -> float:
+    """The time answers one at a time took, back to back."""
+    return sum(a.e2e_s for a in answers)
 
 
 def _floor(client: httpx.Client, url: str, load: Workload, redis_url: str, rounds: int) -> dict:
