@@ -273,6 +273,8 @@ def test_the_engine_bench_reports_every_figure_and_exact_answers():
     assert decode["pool_unpruned_requests"] == 2 and decode["pool_pruned_requests"] > 2
     assert 0.9 <= decode["pool_pruned_of_bound"] <= 1 and decode["pool_max_running_pruned"] >= decode["pool_pruned_requests"] - 1
     assert decode["ceiling_output_throughput"] > 0 and decode["of_ceiling"] > 0
+    one = rows[0]["output_throughput"]
+    assert decode["ceiling_vs_concurrency_1"] == pytest.approx(decode["ceiling_output_throughput"] / one, rel=0.01)
     describe = rows[5]
     assert describe["output_throughput"] / describe["request_throughput"] > 12  # a sentence each: the bundled model decodes
     assert describe["answers_right"] >= 0.5
