@@ -7,9 +7,9 @@ clients each send a request to the OpenAI-compatible endpoint, streaming (so tim
 token and inter-token latency are measured at the client), and send the next when it is
 answered. The engine alone answers the same requests at the same concurrency in this
 process, from the same image bytes (decoded, encoded, prefilled and decoded), while the
-service idles: at one client the two take turns request by request, so the machine's drift
-over the run falls on both alike; at more, the engine's run follows the service's. Workloads,
-as ``bench engine``'s:
+service idles. The two take turns, so the machine's drift over the run weighs on both alike:
+request by request at one client, run by run at more (``runs`` of each, medians reported).
+Workloads, as ``bench engine``'s:
 
 - ``decode``: a servable checkpoint of the LLaVA-shaped random model (the demo model's
   tokenizer, processor and vision tower with a wide language model, ``bench.servable_checkpoint``),
@@ -172,6 +172,7 @@ def run_serve_bench(
     depth: int = 8,
     threads: int | None = None,
     floor_rounds: int = 100,
+    runs: int = 3,
 ) -> list[dict]:
     mode = "distributed" if distributed else "embedded"
     rows = []
@@ -179,30 +180,30 @@ def run_serve_bench(
         load = workload(name, requests, width, depth)
         alone = EngineAlone(load)
         try:
-            served, solo, extra = _serve(load, alone, concurrencies, distributed, threads, floor_rounds)
-            engine_ms = statistics.median(a.e2e_s for a in solo) * 1e3
-            for concurrency in concurrencies:
-                answers, seconds = served[concurrency]
-                engine_answers, engine_seconds = (solo, _seconds(solo)) if concurrency == 1 else closed_loop(alone.answer, load.items, concurrency)
-                row = {"workload": name, "mode": mode, "concurrency": concurrency, "requests": len(answers)} | figures(answers, seconds)
-                row["engine_output_throughput"] = figures(engine_answers, engine_seconds)["output_throughput"]
-                row["engine_ms"] = round(engine_ms, 3)
-                row["served_vs_engine"] = round(row["output_throughput"] / row["engine_output_throughput"], 3)
-                row["e2e_p50_vs_engine_ms"] = round(row["e2e_p50_ms"] / engine_ms, 3)
-                row["exact"] = [a.text for a in answers] == [a.text for a in solo]
-                if load.score is not None:
-                    row["answers_right"] = round(load.score([a.text for a in answers]), 4)
-                rows.append(row | extra | {"machine": f"{cpu_name()}, torch threads per process: {threads or 'all cores'}"})
+            served, engine, solo, extra = _serve(load, alone, concurrencies, distributed, threads, floor_rounds, runs)
         finally:
             alone.close()
+        engine_ms = statistics.median(a.e2e_s for a in solo) * 1e3
+        for concurrency in concurrencies:
+            measured = [figures(answers, seconds) for answers, seconds in served[concurrency]]
+            row = {"workload": name, "mode": mode, "concurrency": concurrency, "requests": len(load.items), "runs": len(measured)}
+            row |= {key: round(statistics.median(m[key] for m in measured), 3) for key in measured[0]}
+            row["engine_output_throughput"] = round(statistics.median(figures(a, s)["output_throughput"] for a, s in engine[concurrency]), 3)
+            row["engine_ms"] = round(engine_ms, 3)
+            row["served_vs_engine"] = round(row["output_throughput"] / row["engine_output_throughput"], 3)
+            row["e2e_p50_vs_engine_ms"] = round(row["e2e_p50_ms"] / engine_ms, 3)
+            row["exact"] = all([a.text for a in answers] == [a.text for a in solo] for answers, _ in served[concurrency])
+            if load.score is not None:
+                row["answers_right"] = round(load.score([a.text for a in served[concurrency][0][0]]), 4)
+            rows.append(row | extra | {"machine": f"{cpu_name()}, torch threads per process: {threads or 'all cores'}"})
     return rows
 
 
-def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool, threads: int | None, floor_rounds: int):
-    """The service's answers and seconds at each concurrency; the engine's answers alone, one at
-    a time, taken in turn with the service's at one client (so the machine's drift over the run
-    falls on both alike), or after the service's runs without that concurrency; and the rows'
-    extras (memory, the design floor)."""
+def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool, threads: int | None, floor_rounds: int, runs: int):
+    """The service's and the engine's runs at each concurrency, as ``(answers, seconds)``, the
+    engine's answers one at a time, and the rows' extras (memory, the design floor). The two take
+    turns, so the machine's drift over the run weighs on both alike: request by request at one
+    client, run by run (``runs`` of each) at more; the service idles while the engine runs."""
     with BenchRun(load.model, threads) as run:
         if distributed:
             cluster = run.distributed()
@@ -216,22 +217,26 @@ def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool,
         with httpx.Client(timeout=600) as client:
             model = client.get(f"{url}/v1/models").json()["data"][0]["id"]
             send = lambda item: chat(client, url, model, load, item)  # noqa: E731
-            served, solo = {}, []
+            served, engine, solo = {}, {}, []
             closed_loop(alone.answer, load.items[:2], 1)  # warm-up
             for concurrency in concurrencies:
                 closed_loop(send, load.items[:2], min(2, concurrency))  # warm-up
                 if concurrency == 1:
-                    answers, solo = [], []
+                    answers = []
                     for item in load.items:
                         answers.append(send(item))
                         solo.append(alone.answer(item))
-                    served[1] = (answers, _seconds(answers))
-                else:
-                    served[concurrency] = closed_loop(send, load.items, concurrency)
+                    served[1], engine[1] = [(answers, _seconds(answers))], [(solo, _seconds(solo))]
+                    continue
+                served[concurrency], engine[concurrency] = [], []
+                for _ in range(runs):
+                    served[concurrency].append(closed_loop(send, load.items, concurrency))
+                    engine[concurrency].append(closed_loop(alone.answer, load.items, concurrency))
+            solo = solo or [alone.answer(item) for item in load.items]
             extra = {"memory_mb": {role: resident_mb(p.pid) for role, p in processes.items() if role != "redis"}}
             if distributed:
                 extra["design_floor"] = _floor(client, url, load, run.redis_url, floor_rounds)
-    return served, solo or [alone.answer(item) for item in load.items], extra
+    return served, engine, solo, extra
 
 
 def _seconds(answers: list[Answered]) -> float:

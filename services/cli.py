@@ -187,6 +187,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
         depth=args.depth,
         threads=args.threads,
         floor_rounds=args.floor_rounds,
+        runs=args.runs,
     )
     header = f"{'workload':<8} {'mode':<11} {'conc':>4} {'tok/s':>8} {'engine':>8} {'served':>7} {'TTFT p50':>9} {'ITL p50':>8} {'e2e p50':>8} {'exact':>6}"
     return _report(rows, args.json, header, lambda row: (
@@ -466,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--depth", type=_positive_int, default=8, help="the decode workload's decoder layers")
     serve.add_argument("--threads", type=_positive_int, help="torch threads per process (default: all cores each)")
     serve.add_argument("--floor-rounds", type=_positive_int, default=100, help="rounds of the design's floor (distributed): bare gRPC stages that only wait")
+    serve.add_argument("--runs", type=_positive_int, default=3, help="runs of the service and of the engine alone, in turn, at each concurrency above 1 (medians reported)")
     serve.set_defaults(run=_bench_serve)
     batch_bench = suites.add_parser("batch", help="a batch on one worker against the same requests one by one to /v1/answer: items per second, the same answers")
     batch_bench.add_argument("--json", help="write the rows to this file")

@@ -91,6 +91,7 @@ def test_bench_serve_reports_the_service_against_the_engine_alone(distributed):
 
     rows = run_serve_bench(("demo",), (1, 2), distributed=distributed, requests=3, floor_rounds=3)
     assert [(r["workload"], r["mode"], r["concurrency"]) for r in rows] == [("demo", "distributed" if distributed else "embedded", c) for c in (1, 2)]
+    assert [r["runs"] for r in rows] == [1, 3]  # one client: the service and the engine take turns per request
     for row in rows:
         assert row["exact"] is True and row["requests"] == 3
         assert row["output_throughput"] > 0 and row["engine_output_throughput"] > 0 and row["engine_ms"] > 0
