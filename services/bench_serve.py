@@ -199,7 +199,7 @@ def run_serve_bench(
     return rows
 
 
-def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool, threads: int | None, floor_rounds: int, runs: int):
+def _serve(load: Workload, alone: EngineAlone, concurrencies: tuple[int, ...], distributed: bool, threads: int | None, floor_rounds: int, runs: int):
     """The service's and the engine's runs at each concurrency, as ``(answers, seconds)``, the
     engine's answers one at a time, and the rows' extras (memory, the design floor). The two take
     turns, so the machine's drift over the run weighs on both alike: request by request at one
@@ -223,9 +223,13 @@ def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool,
                 closed_loop(send, load.items[:2], min(2, concurrency))  # warm-up
                 if concurrency == 1:
                     answers = []
-                    for item in load.items:
-                        answers.append(send(item))
-                        solo.append(alone.answer(item))
+                    for i, item in enumerate(load.items):  # who goes first alternates: neither inherits the other's wake-ups
+                        if i % 2:
+                            solo.append(alone.answer(item))
+                            answers.append(send(item))
+                        else:
+                            answers.append(send(item))
+                            solo.append(alone.answer(item))
                     served[1], engine[1] = [(answers, _seconds(answers))], [(solo, _seconds(solo))]
                     continue
                 served[concurrency], engine[concurrency] = [], []
@@ -240,7 +244,8 @@ def _serve(load: Workload, alone: EngineAlone, concurrencies, distributed: bool,
 
 
 def _seconds(answers: list[Answered]) -> float:
-    """The time answers one at a time took, back to back."""
+    """The time answers one at a time took, back to back: their end-to-end times summed (the
+    other side's turns in between are not counted)."""
     return sum(a.e2e_s for a in answers)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dartserve.engine.core import CoreConfig, EngineCore, StepLog
+from dartserve.engine import cpu_linear
 from dartserve.engine.cpu_linear import OneDnnLinear, onednn_linears
 from dartserve.engine.loop import EngineLoop
 from dartserve.engine.requests import CoreRequest
@@ -16,7 +17,7 @@ from dartserve.models import SamplingConfig
 from dartserve.pruning import PruningConfig, available_methods
 from dartserve.pruning.registry import method_spec
 from reference import masked_reference
-from tiny_checkpoints import make_image
+from tiny_checkpoints import FAMILIES, make_image
 
 ATOL = 1e-4
 STEPS = 5
@@ -87,6 +88,24 @@ def test_requests_joining_a_running_batch_give_what_they_give_alone(engine, budg
     if budget == 24:
         assert any(d and p for d, p in zip(log.decode_batch, log.prefill_tokens))  # chunks beside decodes
     assert core.pool.num_used == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_onednn_linears_requests_joining_a_running_batch_give_what_they_give_alone(checkpoints, monkeypatch, family):
+    """The tiny models' weights are below the size oneDNN takes; here every linear runs on it."""
+    from dartserve.engine import Engine
+
+    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_WEIGHT", 0)
+    engine = Engine.load(str(checkpoints[family]))
+    try:
+        requests = mixed(engine)
+        solo = {r.request_id: alone(engine, r) for r in requests}
+        assert type(engine.adapter.lm_head) is OneDnnLinear
+        together = run(EngineCore(engine.adapter, CoreConfig(max_num_seqs=8)), requests, arrivals=[0, 0, 1, 2, 3, 5])
+        for request in requests:
+            assert_same(together[request.request_id], solo[request.request_id])
+    finally:
+        engine.loop.stop()
 
 
 METHODS = [m for m in available_methods() if m != "none"]
@@ -347,19 +366,22 @@ def test_a_turn_fed_at_once_equals_the_turn_fed_token_by_token(engine, pruning):
 
 def test_onednn_linears_give_the_same_products_and_keep_weights_and_ties():
     torch.manual_seed(0)
-    embed, hidden, head = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 48), torch.nn.Linear(32, 50, bias=False)
+    embed, hidden, head = torch.nn.Embedding(1024, 512), torch.nn.Linear(512, 1024), torch.nn.Linear(512, 1024, bias=False)
     head.weight = embed.weight  # tied, as small language models are
-    wide = torch.nn.Linear(32, 8).double()
-    model = torch.nn.ModuleDict({"embed": embed, "hidden": hidden, "head": head, "wide": wide})
-    x = torch.randn(1, 5, 32)
+    small, wide = torch.nn.Linear(32, 8), torch.nn.Linear(512, 1024).double()
+    model = torch.nn.ModuleDict({"embed": embed, "hidden": hidden, "head": head, "small": small, "wide": wide})
+    x = torch.randn(1, 5, 512)
     before = (hidden(x), head(x), embed(torch.tensor([3, 7])))
     weights = {name: p.data_ptr() for name, p in model.named_parameters()}
     onednn_linears(model)
     assert type(hidden) is OneDnnLinear and type(head) is OneDnnLinear
-    assert type(wide) is torch.nn.Linear  # float64: oneDNN's matmul is for float32 here
+    assert type(small) is torch.nn.Linear and type(wide) is torch.nn.Linear  # MKL is faster on small weights; oneDNN's op is float32
     assert head.weight is embed.weight and {name: p.data_ptr() for name, p in model.named_parameters()} == weights
-    for got, want in zip((hidden(x), head(x), embed(torch.tensor([3, 7]))), before):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    for rows in (1, 4, 16, 300):  # decode steps of 1 to 16 requests, and a prefill
-        x = torch.randn(1, rows, 32)
-        torch.testing.assert_close(hidden(x), torch.nn.functional.linear(x, hidden.weight, hidden.bias), atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        for got, want in zip((hidden(x), head(x), embed(torch.tensor([3, 7]))), before):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        for rows in (1, 4, 16, 300):  # decode steps of 1 to 16 requests, and a prefill
+            x = torch.randn(1, rows, 512)
+            torch.testing.assert_close(hidden(x), torch.nn.functional.linear(x, hidden.weight, hidden.bias), atol=1e-4, rtol=0)
+    hidden(torch.randn(2, 512)).sum().backward()  # with gradients it is nn.Linear's own product
+    assert hidden.weight.grad is not None and hidden.weight.grad.shape == hidden.weight.shape

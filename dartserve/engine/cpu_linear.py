@@ -1,28 +1,39 @@
-"""The language model's linear layers on the CPU, run by oneDNN's matmul instead of MKL's.
+"""The language model's large linear layers on the CPU, run by oneDNN's matmul instead of MKL's.
 
 ``nn.Linear`` on the CPU calls MKL's sgemm, which runs the few rows of a decode step (one per
 running request) far below its rate. oneDNN's matmul does not: on the development machine's AMD
 EPYC (2 vCPUs, AVX2), for a width-1024 model, an MLP projection at 16 rows takes 0.6-0.9 ms
 against MKL's 1.1-2.0, the LM head (32064 words) 10 against 27 ms at 16 rows and 5.4 against 6.4
-at one; with a prefill's hundreds of rows the two are within 15%. The op is the one torch's own
-compiler emits for CPU linears (``mkldnn._linear_pointwise``); it takes the weight as loaded,
-so nothing is copied and tied weights stay tied. It has no backward: the core only infers.
+at one; with a prefill's hundreds of rows the two are within 15%. oneDNN costs about 15 us more
+per call, though, so a small weight stays with MKL: at 128 x 352 (the bundled demo model) a
+one-row product takes 22 us against 8, and the two break even near ``ONEDNN_MIN_WEIGHT``
+elements (384 x 1032 ties; 512 x 1376 is 1.2 times faster in oneDNN at 16 rows).
+
+The op is the one torch's own compiler emits for CPU linears (``mkldnn._linear_pointwise``); it
+takes the weight as loaded, so nothing is copied and tied weights stay tied. It has no backward
+and runs float32 only, so a call that needs either goes to ``nn.Linear``'s own path.
 """
 
 from __future__ import annotations
 
 import torch
 
+ONEDNN_MIN_WEIGHT = 2**19  # weight elements (2 MiB of float32)
+
 
 class OneDnnLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if not plain or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def onednn_linears(model: torch.nn.Module) -> None:
-    """Runs every float32 ``nn.Linear`` of ``model`` on the CPU with oneDNN, in place."""
+    """Runs every large float32 ``nn.Linear`` of ``model`` on the CPU with oneDNN, in place."""
     if not torch.backends.mkldnn.is_available():
         return
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+        weight = module.weight if type(module) is torch.nn.Linear else None
+        if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT:
             module.__class__ = OneDnnLinear
