@@ -175,7 +175,7 @@ class EngineBackend:
             tokens += new
             if delta:
                 texts.append(delta)
-                yield Delta(delta)
+                yield Delta(delta, last=output.finished)
         return tokens, "".join(texts).strip(), output.state, ttft_ms
 
     def _deltas(self, request: CoreRequest) -> Iterator[tuple[RequestOutput, list[int], str]]:
@@ -188,12 +188,10 @@ class EngineBackend:
                 if output.error is not None:
                     raise output.error
                 answer += output.tokens
-                text = visible_text(self.engine, answer)
+                # The last output shows what was held back for a character that never completed.
+                text = self.engine.generator.detokenize(answer) if output.finished else visible_text(self.engine, answer)
                 yield output, output.tokens, text[len(shown) :]
                 shown = text
-            full = self.engine.generator.detokenize(answer)
-            if full != shown:  # held back for a character that never completed
-                yield output, [], full[len(shown) :]
         finally:
             stream.abort()
 

@@ -27,6 +27,7 @@ class Question:
 @dataclass
 class Delta:
     text: str
+    last: bool = False  # the Final follows at once: a stream may send the two together
 
 
 @dataclass
@@ -167,7 +168,7 @@ def _deltas(chunks, tokens: list[int], texts: list[str]):
         tokens += chunk.token_ids
         texts.append(chunk.text)
         if chunk.text:
-            yield Delta(chunk.text)
+            yield Delta(chunk.text, last=chunk.done)
         if chunk.done:
             return chunk
     raise Unavailable("the generator's stream ended before its last chunk")

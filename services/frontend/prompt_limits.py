@@ -11,6 +11,7 @@ weights.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 
@@ -29,6 +30,7 @@ class PromptLimits:
         # No token stands for more characters than its own string has: byte-level BPE spells
         # each byte as one character, SentencePiece each character as itself.
         self.max_token_chars = max(len(token) for token in self.tokenizer.get_vocab())
+        self._tokens_at = functools.lru_cache(maxsize=4096)(self._count)
 
     @classmethod
     def for_model(cls, model: str) -> PromptLimits:
@@ -64,17 +66,21 @@ class PromptLimits:
     def image_tokens(self, images: list[bytes]) -> int:
         """The image tokens the model will see, from each image's size; one that does not open
         counts none here (the vision stage refuses it with its reason)."""
-        sizes = []
+        total = 0
         for data in images:
             try:
                 with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                    sizes.append((image.height, image.width))
+                    size = (image.height, image.width)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 continue
-        if not sizes:
-            return 0
+            total += self._tokens_at(size)
+        return total
+
+    def _count(self, size: tuple[int, int]) -> int:
+        """The tokens of an image of ``size``; 0 from a processor that cannot say (no bound from
+        images). Asking the processor costs far more than the rest of the check, so the counts
+        are cached by size (``_tokens_at``)."""
         try:
-            counted = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
-        except (AttributeError, NotImplementedError):  # a processor that cannot say: no bound from images
+            return self.processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens[0]
+        except (AttributeError, NotImplementedError):
             return 0
-        return sum(counted.num_image_tokens)

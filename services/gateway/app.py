@@ -24,6 +24,7 @@ from services.frontend.errors import Overloaded, Unavailable
 from services.frontend.answers import AnswerIn, AnswerShape, Policy, answer_images, first_turn, make_question, parse_answer
 from services.frontend.inputs import ApiError, json_body, json_object, media_type, sampling
 from services.gateway.metrics import Metrics
+from services.gateway.pump import Pump
 from services.gateway.middleware import CLIENT_LEFT, COUNTED_BY_STREAM, SERVER_ERROR, ApiKeys, BodyGuard, RequestLog, endpoint, state, tenant
 from services.frontend.pipeline import Final, Question
 from services.gateway.schemas import Answer, Health, ModelCard, ModelList, Readiness, answered, drop_validation_errors
@@ -103,36 +104,44 @@ class Gateway:
                 self.metrics.requests.labels(endpoint, status).inc()
 
         def stream_events():
+            held = ""  # the last delta, sent with the Final and the end of the stream in one write
             try:
                 for event in itertools.chain((first,), events):
-                    bodies = [f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event)]
+                    text = held + "".join(f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
+                    held = ""
                     if isinstance(event, Final):
                         self._finish(event, record_key, started)
                         end("200")
-                    yield from bodies
-                yield "data: [DONE]\n\n"
+                        text += "data: [DONE]\n\n"
+                    elif event.last:
+                        held = text
+                        continue
+                    yield text
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
                 # The 200 is sent: the client learns of the failure in the stream, the metrics
                 # under the status it would have had.
                 failure = as_api_error(error, endpoint)
                 end(str(failure.status))
-                yield f"data: {json.dumps(failure.body())}\n\n"
+                yield held + f"data: {json.dumps(failure.body())}\n\n"
             except Exception:  # a bug: the client learns that the answer failed, the log why
                 log.exception("an answer failed while streaming")
                 end("500")
-                yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
+                yield held + f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
                 events.close()  # a client that left stops the decode, and a gRPC stream is cancelled
                 end(str(CLIENT_LEFT))  # unless it ended above: the client left mid-answer
                 end_turn()
                 slot.release()
 
-        stream = stream_events()
+        events_text = stream_events()
+        # The first write is made here, in the answer's thread: the event loop sends it with the
+        # headers, with no hop to another thread before the first token reaches the client.
+        stream = Pump(events_text, head=next(events_text))
 
         def after_stream():
             """Runs once the response is over, however it ended. A stream the client left is
-            closed now, not whenever it is collected; one that never began runs no ``finally``,
-            so the turn and the slot are released here too."""
+            closed after the event it waits for, not whenever it is collected; one that never
+            began runs no ``finally``, so the turn and the slot are released here too."""
             stream.close()
             end(str(CLIENT_LEFT))
             end_turn()
