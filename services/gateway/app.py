@@ -112,6 +112,8 @@ class Gateway:
                     if isinstance(event, Final):
                         self._finish(event, record_key, started)
                         end("200")
+                        end_turn()  # before the client can read the end and send the next turn
+                        slot.release()
                         text += "data: [DONE]\n\n"
                     elif event.last:
                         held = text
@@ -136,7 +138,7 @@ class Gateway:
         events_text = stream_events()
         # The first write is made here, in the answer's thread: the event loop sends it with the
         # headers, with no hop to another thread before the first token reaches the client.
-        stream = Pump(events_text, head=next(events_text))
+        stream = Pump(events_text, head=next(events_text, ""))
 
         def after_stream():
             """Runs once the response is over, however it ended. A stream the client left is
