@@ -175,7 +175,7 @@ class EngineBackend:
             tokens += new
             if delta:
                 texts.append(delta)
-                yield Delta(delta, last=output.finished)
+                yield Delta(delta)
         return tokens, "".join(texts).strip(), output.state, ttft_ms
 
     def _deltas(self, request: CoreRequest) -> Iterator[tuple[RequestOutput, list[int], str]]:

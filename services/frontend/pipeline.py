@@ -27,7 +27,6 @@ class Question:
 @dataclass
 class Delta:
     text: str
-    last: bool = False  # the Final follows at once: a stream may send the two together
 
 
 @dataclass
@@ -168,7 +167,7 @@ def _deltas(chunks, tokens: list[int], texts: list[str]):
         tokens += chunk.token_ids
         texts.append(chunk.text)
         if chunk.text:
-            yield Delta(chunk.text, last=chunk.done)
+            yield Delta(chunk.text)
         if chunk.done:
             return chunk
     raise Unavailable("the generator's stream ended before its last chunk")

@@ -104,31 +104,26 @@ class Gateway:
                 self.metrics.requests.labels(endpoint, status).inc()
 
         def stream_events():
-            held = ""  # the last delta, sent with the Final and the end of the stream in one write
             try:
                 for event in itertools.chain((first,), events):
-                    text = held + "".join(f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
-                    held = ""
+                    text = "".join(f"data: {json.dumps(body)}\n\n" for body in shape.chunks(event))
                     if isinstance(event, Final):
                         self._finish(event, record_key, started)
                         end("200")
                         end_turn()  # before the client can read the end and send the next turn
                         slot.release()
                         text += "data: [DONE]\n\n"
-                    elif event.last:
-                        held = text
-                        continue
                     yield text
             except (ApiError, Unavailable, StageMiss, ValueError) as error:
                 # The 200 is sent: the client learns of the failure in the stream, the metrics
                 # under the status it would have had.
                 failure = as_api_error(error, endpoint)
                 end(str(failure.status))
-                yield held + f"data: {json.dumps(failure.body())}\n\n"
+                yield f"data: {json.dumps(failure.body())}\n\n"
             except Exception:  # a bug: the client learns that the answer failed, the log why
                 log.exception("an answer failed while streaming")
                 end("500")
-                yield held + f"data: {json.dumps(SERVER_ERROR)}\n\n"
+                yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
             finally:
                 events.close()  # a client that left stops the decode, and a gRPC stream is cancelled
                 end(str(CLIENT_LEFT))  # unless it ended above: the client left mid-answer
