@@ -16,8 +16,11 @@ Prompts are encoded before the clock starts: this measures the core. Every setti
 ``runs`` times and reports medians; ``exact`` says whether every answer equals the request's
 answer at concurrency 1. For the decode workload the rows also give the ceiling (the
 workload's FLOPs per output token against this machine's matmul rate, measured in the same
-run) and how many requests a pool sized for ``--pool-requests`` unpruned prompts holds with
-DART-64 (counted by admitting prompts into it, and seen in a run at full concurrency).
+run), the roofline at the row's concurrency (each decode step bound by the matmul rate or by
+the memory bandwidth, also measured, whichever binds: the weights are read once per step
+whatever its batch, so this is what batching can gain here), and how many requests a pool
+sized for ``--pool-requests`` unpruned prompts holds with DART-64 (counted by admitting
+prompts into it, and seen in a run at full concurrency).
 """
 
 from __future__ import annotations
@@ -196,22 +199,67 @@ def matmul_gflops(width: int, device: str, dtype: torch.dtype, seconds: float = 
     return flops * count / (time.perf_counter() - started) / 1e9
 
 
-def flops_per_output_token(workload: Workload) -> float:
-    """Multiply-adds (x2) of one request of the workload, over its new tokens: weights of every
-    layer for each token it holds there, attention over the cache, and the LM head per new token."""
+def memory_gbps(device: str, megabytes: int = 512, passes: int = 5) -> float:
+    """The rate at which this machine reads memory: a sum over a tensor larger than any cache,
+    the median of ``passes``."""
+    data = torch.ones(megabytes << 18, device=device)
+    times = []
+    for _ in range(passes + 1):
+        started = time.perf_counter()
+        data.sum().item()
+        times.append(time.perf_counter() - started)
+    return data.numel() * data.element_size() / statistics.median(times[1:]) / 1e9
+
+
+@dataclass
+class WorkloadCost:
+    """What one request of a workload costs the machine: FLOPs (multiply-adds x2) and bytes read.
+    Its prefill gives the first token; each of ``decode_steps`` steps gives one more."""
+
+    new_tokens: int
+    prefill_flops: float  # the weights of every layer for each token it holds there, causal attention, the LM head
+    step_flops: float  # a decode step's, for this request: weights, attention over its cache, the LM head (mean)
+    weight_bytes: float  # the weights a decode step reads, whatever its batch
+    kv_bytes: float  # the request's keys and values a decode step reads (mean)
+
+    @property
+    def decode_steps(self) -> int:
+        return self.new_tokens - 1
+
+    def ceiling(self, gflops: float) -> float:
+        """Output tokens per second were every FLOP run at the machine's matmul rate."""
+        return gflops * 1e9 * self.new_tokens / (self.prefill_flops + self.decode_steps * self.step_flops)
+
+    def roofline(self, concurrency: int, gflops: float, gbps: float) -> float:
+        """Output tokens per second with ``concurrency`` requests decoding together, each step as
+        fast as the machine's matmul rate or memory bandwidth allows, whichever binds it; a
+        prefill is compute-bound whatever the concurrency."""
+        step_s = max((self.weight_bytes + concurrency * self.kv_bytes) / (gbps * 1e9), concurrency * self.step_flops / (gflops * 1e9))
+        request_s = self.prefill_flops / (gflops * 1e9) + self.decode_steps * step_s / concurrency
+        return self.new_tokens / request_s
+
+
+def workload_cost(workload: Workload) -> WorkloadCost:
     adapter, prompt = workload.adapter, workload.prompts[0]
-    layer = adapter.layers[0]
-    per_token = 2 * sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
-    hidden, depth = adapter.text.config.hidden_size, adapter.num_layers
+    linears = [m.weight for m in adapter.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    per_token = 2 * sum(w.numel() for w in linears)
+    text = adapter.text.config
+    hidden, depth = text.hidden_size, adapter.num_layers
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    kv_width = 2 * text.num_key_value_heads * head_dim * adapter.dtype.itemsize  # a token's key and value in one layer
     full = len(prompt.input_ids)
     kept = full - prompt.num_vision_tokens + workload.pruning.total_budget(prompt.num_vision_tokens)
-    cut = workload.pruning.layer
-    new = workload.sampling.max_new_tokens
+    cut, new = workload.pruning.layer, workload.sampling.max_new_tokens
     lengths = [full if i < cut else kept for i in range(depth)]
-    prefill = sum(per_token * n + 2 * hidden * n * n for n in lengths)  # QK and AV over a causal square
-    decode = sum(per_token + 4 * hidden * (n + step) for step in range(new - 1) for n in lengths)
-    head = 2 * hidden * adapter.lm_head.out_features * new
-    return (prefill + decode + head) / new
+    cached = sum(lengths) + depth * (new - 2) / 2  # tokens attended over the layers, mean over the decode steps
+    head = adapter.lm_head.weight
+    return WorkloadCost(
+        new_tokens=new,
+        prefill_flops=sum(per_token * n + 2 * hidden * n * n for n in lengths) + 2 * head.numel(),  # QK and AV over a causal square
+        step_flops=depth * per_token + 4 * hidden * cached + 2 * head.numel(),
+        weight_bytes=depth * sum(w.numel() * w.element_size() for w in linears) + head.numel() * head.element_size(),
+        kv_bytes=kv_width * cached,
+    )
 
 
 def pool_capacity(workload: Workload, unpruned: int, block_size: int) -> dict:
@@ -282,15 +330,20 @@ def run_engine_bench(
         if workload.score is not None:
             extra["answers_right"] = round(workload.score([workload.detokenize(tokens) for tokens in solo]), 4)
         if name == "decode":
-            rate = matmul_gflops(width, device, dtype)
-            ceiling = rate * 1e9 / flops_per_output_token(workload)
+            rate, gbps, cost = matmul_gflops(width, device, dtype), memory_gbps(device), workload_cost(workload)
+            ceiling = cost.ceiling(rate)
             capacity = pool_capacity(workload, pool_requests, config.block_size)
             everyone = len(workload.prompts)
             full_log = StepLog()
             full_pool = EngineLoop(EngineCore(workload.adapter, CoreConfig(capacity["kv_cache_mb"], config.block_size, max(config.max_num_batched_tokens, everyone), everyone), (full_log,)))
             core_run(full_pool, workload, everyone)
             full_pool.stop()
-            extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "ceiling_output_throughput": round(ceiling, 2)}
+            extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "memory_gbps": round(gbps, 1), "ceiling_output_throughput": round(ceiling, 2)}
+            roofline_1 = cost.roofline(1, rate, gbps)
+            for row in measured:
+                row["roofline_output_throughput"] = round(cost.roofline(row["concurrency"], rate, gbps), 2)
+                row["of_roofline"] = round(row["output_throughput"] / row["roofline_output_throughput"], 3)
+                row["roofline_vs_roofline_1"] = round(row["roofline_output_throughput"] / roofline_1, 3)
             extra |= {"pool_" + key: value for key, value in capacity.items()} | {"pool_max_running_pruned": full_log.max_running}
         baseline = next((r["output_throughput"] for r in measured if r["concurrency"] == 1), None)
         for row in measured:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from dartserve.demo import default_model
+from services.allocator import keep_freed_memory
 
 # torch is imported where a command needs it: `dartserve probe` and `batch` start in a blink.
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -82,11 +83,11 @@ def _bench_engine(args: argparse.Namespace) -> int:
         config=config,
         pool_requests=args.pool_requests,
     )
-    header = f"{'workload':<8} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'x c=1':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'batch':>6} {'exact':>6}"
+    header = f"{'workload':<8} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'x c=1':>6} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p95':>8} {'batch':>6} {'exact':>6} {'roofline':>9}"
     return _report(rows, args.json, header, lambda row: (
         f"{row['workload']:<8} {row['concurrency']:>4} {row['request_throughput']:>7.2f} {row['output_throughput']:>8.1f} "
         f"{row.get('output_throughput_vs_concurrency_1', 0):>6.2f} {row['ttft_p50_ms']:>9.1f} {row['itl_p50_ms']:>8.1f} "
-        f"{row['itl_p95_ms']:>8.1f} {row['mean_decode_batch']:>6.2f} {str(row['exact']):>6}"
+        f"{row['itl_p95_ms']:>8.1f} {row['mean_decode_batch']:>6.2f} {str(row['exact']):>6} {row.get('roofline_output_throughput', '-'):>9}"
     ), machine=True)
 
 
@@ -241,13 +242,11 @@ def _print_json(result: dict | list, path: str | None, echo: bool = True) -> int
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from services.allocator import keep_freed_memory
     from services.config import Settings
     from services.launch import distributed_gateway, embedded_gateway, serve_http, start_stage
     from services.request_ids import configure_logging
 
     configure_logging(args.command)
-    keep_freed_memory()
     flags = {"host": args.host, "port": args.port}
     settings = dataclasses.replace(Settings.from_env(), **{name: value for name, value in flags.items() if value is not None})
     if args.command == "serve":
@@ -260,13 +259,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from services.allocator import keep_freed_memory
     from services.config import Settings
     from services.launch import run_worker
     from services.request_ids import configure_logging
 
     configure_logging("worker")
-    keep_freed_memory()
     run_worker(Settings.from_env(), local=args.local, concurrency=args.concurrency)
     return 0
 
@@ -489,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # a server and a benchmark of the engine run their models alike
     try:
         return args.run(args)
     except ValueError as error:

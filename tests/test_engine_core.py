@@ -294,9 +294,24 @@ def test_the_engine_bench_reports_every_figure_and_exact_answers():
     assert decode["ceiling_output_throughput"] > 0 and decode["of_ceiling"] > 0
     one = rows[0]["output_throughput"]
     assert decode["ceiling_vs_concurrency_1"] == pytest.approx(decode["ceiling_output_throughput"] / one, rel=0.01)
+    assert decode["memory_gbps"] > 0 and rows[0]["roofline_vs_roofline_1"] == 1
+    assert rows[0]["roofline_output_throughput"] < decode["roofline_output_throughput"] <= decode["ceiling_output_throughput"]
+    assert decode["of_roofline"] == pytest.approx(decode["output_throughput"] / decode["roofline_output_throughput"], rel=0.01)
     describe = rows[5]
     assert describe["output_throughput"] / describe["request_throughput"] > 12  # a sentence each: the bundled model decodes
     assert describe["answers_right"] >= 0.5
+
+
+def test_the_roofline_reads_the_weights_once_per_step_and_prefills_at_the_matmul_rate():
+    from dartserve.bench_engine import WorkloadCost
+
+    # 1 GFLOP of prefill, 3 decode steps of 0.1 GFLOP, 1 GB of weights and 10 MB of cache per step
+    cost = WorkloadCost(new_tokens=4, prefill_flops=1e9, step_flops=1e8, weight_bytes=1e9, kv_bytes=1e7)
+    assert cost.ceiling(gflops=10) == pytest.approx(4 / 0.13)
+    assert cost.roofline(1, gflops=10, gbps=10) == pytest.approx(4 / (0.1 + 3 * 0.101))  # memory-bound: weights and cache
+    assert cost.roofline(4, gflops=10, gbps=10) == pytest.approx(4 / (0.1 + 3 * 0.104 / 4))
+    assert cost.roofline(20, gflops=10, gbps=10) == pytest.approx(4 / (0.1 + 3 * 0.2 / 20))  # 2 GFLOP a step: compute-bound
+    assert cost.roofline(20, gflops=10, gbps=10) < cost.ceiling(gflops=10)
 
 
 def test_concurrent_encodes_share_tower_forwards_and_equal_lone_encodes(engines):
@@ -373,14 +388,17 @@ def test_onednn_linears_give_the_same_products_and_keep_weights_and_ties():
     x = torch.randn(1, 5, 512)
     before = (hidden(x), head(x), embed(torch.tensor([3, 7])))
     weights = {name: p.data_ptr() for name, p in model.named_parameters()}
+    state = set(model.state_dict())
     onednn_linears(model)
     assert type(hidden) is OneDnnLinear and type(head) is OneDnnLinear
     assert type(small) is torch.nn.Linear and type(wide) is torch.nn.Linear  # MKL is faster on small weights; oneDNN's op is float32
     assert head.weight is embed.weight and {name: p.data_ptr() for name, p in model.named_parameters()} == weights
+    assert hidden.packed.is_mkldnn and hidden.packed.shape == hidden.weight.shape and set(model.state_dict()) == state  # the packed copy is no weight of the model
+    torch.testing.assert_close(hidden.packed.to_dense(), hidden.weight, atol=0, rtol=0)
     with torch.inference_mode():
         for got, want in zip((hidden(x), head(x), embed(torch.tensor([3, 7]))), before):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-        for rows in (1, 4, 16, 300):  # decode steps of 1 to 16 requests, and a prefill
+        for rows in (1, 2, 4, 16, 300):  # decode steps of 1 to 16 requests (one row reads the plain weight, more the packed one), and a prefill
             x = torch.randn(1, rows, 512)
             torch.testing.assert_close(hidden(x), torch.nn.functional.linear(x, hidden.weight, hidden.bias), atol=1e-4, rtol=0)
     hidden(torch.randn(2, 512)).sum().backward()  # with gradients it is nn.Linear's own product
