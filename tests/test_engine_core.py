@@ -403,3 +403,28 @@ def test_onednn_linears_give_the_same_products_and_keep_weights_and_ties():
             torch.testing.assert_close(hidden(x), torch.nn.functional.linear(x, hidden.weight, hidden.bias), atol=1e-4, rtol=0)
     hidden(torch.randn(2, 512)).sum().backward()  # with gradients it is nn.Linear's own product
     assert hidden.weight.grad is not None and hidden.weight.grad.shape == hidden.weight.shape
+
+
+def test_the_thread_that_builds_the_loop_lets_its_openmp_workers_go(tmp_path):
+    import subprocess
+    import sys
+
+    if torch.get_num_threads() < 2 or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("one thread, or no OpenMP: no workers to let go")
+    code = """
+import os, torch
+from dartserve.engine.loop import EngineLoop
+tasks = lambda: len(os.listdir("/proc/self/task"))
+alone = tasks()
+x = torch.randn(1024, 1024)
+x @ x
+loaded = tasks()
+loop = EngineLoop(None)
+with_loop = tasks()
+loop.stop()
+print(alone, loaded, with_loop)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    alone, loaded, with_loop = map(int, out)
+    assert loaded > alone  # the loading thread's workers
+    assert with_loop == alone + 1  # they are gone; the loop's own thread is there

@@ -6,7 +6,9 @@ from its ``RequestStream`` as the steps produce them, and ``abort`` takes it out
 
 The vision tower runs in the same thread, between steps (``encode_images``): the images that
 callers sent meanwhile go through it in one forward. One thread runs the model at a time, so
-the two never share the cores, which on a CPU costs each of them far more than waiting.
+the two never share the cores, which on a CPU costs each of them far more than waiting. For the
+same reason the thread that builds the loop, which loaded the model, lets its OpenMP workers go
+(``engine.openmp``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concurrent.futures import Future
 
 import torch
 
+from dartserve.engine import openmp
 from dartserve.engine.core import EngineCore
 from dartserve.engine.requests import Abandoned, CoreRequest, RequestOutput
 
@@ -68,6 +71,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
+        openmp.release_workers()
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
 
