@@ -1,6 +1,7 @@
 """The engine core: requests batched continuously over the KV pool give what they give alone,
 and what the masked reference gives, in every model family; the pool's accounting holds."""
 
+import os
 import threading
 import time
 
@@ -428,3 +429,25 @@ print(alone, loaded, with_loop)
     alone, loaded, with_loop = map(int, out)
     assert loaded > alone  # the loading thread's workers
     assert with_loop == alone + 1  # they are gone; the loop's own thread is there
+
+
+def test_a_thread_that_hands_the_loop_a_request_lets_its_openmp_workers_go(engines):
+    if torch.get_num_threads() < 2 or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("one thread, or no OpenMP: no workers to let go")
+    engine = engines["llava"]
+    request = CoreRequest("caller-workers", engine.vision.encode([make_image(0)], "What is it?"), sampling=SamplingConfig(max_new_tokens=2))
+    counts = {}
+
+    def caller() -> None:
+        before = len(os.listdir("/proc/self/task"))
+        x = torch.randn(1024, 1024)
+        x @ x  # the caller's own work starts its workers
+        counts["working"] = len(os.listdir("/proc/self/task")) - before
+        stream = engine.loop.submit(request)
+        counts["handed over"] = len(os.listdir("/proc/self/task")) - before
+        list(stream)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    thread.join()
+    assert counts["working"] >= 1 and counts["handed over"] == 0

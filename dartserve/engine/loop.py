@@ -7,8 +7,8 @@ from its ``RequestStream`` as the steps produce them, and ``abort`` takes it out
 The vision tower runs in the same thread, between steps (``encode_images``): the images that
 callers sent meanwhile go through it in one forward. One thread runs the model at a time, so
 the two never share the cores, which on a CPU costs each of them far more than waiting. For the
-same reason the thread that builds the loop, which loaded the model, lets its OpenMP workers go
-(``engine.openmp``).
+same reason the thread that builds the loop (which loaded the model) and every thread that hands
+it work let their OpenMP workers go (``engine.openmp``).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class EngineLoop:
         if self._stopped:
             raise RuntimeError("the engine has stopped")
         self.core.check(request)
+        openmp.release_workers()  # the caller's part is done: its workers would slow the engine's
         stream = RequestStream(self, request.request_id)
         with self._lock:
             if request.request_id in self._streams:
@@ -100,6 +101,7 @@ class EngineLoop:
         if self._stopped:
             raise RuntimeError("the engine has stopped")
         done: Future = Future()
+        openmp.release_workers()
         self._inbox.put(("vision", (images, done, wanted)))
         return done.result()
 

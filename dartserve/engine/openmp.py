@@ -6,7 +6,10 @@ process holds more such workers than it has cores, libgomp has all of them spin 
 before sleeping between parallel regions, and a decode step, a thousand short regions, then pays
 a wake-up for each: on the development machine (2 cores), one request's decode step of the
 bench model took 35-36 ms in the engine's thread while the thread that had loaded the model
-still held its team, 26 ms once it did not (27.9 ms run from the loading thread itself).
+still held its team, 26 ms once it did not (27.9 ms run from the loading thread itself). The
+threads that serve requests make teams of their own too (a prompt's image tokens are copied
+into one tensor in the caller's thread), so each lets its workers go when it hands its request
+to the engine; they come back, at the cost of starting a thread, if it runs torch again.
 """
 
 from __future__ import annotations
