@@ -12,7 +12,7 @@ elements (384 x 1032 ties; 512 x 1376 is 1.2 times faster in oneDNN at 16 rows).
 oneDNN reorders a plain weight into its own blocked layout on every call with more than one
 row; a copy reordered once (``packed``) saves that. Reading the eight layers of the width-1024
 bench model (400 MB, more than the caches hold) at 16 rows took 23 ms packed against 39 plain,
-at 4 rows 13 against 27, the LM head at 16 rows 7 against 11. A single row is the exception:
+at 4 rows 14 against 27, the LM head at 16 rows 7 against 11. A single row is the exception:
 oneDNN's one-row kernel reads the plain weight about 9% faster than the packed one, so a decode
 step of one request keeps using it. Both copies stay, which doubles these weights' memory on the
 CPU: the price of the fastest product at every batch size.
