@@ -232,10 +232,11 @@ class WorkloadCost:
 
     def roofline(self, concurrency: int, gflops: float, gbps: float) -> float:
         """Output tokens per second with ``concurrency`` requests decoding together, each step as
-        fast as the machine's matmul rate or memory bandwidth allows, whichever binds it; a
-        prefill is compute-bound whatever the concurrency."""
+        fast as the machine's matmul rate or memory bandwidth allows, whichever binds it, and each
+        prefill too (a long prompt's is compute-bound, whatever the concurrency)."""
         step_s = max((self.weight_bytes + concurrency * self.kv_bytes) / (gbps * 1e9), concurrency * self.step_flops / (gflops * 1e9))
-        request_s = self.prefill_flops / (gflops * 1e9) + self.decode_steps * step_s / concurrency
+        prefill_s = max(self.prefill_flops / (gflops * 1e9), self.weight_bytes / (gbps * 1e9))
+        request_s = prefill_s + self.decode_steps * step_s / concurrency
         return self.new_tokens / request_s
 
 

@@ -11,7 +11,6 @@ serving, keep freed pages for reuse too.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 # mallopt's parameters (malloc.h)
@@ -25,9 +24,8 @@ log = logging.getLogger(__name__)
 
 def keep_freed_memory() -> bool:
     """True when set; False where the C library has no such settings (musl, macOS): nothing changes."""
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library; find_library would run ldconfig
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

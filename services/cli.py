@@ -254,6 +254,9 @@ def _serve(args: argparse.Namespace) -> int:
     elif args.command == "gateway":
         serve_http(distributed_gateway(settings), settings)
     else:
+        from dartserve.engine import openmp
+
+        openmp.share_cores()  # the stages share the machine's cores with one another
         start_stage(args.command, settings).wait_for_signal()
     return 0
 

@@ -20,7 +20,8 @@ CPU: the price of the fastest product at every batch size.
 The op is the one torch's own compiler emits for CPU linears (``mkldnn._linear_pointwise``); it
 takes the plain weight as loaded, so nothing of it is copied and tied weights stay tied. It has
 no backward and runs float32 only, so a call that needs either goes to ``nn.Linear``'s own path.
-The packed copy is made when a layer is converted: it does not follow later changes to the weight.
+A weight changed in place or replaced after the conversion (``load_state_dict``) is packed again
+at its next product.
 """
 
 from __future__ import annotations
@@ -33,13 +34,22 @@ PACKED_FOR_ROWS = 16  # the row count oneDNN tunes its blocked layout for; 2 to 
 
 class OneDnnLinear(torch.nn.Linear):
     packed: torch.Tensor  # the weight in oneDNN's blocked layout
+    packed_from: tuple[int, int]  # the weight it was made from: its storage and version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plain = x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
         if not plain or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return super().forward(x)
-        weight = self.weight if x.numel() == x.shape[-1] else self.packed
-        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+        one_row = x.numel() == x.shape[-1]
+        if not one_row and self.packed_from != (self.weight.data_ptr(), self.weight._version):
+            _pack(self)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight if one_row else self.packed, self.bias, "none", [], "")
+
+
+def _pack(module: OneDnnLinear) -> None:
+    weight = module.weight.detach()
+    module.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)
+    module.packed_from = (weight.data_ptr(), module.weight._version)
 
 
 def onednn_linears(model: torch.nn.Module) -> None:
@@ -50,4 +60,4 @@ def onednn_linears(model: torch.nn.Module) -> None:
         weight = module.weight if type(module) is torch.nn.Linear else None
         if weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT:
             module.__class__ = OneDnnLinear
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
+            _pack(module)

@@ -7,8 +7,8 @@ from its ``RequestStream`` as the steps produce them, and ``abort`` takes it out
 The vision tower runs in the same thread, between steps (``encode_images``): the images that
 callers sent meanwhile go through it in one forward. One thread runs the model at a time, so
 the two never share the cores, which on a CPU costs each of them far more than waiting. For the
-same reason the thread that builds the loop (which loaded the model) and every thread that hands
-it work let their OpenMP workers go (``engine.openmp``).
+same reason the thread that builds the loop (in dartserve's servers, the one that loaded the
+model) and every thread that hands it work let their OpenMP workers go (``engine.openmp``).
 """
 
 from __future__ import annotations
