@@ -44,6 +44,7 @@ from dartserve.kv.pool import KVPool
 from dartserve.models.base import EncodedPrompt, ModelAdapter
 from dartserve.models.decode import SamplingConfig
 from dartserve.pruning.config import DEFAULT_PRUNING, PruningConfig
+from dartserve.timing import stopwatch
 
 WORKLOADS = ("decode", "demo", "describe")
 
@@ -203,11 +204,10 @@ def memory_gbps(device: str, megabytes: int = 512, passes: int = 5) -> float:
     """The rate at which this machine reads memory: a sum over a tensor larger than any cache,
     the median of ``passes``."""
     data = torch.ones(megabytes << 18, device=device)
-    times = []
+    times: list[float] = []
     for _ in range(passes + 1):
-        started = time.perf_counter()
-        data.sum().item()
-        times.append(time.perf_counter() - started)
+        with stopwatch(data.device, times):
+            data.sum()
     return data.numel() * data.element_size() / statistics.median(times[1:]) / 1e9
 
 
@@ -330,29 +330,29 @@ def run_engine_bench(
         extra = {"machine": machine, "dtype": str(workload.adapter.dtype).removeprefix("torch.")}
         if workload.score is not None:
             extra["answers_right"] = round(workload.score([workload.detokenize(tokens) for tokens in solo]), 4)
+        limits = None  # the machine's rates and the workload's cost, for the decode workload
         if name == "decode":
-            rate, gbps, cost = matmul_gflops(width, device, dtype), memory_gbps(device), workload_cost(workload)
-            ceiling = cost.ceiling(rate)
+            limits = rate, gbps, cost = matmul_gflops(width, device, dtype), memory_gbps(device), workload_cost(workload)
             capacity = pool_capacity(workload, pool_requests, config.block_size)
             everyone = len(workload.prompts)
             full_log = StepLog()
             full_pool = EngineLoop(EngineCore(workload.adapter, CoreConfig(capacity["kv_cache_mb"], config.block_size, max(config.max_num_batched_tokens, everyone), everyone), (full_log,)))
             core_run(full_pool, workload, everyone)
             full_pool.stop()
-            extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "memory_gbps": round(gbps, 1), "ceiling_output_throughput": round(ceiling, 2)}
-            roofline_1 = cost.roofline(1, rate, gbps)
-            for row in measured:
-                row["roofline_output_throughput"] = round(cost.roofline(row["concurrency"], rate, gbps), 2)
-                row["of_roofline"] = round(row["output_throughput"] / row["roofline_output_throughput"], 3)
-                row["roofline_vs_roofline_1"] = round(row["roofline_output_throughput"] / roofline_1, 3)
+            extra |= {"width": width, "depth": depth, "matmul_gflops": round(rate, 1), "memory_gbps": round(gbps, 1), "ceiling_output_throughput": round(cost.ceiling(rate), 2)}
             extra |= {"pool_" + key: value for key, value in capacity.items()} | {"pool_max_running_pruned": full_log.max_running}
         baseline = next((r["output_throughput"] for r in measured if r["concurrency"] == 1), None)
         for row in measured:
             row |= extra
             if baseline:
                 row["output_throughput_vs_concurrency_1"] = round(row["output_throughput"] / baseline, 3)
-            if "ceiling_output_throughput" in row:
+            if limits:
+                rate, gbps, cost = limits
+                roofline = cost.roofline(row["concurrency"], rate, gbps)
                 row["of_ceiling"] = round(row["output_throughput"] / row["ceiling_output_throughput"], 3)
+                row["roofline_output_throughput"] = round(roofline, 2)
+                row["of_roofline"] = round(row["output_throughput"] / roofline, 3)
+                row["roofline_vs_roofline_1"] = round(roofline / cost.roofline(1, rate, gbps), 3)
                 if baseline:  # the most any concurrency can gain over one request at a time here
                     row["ceiling_vs_concurrency_1"] = round(row["ceiling_output_throughput"] / baseline, 3)
         rows += measured
